@@ -1,0 +1,139 @@
+"""Attention backends behind one interface, chosen by name (``conf/attention/``).
+
+Every backend takes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` (the flash-attn layout, which is also the
+layout of the KV cache) and an optional per-row key length ``kv_lens [B]`` (int tensor on the device; keys at
+or beyond it are ignored). No causal mask: a streaming chunk sees itself and the whole valid cache, positions
+live in the RoPE phases (reference.md §1.7). Returns ``[B, Lq, H, D]`` in q's dtype.
+
+A backend is registered with ``@register_attention(name)``; ``get_attention(name)`` fails with the list of
+backends that work on this machine.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    attend: AttendFn
+    available: Callable[[], Optional[str]]  # None when usable, else the reason it is not
+    description: str = ""
+
+
+_REGISTRY: dict[str, AttentionBackend] = {}
+
+
+def register_attention(name: str, available: Callable[[], Optional[str]] = lambda: None, description: str = ""):
+    def wrap(fn: AttendFn) -> AttendFn:
+        _REGISTRY[name] = AttentionBackend(name, fn, available, description)
+        return fn
+    return wrap
+
+
+def available_attention_backends() -> list[str]:
+    return [n for n, b in _REGISTRY.items() if b.available() is None]
+
+
+def get_attention(name: str) -> AttentionBackend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_REGISTRY)}; "
+                         f"usable on this machine: {available_attention_backends()}")
+    backend = _REGISTRY[name]
+    reason = backend.available()
+    if reason is not None:
+        raise RuntimeError(f"attention backend {name!r} is not usable here ({reason}); "
+                           f"usable on this machine: {available_attention_backends()}")
+    return backend
+
+
+def _key_mask(kv_lens: torch.Tensor, lk: int) -> torch.Tensor:
+    """[B] lengths -> boolean [B, 1, 1, Lk] mask (True = attend)."""
+    return (torch.arange(lk, device=kv_lens.device)[None, :] < kv_lens[:, None])[:, None, None, :]
+
+
+@register_attention("sdpa", description="torch scaled_dot_product_attention (flash / cuDNN / efficient kernels on GPU)")
+def sdpa_attention(q, k, v, kv_lens=None):
+    out_dtype = q.dtype
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        # CPU half-precision SDPA is slow and less accurate; the reference also upcasts here.
+        q, k, v = q.float(), k.float(), v.float()
+    mask = None if kv_lens is None else _key_mask(kv_lens, k.shape[2])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).to(out_dtype)
+
+
+def _flex_available() -> Optional[str]:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        return f"torch.nn.attention.flex_attention missing: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@register_attention("flex", available=_flex_available, description="torch FlexAttention (compiled on GPU)")
+def flex_attention_backend(q, k, v, kv_lens=None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    out_dtype = q.dtype
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if q.device.type == "cpu":
+        q, k, v = q.float(), k.float(), v.float()
+        fn = flex_attention  # eager reference path; the compiled one targets GPUs
+    else:
+        fn = _compiled_flex()
+    block_mask = None
+    if kv_lens is not None:
+        lens = kv_lens
+
+        def valid(b, h, q_idx, kv_idx):
+            return kv_idx < lens[b]
+
+        block_mask = create_block_mask(valid, B=q.shape[0], H=None, Q_LEN=q.shape[2], KV_LEN=k.shape[2],
+                                       device=q.device)
+    out = fn(q, k, v, block_mask=block_mask)
+    return out.transpose(1, 2).to(out_dtype)
+
+
+def _flash_module():
+    try:
+        import flash_attn_interface as fa  # FlashAttention-3 (Hopper)
+        return fa
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_interface as fa  # FlashAttention-2
+        return fa
+    except ImportError:
+        return None
+
+
+def _flash_available() -> Optional[str]:
+    if _flash_module() is None:
+        return "neither flash_attn_interface (FA3) nor flash_attn (FA2) is installed; `pip install .[flash-attn]`"
+    if not torch.cuda.is_available():
+        return "flash-attn needs a CUDA device"
+    return None
+
+
+@register_attention("flash_attn", available=_flash_available, description="FlashAttention 3 or 2 kvcache kernel")
+def flash_attention_backend(q, k, v, kv_lens=None):
+    fa = _flash_module()
+    if kv_lens is None:
+        kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
+    out = fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=kv_lens.to(torch.int32))
+    return out[0] if isinstance(out, tuple) else out

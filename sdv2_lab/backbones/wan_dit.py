@@ -1,0 +1,338 @@
+"""The causal Wan2.1 T2V DiT with a streaming KV cache (reference.md §1.1-1.7), in one file.
+
+Parameter names equal the original Wan2.1 / StreamDiffusionV2 checkpoints, so official files load with no
+renaming. Numerics follow the reference (RMSNorm in fp32 then cast, LayerNorm on the activation dtype,
+per-latent-frame modulation, cross-attention over all 512 padded text tokens, head modulated by the time
+embedding ``e``); RoPE and the timestep sinusoid are computed once per position from float64 tables.
+
+The per-chunk path does no host syncs and no Python loops over the batch: positions arrive as host ints
+(the pipeline knows them), their device copies are built once per call by the cache's ``plan``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import get_attention
+from .kv_cache import CacheSpec, StepPlan, StreamKVCache
+
+
+@dataclass
+class WanDiTConfig:
+    """Sizes of a Wan2.1 DiT. ``conf/backbone/*.yaml`` hold the released sizes and the test size."""
+    name: str = "wan_1_3b"
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_positions: int = 1024   # temporal positions available; the pipeline rebases long streams
+    attention: str = "sdpa"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.dim % self.num_heads:
+            raise ValueError(f"backbone {self.name}: dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"backbone {self.name}: head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def num_parameters(self) -> int:
+        d, f, L = self.dim, self.ffn_dim, self.num_layers
+        p = math.prod(self.patch_size)
+        block = 8 * (d * d + d) + 4 * d + 2 * d + 2 * d * f + f + d + 6 * d
+        return (L * block + self.in_dim * p * d + d + self.text_dim * d + d + d * d + d
+                + self.freq_dim * d + d + d * d + d + 6 * d * d + 6 * d + 2 * d + d * self.out_dim * p
+                + self.out_dim * p)
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm: statistics in fp32, cast back, then the weight (in the weight's dtype)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def layer_norm(x, eps, weight=None, bias=None):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps).type_as(x)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (re = 2k, im = 2k+1). x [B, L, H, dh]; cos/sin [B, L, 1, dh/2] fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    re, im = xf[..., 0], xf[..., 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, rope, cache: StreamKVCache, layer: int, plan: StepPlan, attend):
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+        k = self.norm_k(self.k(x)).view(b, n, self.num_heads, -1)
+        v = self.v(x).view(b, n, self.num_heads, -1)
+        q, k = apply_rope(q, *rope).type_as(v), apply_rope(k, *rope).type_as(v)
+        k_all, v_all, kv_lens = cache.update(layer, plan, k, v)
+        return self.o(attend(q, k_all, v_all, kv_lens).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; K/V depend only on the prompt, so they are computed once per prompt."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def context_kv(self, context):
+        b, n, _ = context.shape
+        return (self.norm_k(self.k(context)).view(b, n, self.num_heads, -1),
+                self.v(context).view(b, n, self.num_heads, -1))
+
+    def forward(self, x, k, v, attend):
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+        return self.o(attend(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), None).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps)  # affine: cross_attn_norm=True in both released models
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+
+    def forward(self, x, e0, rope, cross_kv, cache, layer, plan, attend):
+        f = e0.shape[1]
+        s = x.shape[1] // f
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        h = (layer_norm(x, self.eps).unflatten(1, (f, s)) * (1 + scale_sa) + shift_sa).flatten(1, 2)
+        y = self.self_attn(h, rope, cache, layer, plan, attend)
+        x = x + (y.unflatten(1, (f, s)) * gate_sa).flatten(1, 2)
+        x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), *cross_kv, attend)
+        h = (layer_norm(x, self.eps).unflatten(1, (f, s)) * (1 + scale_ff) + shift_ff).flatten(1, 2)
+        return x + (self.ffn(h).unflatten(1, (f, s)) * gate_ff).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+
+    def forward(self, x, e):
+        """x [B, F*S, D]; e [B, F, D] (the time embedding, not its 6-way projection)."""
+        f = e.shape[1]
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        return self.head(layer_norm(x, self.eps).unflatten(1, (f, -1)) * (1 + scale) + shift)
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """cos-first sinusoidal embedding in float64 (as the reference), [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_angles(positions: int, pairs_dim: int, theta: float) -> torch.Tensor:
+    """[positions, pairs_dim/2] angles p / theta^(2k/pairs_dim) in float64."""
+    inv = 1.0 / torch.pow(theta, torch.arange(0, pairs_dim, 2, dtype=torch.float64) / pairs_dim)
+    return torch.outer(torch.arange(positions, dtype=torch.float64), inv)
+
+
+class CausalWanDiT(nn.Module):
+    """The causal Wan2.1 DiT. ``forward`` processes one chunk of latent frames for every stream-batch row."""
+
+    def __init__(self, cfg: WanDiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.weights_are_dummy = False
+        self.set_attention(cfg.attention)
+        c = cfg.head_dim // 2
+        self._rope_split = (c - 2 * (c // 3), c // 3, c // 3)  # temporal / height / width complex pairs
+        self._rope_cache: dict = {}
+
+    # ------------------------------------------------------------------ configuration
+    def set_attention(self, name: str) -> None:
+        self.attention_backend = get_attention(name)
+        self.cfg.attention = name
+
+    def cache_spec(self, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
+                   refresh_threshold: float = -1.0) -> CacheSpec:
+        return CacheSpec(num_layers=self.cfg.num_layers, num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim,
+                         frame_tokens=self.frame_tokens(height, width), num_frames=num_kv_frames,
+                         sink_frames=sink_frames, refresh_threshold=refresh_threshold)
+
+    def frame_tokens(self, height: int, width: int) -> int:
+        """Tokens per latent frame for a pixel resolution (VAE stride 8, patch 2)."""
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {height}x{width} "
+                             f"(nearest valid: {round(height / 16) * 16}x{round(width / 16) * 16})")
+        ph, pw = self.cfg.patch_size[1:]
+        return (height // 8 // ph) * (width // 8 // pw)
+
+    def new_cache(self, batch_size: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
+                  refresh_threshold: float = -1.0, total_steps: int = 1, dtype=None, device=None) -> StreamKVCache:
+        p = self.patch_embedding.weight
+        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold)
+        return StreamKVCache(spec, batch_size, dtype or p.dtype, device or p.device, total_steps)
+
+    # ------------------------------------------------------------------ prompt
+    @torch.no_grad()
+    def set_prompt(self, cache: StreamKVCache, context: torch.Tensor) -> None:
+        """Compute every layer's cross-attention K/V for a prompt embedding [Bc, text_len, text_dim]."""
+        if context.dim() != 3 or context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"prompt embedding must be [B, L, {self.cfg.text_dim}], got {tuple(context.shape)}")
+        if context.shape[1] < self.cfg.text_len:  # the reference pads to text_len with zeros
+            context = F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1]))
+        p = self.patch_embedding.weight
+        ctx = self.text_embedding(context.to(p.device, p.dtype))
+        kv = [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
+        cache.cross_k = torch.stack([k for k, _ in kv])
+        cache.cross_v = torch.stack([v for _, v in kv])
+
+    # ------------------------------------------------------------------ pieces (a pipeline stage may run a subset)
+    def _rope(self, start_frames: torch.Tensor, f: int, h: int, w: int, device):
+        key = (device, h, w)
+        if key not in self._rope_cache:
+            ct, ch, cw = self._rope_split
+            dh = self.cfg.head_dim
+            theta, p = self.cfg.rope_theta, self.cfg.rope_max_positions
+            temporal = rope_angles(p, dh - 4 * (dh // 6), theta)
+            hh = rope_angles(h, 2 * (dh // 6), theta)
+            ww = rope_angles(w, 2 * (dh // 6), theta)
+            spatial = torch.cat([hh[:, None, :].expand(h, w, ch), ww[None, :, :].expand(h, w, cw)], dim=-1)
+            spatial = spatial.reshape(h * w, ch + cw)
+            self._rope_cache[key] = tuple(t.float().to(device) for t in
+                                          (temporal.cos(), temporal.sin(), spatial.cos(), spatial.sin()))
+        t_cos, t_sin, s_cos, s_sin = self._rope_cache[key]
+        pos = start_frames[:, None] + torch.arange(f, device=device)[None, :]  # [B, F]
+        b = pos.shape[0]
+
+        def table(tt, ss):
+            tem = tt[pos][:, :, None, :].expand(b, f, h * w, tt.shape[-1])
+            spa = ss[None, None].expand(b, f, h * w, ss.shape[-1])
+            return torch.cat([tem, spa], dim=-1).reshape(b, f * h * w, 1, -1)
+        return table(t_cos, s_cos), table(t_sin, s_sin)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor):
+        """x [B, F, C, h, w] latents, t [B, F] -> tokens [B, F*S, D], e [B, F, D], e0 [B, F, 6, D]."""
+        tokens = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))
+        tokens = tokens.flatten(2).transpose(1, 2)
+        e = self.time_embedding(sinusoid(t.reshape(-1), self.cfg.freq_dim).to(tokens.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+        return tokens, e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
+
+    def run_blocks(self, tokens, e0, rope, cache: StreamKVCache, plan: StepPlan, start: int = 0,
+                   end: Optional[int] = None):
+        attend = self.attention_backend.attend
+        end = self.cfg.num_layers if end is None else end
+        for i in range(start, end):
+            tokens = self.blocks[i](tokens, e0, rope, (cache.cross_k[i], cache.cross_v[i]), cache, i, plan, attend)
+        return tokens
+
+    def unpatchify(self, out: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        """[B, F*h*w, pt*ph*pw*C] -> [B, F*pt, C, h*ph, w*pw] (features ordered pt, ph, pw, C)."""
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        b = out.shape[0]
+        out = out.reshape(b, f, h, w, pt, ph, pw, c).permute(0, 1, 4, 7, 2, 5, 3, 6)
+        return out.reshape(b, f * pt, c, h * ph, w * pw)
+
+    # ------------------------------------------------------------------ the streaming step
+    def check_latent(self, x: torch.Tensor, cache: StreamKVCache) -> None:
+        if x.dim() != 5 or x.shape[2] != self.cfg.in_dim:
+            raise ValueError(f"latent must be [B, F, {self.cfg.in_dim}, h, w], got {tuple(x.shape)}")
+        _, pt, ph, pw = (None, *self.cfg.patch_size)
+        tokens = (x.shape[3] // ph) * (x.shape[4] // pw)
+        if x.shape[3] % ph or x.shape[4] % pw or tokens != cache.spec.frame_tokens:
+            raise ValueError(f"latent of {x.shape[3]}x{x.shape[4]} gives {tokens} tokens per frame, but the KV cache "
+                             f"was built for {cache.spec.frame_tokens} (check height/width against the VAE stride 8)")
+        if x.shape[0] != cache.batch_size:
+            raise ValueError(f"latent batch {x.shape[0]} != KV cache batch {cache.batch_size}")
+        if cache.cross_k is None:
+            raise RuntimeError("no prompt set on this stream: call set_prompt(cache, prompt_embedding) first")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cache: StreamKVCache, starts: Sequence[int]) -> torch.Tensor:
+        """One streaming call. x [B, F, C, h, w]; t [B, F] timesteps; ``starts`` = virtual start token of each
+        row (host ints). Returns the predicted velocity [B, F, C, h, w] and advances the cache."""
+        self.check_latent(x, cache)
+        b, f, _, hl, wl = x.shape
+        h, w = hl // self.cfg.patch_size[1], wl // self.cfg.patch_size[2]
+        frames = [int(c) // cache.spec.frame_tokens for c in starts]
+        if max(frames) + f > self.cfg.rope_max_positions:
+            raise ValueError(f"temporal position {max(frames) + f} exceeds rope_max_positions "
+                             f"{self.cfg.rope_max_positions}; rebase stream positions (the pipeline does)")
+        plan = cache.plan(starts, f * h * w)
+        tokens, e, e0 = self.embed(x, t)
+        rope = self._rope(plan.start_frames, f, h, w, x.device)
+        tokens = self.run_blocks(tokens, e0, rope, cache, plan)
+        cache.commit(plan)
+        return self.unpatchify(self.head(tokens, e).flatten(1, 2), f, h, w)
+
+    def predict_x0(self, x, t, cache, starts, schedule) -> torch.Tensor:
+        """x0 = x_t - sigma_t * v on the flow-matching grid (``sdv2_lab.stream.schedule``)."""
+        return schedule.velocity_to_x0(self(x, t, cache, starts), x, t)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        """Wan's init (xavier linears, small embeddings); used for dummy weights and tests."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1), generator=generator)
+        nn.init.zeros_(self.patch_embedding.bias)
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02, generator=generator)
+        for blk in self.blocks:
+            blk.modulation.normal_(generator=generator).div_(self.cfg.dim ** 0.5)
+        self.head.modulation.normal_(generator=generator).div_(self.cfg.dim ** 0.5)
