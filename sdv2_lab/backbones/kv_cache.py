@@ -108,6 +108,7 @@ class StreamKVCache:
         # Cross-attention K/V per layer, computed once per prompt: [L, Bc, Ltxt, H, dh], Bc = 1 or B.
         self.cross_k: Optional[torch.Tensor] = None
         self.cross_v: Optional[torch.Tensor] = None
+        self._plan_buf = torch.zeros(6, batch_size, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ shape / lifecycle
     @property
@@ -185,12 +186,16 @@ class StreamKVCache:
                 new_rolling.append(rolling_end if reg else None)
         max_len = max(new_local)
         frames = [int(c) // spec.frame_tokens for c in starts]
-        # One small host->device copy per call, from pinned memory so it does not block the host.
+        # One small host->device copy per call, from pinned memory so it does not block the host, into a
+        # buffer that stays at one address (a captured CUDA graph reads the plan from there).
         packed = torch.tensor([frames, append_start, register, [int(x) for x in evict], [int(x) for x in pop],
                                new_local], dtype=torch.long)
         if self.device.type == "cuda":
             packed = packed.pin_memory()
-        packed = packed.to(self.device, non_blocking=True)
+        if self._plan_buf.shape[1] != b:
+            self._plan_buf = torch.zeros(6, b, dtype=torch.long, device=self.device)
+        self._plan_buf.copy_(packed, non_blocking=True)
+        packed = self._plan_buf
         kv_lens = packed[5] if any(x != max_len for x in new_local) else None
         refresh = spec.sink_frames > 0 and spec.refresh_threshold > -1 and m <= spec.frame_tokens
         next_step = self.current_step

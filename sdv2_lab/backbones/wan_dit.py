@@ -229,8 +229,12 @@ class CausalWanDiT(nn.Module):
         p = self.patch_embedding.weight
         ctx = self.text_embedding(context.to(p.device, p.dtype))
         kv = [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
-        cache.cross_k = torch.stack([k for k, _ in kv])
-        cache.cross_v = torch.stack([v for _, v in kv])
+        k, v = torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+        if cache.cross_k is not None and cache.cross_k.shape == k.shape:
+            cache.cross_k.copy_(k)  # in place: a captured CUDA graph keeps reading the same buffers
+            cache.cross_v.copy_(v)
+        else:
+            cache.cross_k, cache.cross_v = k, v
 
     # ------------------------------------------------------------------ pieces (a pipeline stage may run a subset)
     def _rope(self, start_frames: torch.Tensor, f: int, h: int, w: int, device):
@@ -298,17 +302,24 @@ class CausalWanDiT(nn.Module):
         """One streaming call. x [B, F, C, h, w]; t [B, F] timesteps; ``starts`` = virtual start token of each
         row (host ints). Returns the predicted velocity [B, F, C, h, w] and advances the cache."""
         self.check_latent(x, cache)
-        b, f, _, hl, wl = x.shape
+        _, f, _, hl, wl = x.shape
         h, w = hl // self.cfg.patch_size[1], wl // self.cfg.patch_size[2]
         frames = [int(c) // cache.spec.frame_tokens for c in starts]
         if max(frames) + f > self.cfg.rope_max_positions:
             raise ValueError(f"temporal position {max(frames) + f} exceeds rope_max_positions "
                              f"{self.cfg.rope_max_positions}; rebase stream positions (the pipeline does)")
         plan = cache.plan(starts, f * h * w)
+        out = self.step(x, t, cache, plan)
+        cache.commit(plan)
+        return out
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, cache: StreamKVCache, plan: StepPlan) -> torch.Tensor:
+        """The device work of one call for an already made plan (no host sync: CUDA-graph capturable)."""
+        _, f, _, hl, wl = x.shape
+        h, w = hl // self.cfg.patch_size[1], wl // self.cfg.patch_size[2]
         tokens, e, e0 = self.embed(x, t)
         rope = self._rope(plan.start_frames, f, h, w, x.device)
         tokens = self.run_blocks(tokens, e0, rope, cache, plan)
-        cache.commit(plan)
         return self.unpatchify(self.head(tokens, e).flatten(1, 2), f, h, w)
 
     def predict_x0(self, x, t, cache, starts, schedule) -> torch.Tensor:
