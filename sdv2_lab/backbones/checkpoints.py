@@ -213,6 +213,7 @@ def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu"
         g = torch.Generator(device=device).manual_seed(seed)
         model.init_weights(g)
         model.weights_are_dummy = True
+        model.fuse_qkv()
         log.warning("DiT %s uses DUMMY (random) weights: outputs are noise; use them for throughput only", cfg.name)
         return model.eval().requires_grad_(False)
     sd, source, config = read_state_dict(weights)
@@ -221,4 +222,5 @@ def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu"
     # Cast/move one tensor at a time so peak memory is one target-dtype copy.
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     del sd
+    model.fuse_qkv()
     return model.eval().requires_grad_(False)

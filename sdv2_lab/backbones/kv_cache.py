@@ -105,7 +105,7 @@ class StreamKVCache:
         self.local_end = [0] * batch_size
         self.rolling: list[list[int]] = [[] for _ in range(batch_size)]
         self.total_steps = self.current_step = total_steps
-        # Cross-attention K/V per layer, computed once per prompt: [L, Bc, Ltxt, H, dh], Bc = 1 or B.
+        # Cross-attention K/V per layer, computed once per prompt: [L, B, H, Ltxt, dh].
         self.cross_k: Optional[torch.Tensor] = None
         self.cross_v: Optional[torch.Tensor] = None
         self._plan_buf = torch.zeros(6, batch_size, dtype=torch.long, device=self.device)
@@ -124,6 +124,8 @@ class StreamKVCache:
         self.global_end = [self.global_end[0]] * batch_size
         self.local_end = [self.local_end[0]] * batch_size
         self.rolling = [list(self.rolling[0]) for _ in range(batch_size)]
+        if self.cross_k is not None:  # [L, B, H, Ltxt, dh]: one row per stream-batch row
+            self.cross_k, self.cross_v = rep(self.cross_k), rep(self.cross_v)
         if total_steps is not None:
             self.total_steps = self.current_step = total_steps
 

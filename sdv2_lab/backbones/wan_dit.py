@@ -79,11 +79,11 @@ def layer_norm(x, eps, weight=None, bias=None):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps).type_as(x)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (re = 2k, im = 2k+1). x [B, L, H, dh]; cos/sin [B, L, 1, dh/2] fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    re, im = xf[..., 0], xf[..., 1]
-    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, phasor: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (re = 2k, im = 2k+1) by unit phasors; x [B, L, H, dh], phasor
+    [B, L, 1, dh/2] complex64. One complex multiply in fp32, cast back to x's dtype (3 kernels)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * phasor).flatten(-2).type_as(x)
 
 
 class SelfAttention(nn.Module):
@@ -93,12 +93,31 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
+    def fuse_qkv(self) -> None:
+        """Make q/k/v weights views of one [3D, D] tensor so the projections run as one GEMM. The parameters
+        keep their names and sizes (state dicts are unchanged); loading new weights undoes the fusion."""
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight]).detach()
+        b = torch.cat([self.q.bias, self.k.bias, self.v.bias]).detach()
+        d = self.q.weight.shape[0]
+        for i, lin in enumerate((self.q, self.k, self.v)):
+            lin.weight = nn.Parameter(w[i * d:(i + 1) * d], requires_grad=False)
+            lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
+        self._fused = (w, b)
+
+    def _project(self, x):
+        fused = getattr(self, "_fused", None)
+        if fused is not None and fused[0].data_ptr() == self.q.weight.data_ptr() \
+                and self.v.weight.data_ptr() == fused[0][2 * fused[0].shape[0] // 3:].data_ptr():
+            return F.linear(x, *fused).chunk(3, dim=-1)
+        return self.q(x), self.k(x), self.v(x)
+
     def forward(self, x, rope, cache: StreamKVCache, layer: int, plan: StepPlan, attend):
         b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
-        k = self.norm_k(self.k(x)).view(b, n, self.num_heads, -1)
-        v = self.v(x).view(b, n, self.num_heads, -1)
-        q, k = apply_rope(q, *rope).type_as(v), apply_rope(k, *rope).type_as(v)
+        q, k, v = self._project(x)
+        q = self.norm_q(q).view(b, n, self.num_heads, -1)
+        k = self.norm_k(k).view(b, n, self.num_heads, -1)
+        v = v.view(b, n, self.num_heads, -1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         k_all, v_all, kv_lens = cache.update(layer, plan, k, v)
         return self.o(attend(q, k_all, v_all, kv_lens).flatten(2))
 
@@ -118,9 +137,10 @@ class CrossAttention(nn.Module):
                 self.v(context).view(b, n, self.num_heads, -1))
 
     def forward(self, x, k, v, attend):
+        """k, v: [B, H, Ltxt, dh] (the cache's layout), handed to ``attend`` as [B, Ltxt, H, dh] views."""
         b, n, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
-        return self.o(attend(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), None).flatten(2))
+        return self.o(attend(q, k.transpose(1, 2), v.transpose(1, 2), None).flatten(2))
 
 
 class Block(nn.Module):
@@ -194,6 +214,11 @@ class CausalWanDiT(nn.Module):
         self._rope_cache: dict = {}
 
     # ------------------------------------------------------------------ configuration
+    def fuse_qkv(self) -> None:
+        """One GEMM for q/k/v in every block (see ``SelfAttention.fuse_qkv``)."""
+        for blk in self.blocks:
+            blk.self_attn.fuse_qkv()
+
     def set_attention(self, name: str) -> None:
         self.attention_backend = get_attention(name)
         self.cfg.attention = name
@@ -229,7 +254,14 @@ class CausalWanDiT(nn.Module):
         p = self.patch_embedding.weight
         ctx = self.text_embedding(context.to(p.device, p.dtype))
         kv = [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
-        k, v = torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+        # Stored as [L, B, H, Ltxt, dh] (contiguous in SDPA's layout) with one row per stream-batch row, so
+        # attention never meets a stride-0 batch or a transposed copy; memory: 2*L*B*Ltxt*D elements.
+        k, v = (torch.stack([t for t in kv_part]).transpose(2, 3) for kv_part in zip(*kv))
+        if k.shape[1] != cache.batch_size:
+            if k.shape[1] != 1:
+                raise ValueError(f"prompt batch {k.shape[1]} fits neither 1 nor the stream batch {cache.batch_size}")
+            k, v = (t.expand(-1, cache.batch_size, -1, -1, -1) for t in (k, v))
+        k, v = k.contiguous(), v.contiguous()
         if cache.cross_k is not None and cache.cross_k.shape == k.shape:
             cache.cross_k.copy_(k)  # in place: a captured CUDA graph keeps reading the same buffers
             cache.cross_v.copy_(v)
@@ -248,17 +280,15 @@ class CausalWanDiT(nn.Module):
             ww = rope_angles(w, 2 * (dh // 6), theta)
             spatial = torch.cat([hh[:, None, :].expand(h, w, ch), ww[None, :, :].expand(h, w, cw)], dim=-1)
             spatial = spatial.reshape(h * w, ch + cw)
-            self._rope_cache[key] = tuple(t.float().to(device) for t in
-                                          (temporal.cos(), temporal.sin(), spatial.cos(), spatial.sin()))
-        t_cos, t_sin, s_cos, s_sin = self._rope_cache[key]
+            # unit phasors built in float64 (as the reference), stored as complex64
+            self._rope_cache[key] = (torch.polar(torch.ones_like(temporal), temporal).to(torch.complex64).to(device),
+                                     torch.polar(torch.ones_like(spatial), spatial).to(torch.complex64).to(device))
+        temporal, spatial = self._rope_cache[key]
         pos = start_frames[:, None] + torch.arange(f, device=device)[None, :]  # [B, F]
         b = pos.shape[0]
-
-        def table(tt, ss):
-            tem = tt[pos][:, :, None, :].expand(b, f, h * w, tt.shape[-1])
-            spa = ss[None, None].expand(b, f, h * w, ss.shape[-1])
-            return torch.cat([tem, spa], dim=-1).reshape(b, f * h * w, 1, -1)
-        return table(t_cos, s_cos), table(t_sin, s_sin)
+        tem = temporal[pos][:, :, None, :].expand(b, f, h * w, temporal.shape[-1])
+        spa = spatial[None, None].expand(b, f, h * w, spatial.shape[-1])
+        return torch.cat([tem, spa], dim=-1).reshape(b, f * h * w, 1, -1)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor):
         """x [B, F, C, h, w] latents, t [B, F] -> tokens [B, F*S, D], e [B, F, D], e0 [B, F, 6, D]."""
