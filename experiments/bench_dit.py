@@ -60,7 +60,7 @@ def sync(device):
 
 def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, sink, threshold, graph):
     model = load_backbone(cfg, "dummy", device=device, dtype=dtype)
-    cache = model.new_cache(1, height, width, num_kv, sink, threshold, total_steps=steps)
+    cache = model.new_cache(1, height, width, num_kv, sink, threshold, total_steps=steps, max_batch_size=steps)
     S = cache.spec.frame_tokens
     model.set_prompt(cache, torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype))
     lat = (height // 8, width // 8)

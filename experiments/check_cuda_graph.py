@@ -26,7 +26,7 @@ def main():
     ctx = torch.randn(1, 512, 4096, device=dev, dtype=dt)
     caches = []
     for _ in range(2):
-        c = model.new_cache(1, a.height, a.width, 6, 3, 0.2, total_steps=a.steps)
+        c = model.new_cache(1, a.height, a.width, 6, 3, 0.2, total_steps=a.steps, max_batch_size=a.steps)
         model.set_prompt(c, ctx)
         caches.append(c)
     S, lat = caches[0].spec.frame_tokens, (a.height // 8, a.width // 8)

@@ -40,7 +40,7 @@ def run_streams(ref_model, ckpt, steps, threshold, dtype, attention, num_kv=NUM_
     ref_model = copy.deepcopy(ref_model).to(dtype)  # never cast the shared fixture in place
     S = (H // 16) * (W // 16)
     ref = ReferenceStream(ref_model, S, num_kv, sink, threshold, steps, dtype)
-    cache = ours.new_cache(1, H, W, num_kv, sink, threshold, total_steps=steps)
+    cache = ours.new_cache(1, H, W, num_kv, sink, threshold, total_steps=steps, max_batch_size=steps if steps == 4 else None)  # both expand paths
     g = torch.Generator().manual_seed(1)
     context = torch.randn(1, 512, 4096, generator=g).to(dtype)
     ours.set_prompt(cache, context)

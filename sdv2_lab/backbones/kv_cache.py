@@ -91,11 +91,15 @@ class StreamKVCache:
     """Per-stream self-attention KV cache for all layers, plus the per-prompt cross-attention K/V."""
 
     def __init__(self, spec: CacheSpec, batch_size: int, dtype: torch.dtype, device: torch.device | str,
-                 total_steps: int = 1):
+                 total_steps: int = 1, max_batch_size: Optional[int] = None):
+        """``max_batch_size`` reserves rows for a later ``expand_batch`` (stream batch), so expanding copies
+        in place instead of allocating a second cache (at 14B / 4 steps that is 28 GiB)."""
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
-        shape = (spec.num_layers, batch_size, spec.size, spec.num_heads, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        rows = max(batch_size, max_batch_size or 0)
+        shape = (spec.num_layers, rows, spec.size, spec.num_heads, spec.head_dim)
+        self._k_rows = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._v_rows = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k, self.v = self._k_rows[:, :batch_size], self._v_rows[:, :batch_size]
         q = (spec.num_layers, batch_size)
         self.queue = torch.zeros(*q, spec.capacity, dtype=torch.long, device=self.device)
         self.q_head = torch.zeros(q, dtype=torch.long, device=self.device)
@@ -119,7 +123,13 @@ class StreamKVCache:
         """Replicate row 0 into ``batch_size`` rows (stream batch after the first chunk, §2.6 step 4)."""
         def rep(t):
             return t[:, :1].repeat(1, batch_size, *([1] * (t.dim() - 2))).contiguous()
-        self.k, self.v = rep(self.k), rep(self.v)
+        if self._k_rows.shape[1] >= batch_size:  # rows reserved up front: fill them in place
+            for full in (self._k_rows, self._v_rows):
+                full[:, 1:batch_size] = full[:, :1]
+            self.k, self.v = self._k_rows[:, :batch_size], self._v_rows[:, :batch_size]
+        else:
+            self._k_rows, self._v_rows = rep(self.k), rep(self.v)
+            self.k, self.v = self._k_rows, self._v_rows
         self.queue, self.q_head, self.q_len = rep(self.queue), rep(self.q_head), rep(self.q_len)
         self.global_end = [self.global_end[0]] * batch_size
         self.local_end = [self.local_end[0]] * batch_size
@@ -131,7 +141,7 @@ class StreamKVCache:
 
     def reset(self) -> None:
         """Forget the stream (keeps the allocation; a new stream must not see the old one's keys)."""
-        for t in (self.k, self.v, self.queue, self.q_head, self.q_len):
+        for t in (self._k_rows, self._v_rows, self.queue, self.q_head, self.q_len):
             t.zero_()
         b = self.batch_size
         self.global_end, self.local_end = [0] * b, [0] * b

@@ -238,10 +238,11 @@ class CausalWanDiT(nn.Module):
         return (height // 8 // ph) * (width // 8 // pw)
 
     def new_cache(self, batch_size: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
-                  refresh_threshold: float = -1.0, total_steps: int = 1, dtype=None, device=None) -> StreamKVCache:
+                  refresh_threshold: float = -1.0, total_steps: int = 1, dtype=None, device=None,
+                  max_batch_size: Optional[int] = None) -> StreamKVCache:
         p = self.patch_embedding.weight
         spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold)
-        return StreamKVCache(spec, batch_size, dtype or p.dtype, device or p.device, total_steps)
+        return StreamKVCache(spec, batch_size, dtype or p.dtype, device or p.device, total_steps, max_batch_size)
 
     # ------------------------------------------------------------------ prompt
     @torch.no_grad()
