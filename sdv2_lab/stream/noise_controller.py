@@ -39,13 +39,20 @@ class MotionNoiseController:
         d = (seq[:, :, 1:] - seq[:, :, :-1]) ** 2
         return (torch.sqrt(d.mean(dim=(0, 1, 3, 4))).max() / self.cfg.motion_scale).clamp(0, 1)
 
+    def next_scale(self, frames: torch.Tensor, previous_last: torch.Tensor, s_prev, s0=None):
+        """The controller as a pure function of explicit previous and initial scales (floats or tensors)."""
+        s0 = self.s0 if s0 is None else torch.as_tensor(s0, dtype=torch.float64, device=self.s0.device)
+        if self.cfg.fixed:
+            return s0, self.timestep(s0)
+        s_prev = torch.as_tensor(s_prev, dtype=torch.float64, device=self.s0.device)
+        m = self.motion(frames, previous_last).double()
+        s = (s0 - self.cfg.span * m) * self.cfg.ema + s_prev * (1 - self.cfg.ema)
+        return s, self.timestep(s)
+
     def update(self, frames: torch.Tensor, previous_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (s as a float64 device scalar, timestep as an int64 device scalar) and remembers s."""
-        if self.cfg.fixed:
-            return self.s0, self.timestep(self.s0)
-        m = self.motion(frames, previous_last).double()
-        self.scale = (self.s0 - self.cfg.span * m) * self.cfg.ema + self.scale * (1 - self.cfg.ema)
-        return self.scale, self.timestep(self.scale)
+        self.scale, step = self.next_scale(frames, previous_last, self.scale)
+        return self.scale, step
 
 
 def mix_noise(latents: torch.Tensor, noise: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

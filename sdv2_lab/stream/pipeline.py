@@ -225,32 +225,50 @@ class StreamPipeline:
         with self.stage("decode"):
             return self.vae.decode(st.vae_state, x0)
 
+    def encode_stage(self, chunk: Optional[torch.Tensor], scale=None, step=None):
+        """Chunk [1, 3, T, H, W] in [-1, 1] (None in t2v) -> (noisy latents [1, F, 16, h, w], noise scale,
+        timestep for slot 0 or None). ``scale``/``step`` override the stream's noise controller (staged API)."""
+        st = self._require_state()
+        first = st.chunks_in == 0
+        if self.cfg.t2v:
+            f = 1 if first else st.frames_per_block
+            noise = self._randn_like(torch.empty(1, *self._latent_shape(f), device=self.device, dtype=self.dtype))
+            st.chunks_in += 1
+            return noise, None, None
+        if scale is None:
+            if first:
+                scale, step = st.controller.s0, None
+            else:
+                with self.stage("noise"):
+                    scale, step = st.controller.update(chunk, st.last_frame)
+        latents = self._encode(st, chunk)
+        noisy = mix_noise(latents, self._randn_like(latents), torch.as_tensor(scale, dtype=torch.float64,
+                                                                               device=self.device))
+        st.last_frame = chunk[:, :, -1:]
+        st.last_noise_scale = scale
+        st.chunks_in += 1
+        return noisy, scale, step
+
+    def denoise_stage(self, noisy: torch.Tensor, step=None, *, first: Optional[bool] = None):
+        """Noisy latents of one chunk -> a finished x0 [1, F, 16, h, w], or None while the stream batch fills.
+        The first chunk of a stream denoises all steps at once (the reference's prepare)."""
+        st = self._require_state()
+        first = st.hidden is None and st.processed == 0 and st.next_start == 0 if first is None else first
+        with self.stage("dit"):
+            return self.strategy.first(st, noisy) if first else self.strategy.step(st, noisy, step, real=True)
+
+    def decode_stage(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 latents -> frames [1, T, 3, H, W] in [-1, 1] (the VAE's streaming decode)."""
+        return self._decode(self._require_state(), x0)
+
     def _process_chunk(self, chunk: Optional[torch.Tensor]):
         """chunk [1, 3, T, H, W] (None in t2v). Returns decoded frames [1, T, 3, H, W] or None (batch filling)."""
         st, cfg = self.state, self.cfg
         t0 = time.perf_counter() if cfg.target_fps else None
         first = st.chunks_in == 0
-        if cfg.t2v:
-            f = 1 if first else st.frames_per_block
-            noisy, step = self._randn_like(torch.empty(1, *self._latent_shape(f), device=self.device,
-                                                       dtype=self.dtype)), None
-        elif first:
-            latents = self._encode(st, chunk)
-            noisy = mix_noise(latents, self._randn_like(latents), st.controller.s0)
-            step = None
-            st.last_noise_scale = st.controller.s0
-        else:
-            with self.stage("noise"):
-                scale, step = st.controller.update(chunk, st.last_frame)
-            latents = self._encode(st, chunk)
-            noisy = mix_noise(latents, self._randn_like(latents), scale)
-            st.last_noise_scale = scale
-        if chunk is not None:
-            st.last_frame = chunk[:, :, -1:]
-        st.chunks_in += 1
-        with self.stage("dit"):
-            x0 = self.strategy.first(st, noisy) if first else self.strategy.step(st, noisy, step, real=True)
-        out = None if x0 is None else self._decode(st, x0)
+        noisy, _, step = self.encode_stage(chunk)
+        x0 = self.denoise_stage(noisy, step, first=first)
+        out = None if x0 is None else self.decode_stage(x0)
         if t0 is not None and out is not None:
             self._adapt_chunk_size(st, out.shape[1] / (time.perf_counter() - t0))
         return out
