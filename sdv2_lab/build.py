@@ -1,0 +1,109 @@
+"""Config (``conf/``) -> components -> a ready ``StreamPipeline``. The one place that reads Hydra configs and
+knows every registry; the models themselves know nothing of Hydra."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .backbones.checkpoints import load_backbone
+from .backbones.wan_dit import WanDiTConfig
+from .stream.noise_controller import NoiseControllerConfig
+from .stream.pipeline import PipelineConfig, StreamPipeline
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(os.environ.get("SDV2_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+
+
+def compose_config(name: str = "config", overrides: Optional[list[str]] = None) -> DictConfig:
+    """Compose a config from ``conf/`` outside of a Hydra app (API, tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not CONF_DIR.is_dir():
+        raise FileNotFoundError(f"config folder {CONF_DIR} not found (set SDV2_CONF_DIR)")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides or []), return_hydra_config=False)
+    return cfg
+
+
+def resolve_device(spec: str) -> torch.device:
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec} was asked for but CUDA is not available on this machine "
+                           f"(torch {torch.__version__}); use device=cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={spec}: only {torch.cuda.device_count()} GPU(s) visible")
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}[spec]
+    except KeyError:
+        raise ValueError(f"dtype={spec!r}: expected auto, bfloat16, float32 or float16") from None
+
+
+def backbone_config(cfg: DictConfig) -> WanDiTConfig:
+    data = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if not k.startswith("_")}
+    return WanDiTConfig(attention=cfg.attention.name, **data)
+
+
+def pipeline_config(cfg: DictConfig) -> PipelineConfig:
+    return PipelineConfig(
+        height=cfg.height, width=cfg.width, mode=cfg.parallel.mode, denoising_steps=list(cfg.steps.denoising_steps),
+        num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
+        frames_per_block=cfg.frames_per_block,
+        noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
+        position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps, cuda_graph=cfg.cuda_graph)
+
+
+def dit_weights(cfg: DictConfig):
+    if cfg.weights.kind == "dummy":
+        return "dummy"
+    ckpt = cfg.weights.checkpoint
+    if not ckpt:
+        raise ValueError("weights=real needs weights.checkpoint (a StreamDiffusionV2 model.pt or its folder)")
+    return ckpt
+
+
+def build_text_encoder(cfg: DictConfig, device, dtype):
+    name = cfg.text_encoder.name
+    if name == "hashed":
+        from .text.hashed import HashedTextEncoder
+        return HashedTextEncoder(dim=cfg.backbone.get("text_dim", 4096))
+    from .text import build_text_encoder as build
+    return build(cfg.text_encoder, wan_folder=cfg.weights.wan_folder, dummy=cfg.weights.kind == "dummy",
+                 device=device, dtype=dtype)
+
+
+def build_vae(cfg: DictConfig, device, dtype):
+    from .vae import build_vae as build
+    return build(cfg.vae, wan_folder=cfg.weights.wan_folder, taehv_path=cfg.weights.taehv,
+                 dummy=cfg.weights.kind == "dummy", device=device, dtype=dtype)
+
+
+def build_pipeline(cfg: DictConfig) -> StreamPipeline:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    pcfg = pipeline_config(cfg)
+    pcfg.validate()
+    dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed)
+    vae = build_vae(cfg, device, dtype)
+    text = build_text_encoder(cfg, device, dtype)
+    pipe = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)
+    if pipe.weights_are_dummy:
+        log.warning("DUMMY weights in this pipeline (random init): outputs are noise, timings are real")
+    return pipe
