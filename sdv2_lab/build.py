@@ -60,9 +60,16 @@ def backbone_config(cfg: DictConfig) -> WanDiTConfig:
     return WanDiTConfig(attention=cfg.attention.name, **data)
 
 
+def denoising_steps(cfg: DictConfig) -> list[int]:
+    n, table = cfg.steps, list(cfg.denoising_step_list)
+    if not isinstance(n, int) or not 1 <= n <= min(4, len(table)):
+        raise ValueError(f"steps={n!r}: expected an integer from 1 to {min(4, len(table))}")
+    return table[:n]
+
+
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
-        height=cfg.height, width=cfg.width, mode=cfg.parallel.mode, denoising_steps=list(cfg.steps.denoising_steps),
+        height=cfg.height, width=cfg.width, mode=cfg.parallel.mode, denoising_steps=denoising_steps(cfg),
         num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
         frames_per_block=cfg.frames_per_block,
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,

@@ -1,0 +1,183 @@
+"""Video files in and out: decode anything ffmpeg reads (PyAV), resize with antialiasing, write H.264 mp4.
+
+Writes are atomic: frames go to a temporary file beside the target, renamed into place only when complete,
+so a failed run never leaves a half-written video.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class VideoInfo:
+    path: str
+    fps: float
+    frames: int
+    height: int
+    width: int
+
+
+def _open(path):
+    import av
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"video not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a video file: {path}")
+    try:
+        return av.open(str(path))
+    except Exception as exc:  # PyAV raises several error types for unreadable input
+        raise ValueError(f"cannot read video {path}: {exc}") from exc
+
+
+def probe_video(path) -> VideoInfo:
+    with _open(path) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        s = container.streams.video[0]
+        fps = float(s.average_rate) if s.average_rate else 16.0
+        return VideoInfo(str(path), fps, int(s.frames or 0), s.codec_context.height, s.codec_context.width)
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[T, 3, h, w] float -> [T, 3, height, width], bilinear with antialiasing (exact size, as the reference)."""
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+def iter_video_frames(path, *, height: Optional[int] = None, width: Optional[int] = None,
+                      max_frames: Optional[int] = None, batch: int = 1) -> Iterator[torch.Tensor]:
+    """Yield [3, t, H, W] float32 in [-1, 1] (t <= batch) without decoding the whole file first."""
+    container = _open(path)
+    try:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        buf, n = [], 0
+        try:
+            for frame in container.decode(video=0):
+                buf.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+                n += 1
+                if len(buf) == batch or (max_frames is not None and n >= max_frames):
+                    yield _to_model_range(buf, height, width)
+                    buf = []
+                if max_frames is not None and n >= max_frames:
+                    break
+        except Exception as exc:
+            if isinstance(exc, (ValueError, FileNotFoundError)):
+                raise
+            raise ValueError(f"cannot decode video {path} after {n} frames: {exc}") from exc
+        if buf:
+            yield _to_model_range(buf, height, width)
+        if n == 0:
+            raise ValueError(f"video {path} contains no decodable frames")
+    finally:
+        container.close()
+
+
+def _to_model_range(frames: list, height, width) -> torch.Tensor:
+    x = torch.stack(frames).permute(0, 3, 1, 2).float()  # [t, 3, h, w] 0..255
+    if height is not None and width is not None:
+        x = resize_frames(x, height, width)
+    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def load_video(path, *, height: Optional[int] = None, width: Optional[int] = None,
+               max_frames: Optional[int] = None) -> torch.Tensor:
+    """The whole video as [3, T, H, W] float32 in [-1, 1]."""
+    parts = list(iter_video_frames(path, height=height, width=width, max_frames=max_frames, batch=32))
+    return torch.cat(parts, dim=1)
+
+
+def _to_uint8(frames) -> np.ndarray:
+    """[T, H, W, 3] float in [0, 1] (numpy or tensor) or uint8 -> uint8 numpy."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy() if frames.dtype != torch.uint8 else frames.cpu().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return frames
+
+
+class VideoWriter:
+    """Incremental H.264 writer; the file appears at ``path`` only after ``close()`` succeeds.
+
+        with VideoWriter("out.mp4", fps=16) as w:
+            w.write(frames)      # [T, H, W, 3] in [0, 1], any number of calls
+    """
+
+    def __init__(self, path, *, fps: float = 16, crf: int = 18):
+        self.path = Path(path)
+        self.fps, self.crf = fps, crf
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp.mp4", dir=parent)
+            os.close(fd)
+        except OSError as exc:
+            raise PermissionError(f"cannot write to output folder {parent}: {exc}") from exc
+        self._tmp = Path(tmp)
+        self._container = None
+        self._stream = None
+        self.frames_written = 0
+
+    def write(self, frames) -> None:
+        import av
+        frames = _to_uint8(frames)
+        if self._container is None:
+            h, w = frames.shape[1:3]
+            self._container = av.open(str(self._tmp), mode="w", format="mp4")
+            self._stream = self._container.add_stream("libx264", rate=int(round(self.fps)))
+            self._stream.width, self._stream.height = w + (w % 2), h + (h % 2)  # yuv420p needs even sizes
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": str(self.crf)}
+        for f in frames:
+            if f.shape[0] % 2 or f.shape[1] % 2:
+                f = np.pad(f, ((0, f.shape[0] % 2), (0, f.shape[1] % 2), (0, 0)), mode="edge")
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    def close(self) -> Path:
+        if self._container is None:
+            self.abort()
+            raise ValueError(f"no frames were written to {self.path}")
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:
+                pass
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def export_video(frames, path, *, fps: float = 16) -> Path:
+    """Write all frames [T, H, W, 3] (float in [0, 1] or uint8) as one mp4, atomically."""
+    with VideoWriter(path, fps=fps) as w:
+        w.write(frames)
+    return Path(path)
