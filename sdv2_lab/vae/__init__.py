@@ -1,3 +1,10 @@
-"""Streaming VAEs: the Wan2.1 VAE and the TAEHV tiny decoder behind one interface (``base.StreamingVAE``)."""
-from .base import StreamingVAE, build_vae, register_vae  # noqa: F401
-from . import builders  # noqa: F401,E402  (registers the VAEs)
+"""Streaming VAEs behind one interface (``registry.StreamingVAE``): the Wan2.1 VAE and the TAEHV decoder.
+
+    from sdv2_lab.vae import build_vae
+    vae = build_vae(cfg.vae, wan_folder=..., taehv_path=..., dummy=False, device="cuda", dtype=torch.bfloat16)
+    state = vae.new_state()
+    z = vae.encode(state, video)    # [B, 3, T, H, W] -> [B, F, 16, H/8, W/8]
+    x = vae.decode(state, z)        # -> [B, T, 3, H, W] in [-1, 1]
+"""
+from .registry import StreamingVAE, build_vae, register_vae, registered_vaes  # noqa: F401
+from .wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEState, load_wan_vae  # noqa: F401  (registers "wan")
