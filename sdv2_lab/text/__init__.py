@@ -1,0 +1,51 @@
+"""Text encoding: Wan's UMT5-XXL encoder (via transformers), its tokenizer, and a prompt-embedding cache.
+
+``HashedTextEncoder`` (``hashed.py``) is the weightless stand-in; everything else here is the real encoder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .encoder import TextEncoder
+from .prompt_cache import PromptCache
+from .tokenizer import PromptTokenizer, clean_prompt, synthetic_tokenizer
+from .umt5 import UMT5_XXL, CheckpointMismatchError, UMT5Size, load_hf_umt5, load_wan_t5
+
+__all__ = ["TextEncoder", "PromptCache", "PromptTokenizer", "clean_prompt", "synthetic_tokenizer", "UMT5Size",
+           "UMT5_XXL", "CheckpointMismatchError", "load_wan_t5", "load_hf_umt5", "build_text_encoder"]
+
+
+def build_text_encoder(cfg: Mapping, *, wan_folder: str | Path | None, dummy: bool, device, dtype: torch.dtype,
+                       ) -> TextEncoder:
+    """A ``TextEncoder`` from a ``conf/text_encoder`` group (see ``umt5_xxl.yaml`` for the keys).
+
+    Real weights: ``cfg.checkpoint`` is a transformers folder (has ``config.json``) or a Wan ``.pth`` (relative
+    to ``wan_folder`` unless absolute). Dummy weights: random at ``cfg``'s size; the tokenizer is the Wan
+    folder's when there is one, else a synthetic one.
+    """
+    size = UMT5Size.from_mapping(cfg)
+    common = dict(device=device, dtype=dtype, offload=bool(cfg.get("offload", False)),
+                  text_len=int(cfg.get("text_len", 512)), cache_size=int(cfg.get("cache_size", 16)),
+                  trim_padding=bool(cfg.get("trim_padding", True)),
+                  attn_implementation=str(cfg.get("attn_implementation", "sdpa")))
+    tokenizer = cfg.get("tokenizer", "google/umt5-xxl")
+    tokenizer_dir = Path(wan_folder) / tokenizer if wan_folder else (Path(tokenizer) if tokenizer else None)
+    if dummy:
+        found = tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None
+        return TextEncoder.from_config(size, dummy=True, tokenizer_dir=found, seed=int(cfg.get("seed", 0)), **common)
+    checkpoint = Path(cfg.get("checkpoint", "models_t5_umt5-xxl-enc-bf16.pth"))
+    if not checkpoint.is_absolute():
+        if not wan_folder:
+            raise ValueError("real text-encoder weights need weights.wan_folder (or an absolute "
+                             "text_encoder.checkpoint)")
+        checkpoint = Path(wan_folder) / checkpoint
+    if (checkpoint / "config.json").is_file():  # a transformers/diffusers folder; its tokenizer is found beside it
+        found = tokenizer_dir if tokenizer_dir is not None and tokenizer_dir.is_dir() else None
+        return TextEncoder.from_pretrained_dir(checkpoint, tokenizer_dir=found, **common)
+    if tokenizer_dir is None:
+        raise ValueError("real text-encoder weights need a tokenizer folder (text_encoder.tokenizer)")
+    return TextEncoder.from_wan_folder(checkpoint.parent, size=size, checkpoint=checkpoint.name,
+                                       tokenizer=str(tokenizer_dir.resolve()), **common)
