@@ -58,8 +58,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, sink, threshold, graph):
+def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, sink, threshold, graph, compiled=False):
     model = load_backbone(cfg, "dummy", device=device, dtype=dtype)
+    if compiled:
+        model.use_compiled_kernels(True)
     cache = model.new_cache(1, height, width, num_kv, sink, threshold, total_steps=steps, max_batch_size=steps)
     S = cache.spec.frame_tokens
     model.set_prompt(cache, torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype))
@@ -108,6 +110,7 @@ def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, s
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     return dict(model=cfg.name, steps=steps, height=height, width=width, attention=cfg.attention, cuda_graph=graph,
+                compiled_kernels=compiled,
                 step_ms=round(med, 3), dit_fps=round(4e3 / med, 2), tflops_achieved=round(flops / med / 1e9, 1),
                 peak_mem_gib=round(mem, 2), weights="dummy")
 
@@ -127,6 +130,8 @@ def main():
     p.add_argument("--num-kv", type=int, default=6)
     p.add_argument("--sink", type=int, default=3)
     p.add_argument("--threshold", type=float, default=0.2)
+    p.add_argument("--compile", default="off", choices=["on", "off", "both"],
+                   help="torch.compile the blocks' elementwise chains")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args()
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -140,19 +145,20 @@ def main():
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# device {gpu}, torch {torch.__version__}, measured matmul peak {peak:.0f} TFLOP/s ({a.dtype}); "
           f"WEIGHTS ARE DUMMY (random)")
-    print("| model | steps | CUDA graph | step ms | DiT FPS | TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    compiles = {"on": [True], "off": [False], "both": [False, True]}[a.compile]
+    print("| model | steps | CUDA graph | compiled | step ms | DiT FPS | TFLOP/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in a.sizes.split(","):
         cfg = backbone_config(name, a.attention)
         for steps in map(int, a.steps.split(",")):
-            for graph in graphs:
+            for graph, comp in [(g, c) for g in graphs for c in compiles]:
                 r = bench_one(cfg, steps, a.height, a.width, device, dtype, a.warmup, a.iters, a.num_kv, a.sink,
-                              a.threshold, graph)
+                              a.threshold, graph, comp)
                 r.update(gpu=gpu, torch=torch.__version__, peak_tflops=round(peak, 1),
                          mfu=round(r["tflops_achieved"] / peak, 4))
                 rows.append(r)
-                print(f"| {name} | {steps} | {'on' if graph else 'off'} | {r['step_ms']:.2f} | {r['dit_fps']:.1f} | "
+                print(f"| {name} | {steps} | {'on' if graph else 'off'} | {'on' if comp else 'off'} | {r['step_ms']:.2f} | {r['dit_fps']:.1f} | "
                       f"{r['tflops_achieved']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']} |", flush=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -26,6 +26,7 @@ def main():
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=129)
     p.add_argument("--graph", default="on", choices=["on", "off"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's elementwise chains")
     p.add_argument("--extra", default="", help="more Hydra overrides, comma separated")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -36,7 +37,8 @@ def main():
     for item in a.configs.split(","):
         backbone, steps = item.split(":")
         ov = [f"backbone={backbone}", f"steps={steps}", f"device={a.device}", f"height={a.height}",
-              f"width={a.width}", f"cuda_graph={'true' if a.graph == 'on' else 'false'}", "vae=wan"]
+              f"width={a.width}", f"cuda_graph={'true' if a.graph == 'on' else 'false'}", "vae=wan",
+              f"compile_kernels={'true' if a.compile else 'false'}"]
         ov += [x for x in a.extra.split(",") if x]
         cfg = compose_config("config", ov)
         pipe = build_pipeline(cfg)

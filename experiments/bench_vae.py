@@ -7,6 +7,7 @@ Encode: the first chunk (5 frames) then 4-frame chunks, one latent each; decode:
 (4 frames). FPS = frames / time per chunk (CUDA events). Weights are DUMMY (random): speed only.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -25,6 +26,22 @@ def timed(fn, device, iters):
         else:
             t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
     return sorted(ts)[len(ts) // 2]
+
+
+def reference_vae_class():
+    """The reference's WanVAE_ from the installed wheel, loaded by file so that the wheel's package
+    __init__ (which imports diffusers, transformers, ...) is not needed."""
+    import importlib.util
+    spec = importlib.util.find_spec("models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "wan", "wan_base", "modules", "vae.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("reference_wan_vae", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.WanVAE_
 
 
 def main():
@@ -57,10 +74,9 @@ def main():
         rows.append(("sdv2_lab WanVAE", enc, dec))
         del vae
         if not a.no_reference:
-            try:
-                from models.wan.wan_base.modules.vae import WanVAE_
-            except ImportError as exc:
-                print(f"(reference wheel not importable: {exc})")
+            WanVAE_ = reference_vae_class()
+            if WanVAE_ is None:
+                print("(reference wheel streamdiffusionv2==0.1.1 not installed: no reference row)")
             else:
                 ref = WanVAE_(dim=a.dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                               temperal_downsample=[False, True, True], dropout=0.0).eval().to(dev, dt)

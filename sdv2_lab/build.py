@@ -108,6 +108,8 @@ def build_pipeline(cfg: DictConfig) -> StreamPipeline:
     pcfg = pipeline_config(cfg)
     pcfg.validate()
     dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed)
+    if cfg.get("compile_kernels", False):
+        dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype)
     text = build_text_encoder(cfg, device, dtype)
     pipe = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)

@@ -62,17 +62,10 @@ class WanDiTConfig:
                 + self.out_dim * p)
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x, weight, eps):
     """Wan's RMSNorm: statistics in fp32, cast back, then the weight (in the weight's dtype)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def layer_norm(x, eps, weight=None, bias=None):
@@ -81,9 +74,52 @@ def layer_norm(x, eps, weight=None, bias=None):
 
 def apply_rope(x: torch.Tensor, phasor: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs (re = 2k, im = 2k+1) by unit phasors; x [B, L, H, dh], phasor
-    [B, L, 1, dh/2] complex64. One complex multiply in fp32, cast back to x's dtype (3 kernels)."""
+    [B, L, 1, dh/2] complex64. One complex multiply in fp32, cast back to x's dtype."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * phasor).flatten(-2).type_as(x)
+
+
+def norm_modulate(x, eps, scale, shift, f: int):
+    """LayerNorm (no affine), then per-latent-frame ``* (1 + scale) + shift``; x [B, F*S, D], scale [B, F, 1, D]."""
+    return (layer_norm(x, eps).unflatten(1, (f, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def gated_residual(x, y, gate, f: int):
+    """x + gate * y with a per-latent-frame gate."""
+    return x + (y.unflatten(1, (f, -1)) * gate).flatten(1, 2)
+
+
+class Kernels:
+    """The elementwise chains of a block. Eager by default (bit-exact with the reference); ``compiled()``
+    fuses each chain into one or two kernels with torch.compile (results then differ at bf16 rounding level)."""
+    rms_norm = staticmethod(rms_norm)
+    rope = staticmethod(apply_rope)
+    norm_modulate = staticmethod(norm_modulate)
+    gated_residual = staticmethod(gated_residual)
+
+    @classmethod
+    def compiled(cls) -> "Kernels":
+        k = cls()
+        opts = dict(dynamic=False, fullgraph=True)
+        k.rms_norm = torch.compile(rms_norm, **opts)
+        k.rope = torch.compile(apply_rope, **opts)
+        k.norm_modulate = torch.compile(norm_modulate, **opts)
+        k.gated_residual = torch.compile(gated_residual, **opts)
+        return k
+
+
+EAGER = Kernels()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = EAGER
+
+    def forward(self, x):
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 class SelfAttention(nn.Module):
@@ -92,6 +128,7 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.kernels = EAGER
 
     def fuse_qkv(self) -> None:
         """Make q/k/v weights views of one [3D, D] tensor so the projections run as one GEMM. The parameters
@@ -117,7 +154,7 @@ class SelfAttention(nn.Module):
         q = self.norm_q(q).view(b, n, self.num_heads, -1)
         k = self.norm_k(k).view(b, n, self.num_heads, -1)
         v = v.view(b, n, self.num_heads, -1)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.kernels.rope(q, rope), self.kernels.rope(k, rope)
         k_all, v_all, kv_lens = cache.update(layer, plan, k, v)
         return self.o(attend(q, k_all, v_all, kv_lens).flatten(2))
 
@@ -153,17 +190,16 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        self.kernels = EAGER
 
     def forward(self, x, e0, rope, cross_kv, cache, layer, plan, attend):
         f = e0.shape[1]
-        s = x.shape[1] // f
+        k = self.kernels
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
-        h = (layer_norm(x, self.eps).unflatten(1, (f, s)) * (1 + scale_sa) + shift_sa).flatten(1, 2)
-        y = self.self_attn(h, rope, cache, layer, plan, attend)
-        x = x + (y.unflatten(1, (f, s)) * gate_sa).flatten(1, 2)
+        y = self.self_attn(k.norm_modulate(x, self.eps, scale_sa, shift_sa, f), rope, cache, layer, plan, attend)
+        x = k.gated_residual(x, y, gate_sa, f)
         x = x + self.cross_attn(layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias), *cross_kv, attend)
-        h = (layer_norm(x, self.eps).unflatten(1, (f, s)) * (1 + scale_ff) + shift_ff).flatten(1, 2)
-        return x + (self.ffn(h).unflatten(1, (f, s)) * gate_ff).flatten(1, 2)
+        return k.gated_residual(x, self.ffn(k.norm_modulate(x, self.eps, scale_ff, shift_ff, f)), gate_ff, f)
 
 
 class Head(nn.Module):
@@ -214,6 +250,13 @@ class CausalWanDiT(nn.Module):
         self._rope_cache: dict = {}
 
     # ------------------------------------------------------------------ configuration
+    def use_compiled_kernels(self, enabled: bool = True) -> None:
+        """Fuse the blocks' elementwise chains with torch.compile (GPU speed; eager stays reference-exact)."""
+        kernels = Kernels.compiled() if enabled else EAGER
+        for m in self.modules():
+            if hasattr(m, "kernels"):
+                m.kernels = kernels
+
     def fuse_qkv(self) -> None:
         """One GEMM for q/k/v in every block (see ``SelfAttention.fuse_qkv``)."""
         for blk in self.blocks:
