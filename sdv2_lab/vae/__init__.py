@@ -8,3 +8,4 @@
 """
 from .registry import StreamingVAE, build_vae, register_vae, registered_vaes  # noqa: F401
 from .wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEState, load_wan_vae  # noqa: F401  (registers "wan")
+from .taehv import TAEHV, TAEHVVAE, load_taehv  # noqa: F401,E402  (registers "taehv")
