@@ -64,12 +64,15 @@ def to_overrides(a) -> list[str]:
         raise SystemExit(f"--model_type must be T2V-1.3B or T2V-14B, got {a.model_type}")
     if a.checkpoint_folder:
         size = "1.3B" if a.model_type == "T2V-1.3B" else "14B"
-        ov += [f"backbone={'wan_1_3b' if size == '1.3B' else 'wan_14b'}", "weights=real", "vae=wan",
+        ov += [f"backbone={'wan_1_3b' if size == '1.3B' else 'wan_14b'}", "weights=real",
                f"weights.checkpoint={a.checkpoint_folder}", "text_encoder=umt5_xxl"]
         ov.append(f"weights.wan_folder={a.wan_folder or f'wan_models/Wan2.1-T2V-{size}'}")
         ov.append("device=cuda" if a.gpu_id is None else f"device=cuda:{a.gpu_id}")
-    if a.use_taehv or a.use_tensorrt or a.fast:
-        ov.append("vae=taehv")
+    taehv = a.use_taehv or a.use_tensorrt or a.fast
+    if taehv or a.checkpoint_folder:  # one vae choice (Hydra refuses two values for a group)
+        ov.append(("vae=taehv" if a.checkpoint_folder else "vae=taehv_tiny") if taehv else "vae=wan")
+    if a.use_tensorrt or a.fast:  # no TensorRT here: the decoder's CUDA-graph replay plays its part
+        ov.append("vae.accelerate=cuda_graph")
     if a.fast:
         ov += ["num_kv_cache=5", "sink_frames=2", "adapt_sink_threshold=-1", "cuda_graph=true"]
     if a.t2v:
