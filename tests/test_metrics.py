@@ -103,9 +103,9 @@ def test_default_config_runs_weight_free_metrics_and_explains_the_rest():
     assert [m.name for m in metrics] == ["warp_error", "flicker", "ssim", "psnr"]
     assert isinstance(metrics[0].flow, DISFlow)   # flow: auto without raft weights
     assert set(unavailable) == {"clip_consistency", "clip_score", "lpips"}
-    assert "metrics.clip.weights=" in unavailable["clip_score"]
-    assert "metrics.lpips.backbone_weights=" in unavailable["lpips"]
-    assert "alexnet-owt-7be5be79.pth" in unavailable["lpips"]
+    assert "metrics.clip.weights=/path/to/clip-vit-base-patch32" in unavailable["clip_score"]
+    assert "metrics.lpips.backbone_weights=/path/to/alexnet-owt-7be5be79.pth" in unavailable["lpips"]
+    assert "hf download openai/clip-vit-base-patch32" in unavailable["clip_consistency"]   # how to obtain it
     video = textured_clip(3, 32, 48)
     scores = {}
     for metric in metrics:
@@ -121,7 +121,8 @@ def test_none_and_paper_configs():
     assert list(paper.enabled) == ["clip_consistency", "warp_error"] and list(paper.warp.variants) == ["uint8"]
     metrics, unavailable = build_metrics(paper)
     assert metrics == [] and set(unavailable) == {"clip_consistency", "warp_error"}
-    assert "metrics.warp.raft_weights=" in unavailable["warp_error"]   # flow: raft never falls back to DIS
+    # flow: raft never falls back to DIS
+    assert "metrics.warp.raft_weights=/path/to/raft_large_C_T_SKHT_V2-ff5fadd5.pth" in unavailable["warp_error"]
 
 
 def test_missing_weight_files_name_the_path_and_the_rest_still_build(tmp_path):

@@ -121,11 +121,12 @@ def to_uint8(frames: torch.Tensor) -> torch.Tensor:
     return (frames.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def existing_path(path: Optional[str], *, config_key: str, what: str, how: str) -> str:
-    """Return ``path`` if it exists, else raise MetricUnavailable saying what to put where and how to get it."""
+def existing_path(path: Optional[str], *, config_key: str, what: str, how: str, example: str) -> str:
+    """Return ``path`` if it exists, else raise MetricUnavailable saying what to put where and how to get it.
+    ``example`` is the file or folder name that the message shows in ``config_key=/path/to/<example>``."""
     import os
     if not path:
-        raise MetricUnavailable(f"no {what} configured: set {config_key}=/path/to/it. {how}",
+        raise MetricUnavailable(f"no {what} configured: set {config_key}=/path/to/{example}. {how}",
                                 config_key=config_key)
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):

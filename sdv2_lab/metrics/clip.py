@@ -79,7 +79,8 @@ class ClipEncoder:
 
 
 def load_clip_encoder(weights: Optional[str], device: torch.device | str = "cpu", batch_size: int = 32) -> ClipEncoder:
-    folder = existing_path(weights, config_key=CLIP_KEY, what="CLIP weights folder", how=CLIP_HOW)
+    folder = existing_path(weights, config_key=CLIP_KEY, what="CLIP weights folder", how=CLIP_HOW,
+                           example="clip-vit-base-patch32")
     return ClipEncoder(folder, device=device, batch_size=batch_size)
 
 

@@ -17,7 +17,8 @@ from .base import existing_path, load_state_dict_file
 
 RAFT_KEY = "metrics.warp.raft_weights"
 RAFT_HOW = ("Use torchvision's RAFT checkpoint: raft_large_C_T_SKHT_V2-ff5fadd5.pth is what the paper's "
-            "raft_large(pretrained=True) loads (https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth; "
+            "raft_large(pretrained=True) loads "
+            "(https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth; "
             "raft_small_C_T_V2-01064c6d.pth for raft_small), or set metrics.warp.flow=dis for the weight-free "
             "OpenCV DIS flow.")
 DIS_PRESETS = {"ultrafast": "DISOPTICAL_FLOW_PRESET_ULTRAFAST", "fast": "DISOPTICAL_FLOW_PRESET_FAST",
@@ -97,7 +98,8 @@ class RAFTFlow:
     def __init__(self, weights: Optional[str], arch: str = "auto", iters: int = 12,
                  device: torch.device | str = "cpu", batch_size: int = 8):
         from torchvision.models.optical_flow import raft_large, raft_small
-        path = existing_path(weights, config_key=RAFT_KEY, what="RAFT weights", how=RAFT_HOW)
+        path = existing_path(weights, config_key=RAFT_KEY, what="RAFT weights", how=RAFT_HOW,
+                             example="raft_large_C_T_SKHT_V2-ff5fadd5.pth")
         state = load_state_dict_file(path)
         builders = {"large": raft_large, "small": raft_small}
         if arch not in ("auto", *builders):

@@ -65,7 +65,7 @@ class LPIPSDistance:
             raise ValueError(f"metrics.lpips.net must be one of {sorted(TORCHVISION_BACKBONE_FILES)}, got {net!r}")
         path = existing_path(backbone_weights, config_key=LPIPS_KEY,
                              what=f"LPIPS {net} backbone weights ({TORCHVISION_BACKBONE_FILES[net]})",
-                             how=_how_to_get(net))
+                             how=_how_to_get(net), example=TORCHVISION_BACKBONE_FILES[net])
         with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)

@@ -19,7 +19,7 @@ class Flicker:
     """Temporal flicker on the 0-255 scale, with Δx_t = x_{t+1} - x_t over all pixels and channels:
 
     * ``flicker`` = mean |Δout_t - Δin_t|: change between output frames that the input's own change does not
-      explain (0 when the output follows the input's motion-free changes exactly; lower is better);
+      explain (0 when every output frame-to-frame change equals the input's; lower is better);
     * ``output_frame_diff`` = mean |Δout_t|: raw frame-to-frame change of the output (motion + flicker).
     """
 

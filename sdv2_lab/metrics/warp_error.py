@@ -14,7 +14,8 @@ Two variants of step 4:
   script's ``np.abs(a - b)`` on two uint8 arrays does, so it wraps around modulo 256: a pixel 1 level darker
   than its warped predecessor counts 1, one level brighter counts 255. On real clips, where pixels brighten
   about as often as they darken, this lifts the value far above a true L1; it is the likely reason for the
-  scale of the paper's values (73-117). Compare with the paper's table only through this variant. The warped frame is rounded to uint8 as cv2.remap does.
+  scale of the paper's values (73-117). Compare with the paper's table only through this variant. The warped
+  frame is rounded to uint8, as cv2.remap does.
 * ``float``: the true mean |warped - next| on 0-255 floats (no quantisation, no wrap-around).
 
 Occlusion check (``occlusion``):
