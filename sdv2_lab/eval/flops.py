@@ -9,7 +9,7 @@ width ``d``, FFN width ``f``:
 
 The text tokens' cross-attention K/V projections are *not* counted: they are computed once per prompt and
 cached (the reference's ``crossattn_cache``). Neither are the patch embedding, the head, the time embedding
-(``dit_uncounted_flops_per_latent_frame``: 0.02% at the released sizes), norms, RoPE or modulation, exactly as §4.
+(``dit_uncounted_flops_per_latent_frame``: 0.01% at the released sizes), norms, RoPE or modulation, exactly as §4.
 In steady state the model attends to exactly ``kv_frames`` latent frames (the cached ones and the new one), as
 the tests check with torch's FLOP counter on the model.
 
@@ -32,10 +32,11 @@ FRAMES_PER_LATENT = 4   # Wan VAE temporal stride
 VAE_SPATIAL_STRIDE = 8
 PATCH = 2               # DiT patch 1×2×2
 
-# Dense bf16 matmul peaks in TFLOP/s, used only when the harness gives no measured peak. Keys are matched
-# as case-insensitive substrings of the device name (longest key first, so "H100" does not catch "GH100"...).
+# Dense bf16 matmul peaks in TFLOP/s, used only when the harness gives no measured peak (measure it:
+# ``measure_peak_tflops``). Keys match as case-insensitive substrings of the device name, longest key first.
 PEAK_BF16_TFLOPS: dict[str, float] = {
-    "H100": 800.0,   # measured 796–819 on H100 80GB HBM3 (reference_speed_h100.md); anchors §4.3 uses 800
+    "H100": 800.0,   # measured 796–819 on H100 80GB HBM3 SXM (reference_speed_h100.md); anchors §4.3 uses 800.
+                     # An H100 PCIe is slower (spec 756 vs 989 dense): measure it.
     "H200": 800.0,   # same GH100 compute as H100 (spec 989 dense for both); assumed equal to the H100 measurement
     "A100": 312.0,   # NVIDIA spec, dense bf16 (not measured here)
     "4090": 165.2,   # NVIDIA Ada spec, dense bf16 with fp32 accumulate (not measured here)
@@ -79,7 +80,7 @@ def dit_flops_per_latent_frame(cfg, tokens_per_frame: int, kv_tokens: int, text_
 
 def dit_uncounted_flops_per_latent_frame(cfg, tokens_per_frame: int) -> float:
     """What §4 leaves out of a forward: patch embedding and head (per token), time embedding and projection
-    (per latent frame). 0.02% of the total at the released sizes; it matters only for tiny test models."""
+    (per latent frame). 0.01% of the total at the released sizes; it matters only for tiny test models."""
     d, p = cfg.dim, math.prod(cfg.patch_size)
     per_token = 2 * cfg.in_dim * p * d + 2 * d * cfg.out_dim * p
     per_frame = 2 * (cfg.freq_dim * d + d * d + d * 6 * d)
