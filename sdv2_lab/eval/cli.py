@@ -1,0 +1,94 @@
+"""``sdv2 eval`` (also ``python -m sdv2_lab.eval``): the harness as a Hydra app over ``conf/eval.yaml``.
+
+    sdv2 eval                                             # tiny model, CPU, synthetic clips, offline W&B
+    sdv2 eval -m steps=1,2,3,4 vae=wan_tiny,taehv_tiny    # a multirun sweep, one folder per combination
+    sdv2 eval backbone=wan_1_3b device=cuda trainer.devices=4 trainer.strategy=ddp dataset=folder \
+        dataset.root=clips dataset.prompts_file=evaluation.json
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from ..build import CONF_DIR  # noqa: E402
+
+log = logging.getLogger("sdv2.eval")
+
+
+def make_logger(cfg: DictConfig):
+    """The configured Lightning logger (``conf/logger``), or False for none."""
+    if not cfg.logger.get("_target_"):
+        return False
+    from hydra.utils import instantiate
+    return instantiate(cfg.logger)
+
+
+def accelerator(cfg: DictConfig) -> str:
+    if cfg.trainer.accelerator != "auto":
+        return cfg.trainer.accelerator
+    return "gpu" if str(cfg.device).startswith("cuda") else "cpu"
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None):
+    """Run the evaluation; returns every video's row as a DataFrame (on rank 0; None on other ranks)."""
+    import lightning.pytorch as pl
+
+    from .datasets import EvalDataModule, build_dataset
+    from .module import StreamingEvalModule
+
+    run_dir = Path(run_dir)
+    dataset = build_dataset(cfg.dataset, cfg.height, cfg.width)  # dataset errors surface before models are built
+    data = EvalDataModule(dataset, num_workers=int(cfg.eval.num_workers))
+    module = StreamingEvalModule(cfg, run_dir, overrides)
+    devices = cfg.trainer.devices
+    if accelerator(cfg) == "gpu" and str(cfg.device).startswith("cuda:") and devices == 1:
+        devices = [int(str(cfg.device).split(":")[1])]
+    trainer = pl.Trainer(accelerator=accelerator(cfg), devices=devices, num_nodes=cfg.trainer.num_nodes,
+                         strategy=cfg.trainer.strategy, logger=make_logger(cfg), default_root_dir=str(run_dir),
+                         enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+                         enable_checkpointing=False, inference_mode=True)
+    trainer.test(module, datamodule=data, verbose=False)
+    if trainer.is_global_zero:
+        print_results(module.results, list(cfg.eval.print_columns), run_dir)
+    if trainer.logger is not None and hasattr(trainer.logger, "experiment") and trainer.is_global_zero:
+        try:
+            trainer.logger.experiment.finish()
+        except Exception:  # noqa: BLE001 -- finishing W&B must not fail the run
+            pass
+    return module.results
+
+
+def print_results(results, columns: list[str], run_dir: Path) -> None:
+    if results is None or results.empty:
+        print("no videos were evaluated")
+        return
+    cols = [c for c in columns if c in results.columns]
+    with __import__("pandas").option_context("display.width", 200, "display.max_columns", 30,
+                                             "display.float_format", "{:.3f}".format):
+        print(results[cols].to_string(index=False))
+    print(f"results: {run_dir / 'results.csv'} (one row per video; all columns), summary: {run_dir / 'summary.json'}")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    hc = HydraConfig.get()
+    evaluate(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+
+
+def main() -> None:
+    # Lightning's DDP launcher re-runs sys.argv[0] once per extra rank: point it at a real file.
+    sys.argv[0] = str(Path(__file__).with_name("__main__.py"))
+    _main()
+
+
+if __name__ == "__main__":
+    main()

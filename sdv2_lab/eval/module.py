@@ -1,0 +1,214 @@
+"""The evaluation loop: a LightningModule that streams each dataset video through the pipeline and measures it.
+
+``trainer.test(StreamingEvalModule(cfg, run_dir), datamodule=EvalDataModule(...))`` — one ``VideoItem`` per
+step. Per video, in this order:
+
+1. **timed** — the clip is pushed chunk by chunk exactly as live input would arrive (``stream_clip``: CUDA
+   events on GPU), giving end-to-end / steady-state / stage FPS, TTFF and per-chunk latency (design.md);
+2. **untimed** — peak GPU memory, MFU from the analytic FLOP model (``flops.py``), quality metrics on the
+   output against the input, an optional sample video;
+3. the row is appended to ``results[.rank<k>].jsonl`` / ``.csv`` at once (a crash keeps every finished row)
+   and sent to the experiment logger (W&B, CSV, or none).
+
+At the end rank 0 gathers every rank's rows (files, not collectives: ranks may hold unequal numbers of
+videos), writes ``summary.json``, logs the summary and a results table, and prints the table.
+
+The pipeline is held outside Lightning's module tree on purpose: Lightning must neither move nor wrap it
+(its weights may be dummy, bf16, CUDA-graphed; there is nothing to train).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..build import backbone_config, build_pipeline
+from ..metrics import build_metrics
+from .datasets import VideoItem
+from .flops import flops_per_output_frame, mfu, peak_bf16_tflops
+from .results import ResultsWriter, read_jsonl, run_metadata
+from .streaming import stream_clip
+
+log = logging.getLogger(__name__)
+
+
+def config_columns(cfg: DictConfig) -> dict:
+    """The configuration every row carries (what a sweep varies), as flat columns."""
+    return {"backbone": cfg.backbone.name, "vae": cfg.vae.name, "vae_config": cfg.vae.get("encoder"),
+            "attention": cfg.attention.name, "mode": cfg.parallel.mode, "steps": int(cfg.steps),
+            "height": int(cfg.height), "width": int(cfg.width), "num_kv_cache": int(cfg.num_kv_cache),
+            "sink_frames": int(cfg.sink_frames), "adapt_sink_threshold": float(cfg.adapt_sink_threshold),
+            "noise_scale": float(cfg.noise_scale), "fixed_noise": bool(cfg.fixed_noise),
+            "cuda_graph": bool(cfg.cuda_graph), "compile_kernels": bool(cfg.get("compile_kernels", False)),
+            "weights": cfg.weights.kind, "dataset": cfg.dataset.name}
+
+
+def to_unit_frames(video: torch.Tensor) -> torch.Tensor:
+    """[3, T, H, W] in [-1, 1] -> [T, 3, H, W] in [0, 1] (the metrics' layout)."""
+    return ((video.float() + 1) / 2).clamp(0, 1).transpose(0, 1)
+
+
+class StreamingEvalModule(pl.LightningModule):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, overrides: Optional[list[str]] = None):
+        super().__init__()
+        self.cfg, self.run_dir, self.overrides = cfg, Path(run_dir), list(overrides or [])
+        self.pipe = None            # built in setup() on this rank's device
+        self.metrics: list = []
+        self.missing_metrics: dict[str, str] = {}
+        self.writer: Optional[ResultsWriter] = None
+        self.results: Optional[pd.DataFrame] = None   # all ranks' rows, on rank 0 after the run
+        self._videos_saved = 0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device(self.cfg.device)
+        cfg = self.cfg.copy()
+        cfg.device = str(device)
+        object.__setattr__(self, "pipe", build_pipeline(cfg))  # not a submodule (see the module docstring)
+        metrics_cfg = OmegaConf.to_container(self.cfg.metrics, resolve=True)
+        metrics_cfg.setdefault("device", "cpu")
+        if metrics_cfg.get("device") == "auto":
+            metrics_cfg["device"] = str(device)
+        self.metrics, self.missing_metrics = build_metrics(metrics_cfg)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        context = {**run_metadata(), **config_columns(self.cfg), "overrides": " ".join(self.overrides),
+                   "weights": "dummy" if self.pipe.weights_are_dummy else "real"}
+        self.writer = ResultsWriter(self.run_dir, name="results" if world == 1 else f"results.rank{rank}",
+                                    context=context)
+
+    def on_test_start(self) -> None:
+        if self.pipe.weights_are_dummy and self.trainer.is_global_zero:
+            print("NOTE: DUMMY weights (random init): outputs are noise, speed numbers are real; quality metrics "
+                  "of noise mean nothing.")
+        if self.logger is not None:
+            self.logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
+        if self.cfg.eval.warmup:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short clip through the pipeline, discarded: first-call costs (cuDNN autotuning, CUDA-graph
+        capture, compilation) must not land in the first video's TTFF."""
+        from ..io.synthetic import synthetic_clip
+        frames = 1 + 4 * (self.pipe.num_steps + 2)
+        clip, _ = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)
+        stream_clip(self.pipe, clip.to(self.pipe.device), "warm-up", keep_output=False)
+
+    # ------------------------------------------------------------------ one video
+    def test_step(self, item: VideoItem, batch_idx: int) -> dict:
+        if item.error is not None:  # skipped by the dataset (on_error=skip): recorded, never silent
+            return self.writer.write({"video": item.id, "path": item.path, "status": "skipped", "error": item.error})
+        cuda = self.pipe.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.pipe.device)
+        frames = item.frames.to(self.pipe.device)
+        # --- timed region: streaming only
+        output, stats = stream_clip(self.pipe, frames, item.prompt, input_fps=item.fps, keep_output=True)
+        # --- untimed: everything else
+        row = {"video": item.id, "path": item.path, "prompt": item.prompt, "status": "ok", "input_fps": item.fps,
+               **{k: v for k, v in item.meta.items() if isinstance(v, (int, float, str, bool))}, **stats}
+        if cuda:
+            row["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.pipe.device) / 2 ** 30
+        row.update(self._mfu(stats))
+        row.update(self._quality(frames.cpu(), output, item.prompt))
+        if self._videos_saved < int(self.cfg.eval.save_videos) and output is not None:
+            row["sample_video"] = self._save_video(item.id, output)
+        row = self.writer.write(row)
+        if self.logger is not None:
+            numeric = {f"video/{k}": float(v) for k, v in row.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+            self.logger.log_metrics(numeric, step=batch_idx * self.trainer.world_size + self.trainer.global_rank)
+        return row
+
+    def _mfu(self, stats: dict) -> dict:
+        cfg = self.cfg
+        flops = flops_per_output_frame(backbone_config(cfg), cfg.height, cfg.width, int(cfg.steps),
+                                       int(cfg.num_kv_cache), vae=OmegaConf.to_container(cfg.vae, resolve=True))
+        out = flops.as_dict()
+        device = self.pipe.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        peak, source = peak_bf16_tflops(name, cfg.eval.peak_tflops) if device.type == "cuda" else (None, "cpu")
+        out["peak_tflops"], out["peak_source"] = peak, source
+        fps, dit_fps = stats.get("steady_fps", float("nan")), stats.get("dit_fps", float("nan"))
+        if peak and math.isfinite(fps):
+            out["mfu"] = mfu(flops, fps, peak * 1e12)
+            if math.isfinite(dit_fps):
+                out["mfu_dit"] = mfu(flops.dit, dit_fps, peak * 1e12)
+        return out
+
+    def _quality(self, frames: torch.Tensor, output: Optional[torch.Tensor], prompt: str) -> dict:
+        """Every available metric on (input, output) frames; a metric that fails is recorded as an error and
+        the others still run. Metrics without weights are listed in ``metrics_missing`` (never 0)."""
+        row: dict = {}
+        if self.missing_metrics:
+            row["metrics_missing"] = ",".join(sorted(self.missing_metrics))
+        if output is None or not self.metrics:
+            return row
+        outputs = output.float().permute(0, 3, 1, 2)                  # [T, 3, H, W] in [0, 1]
+        inputs = to_unit_frames(frames)[: outputs.shape[0]]
+        if inputs.shape[0] != outputs.shape[0]:
+            raise RuntimeError(f"{outputs.shape[0]} output frames for {inputs.shape[0]} input frames")
+        for metric in self.metrics:
+            try:
+                row.update(metric(inputs, outputs, prompt))
+            except Exception as exc:  # noqa: BLE001 -- one broken metric must not lose the video's row
+                log.warning("metric %s failed: %s: %s", metric.name, type(exc).__name__, exc)
+                row[f"{metric.name}_error"] = f"{type(exc).__name__}: {exc}"
+        return row
+
+    def _save_video(self, video_id: str, output: torch.Tensor) -> str:
+        from ..io.video import export_video
+        path = self.run_dir / "videos" / f"{Path(video_id).stem}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_video(output.numpy(), str(path), fps=int(self.cfg.fps))
+        self._videos_saved += 1
+        if self.logger is not None and hasattr(self.logger, "log_video"):
+            try:
+                self.logger.log_video(f"samples/{video_id}", videos=[str(path)])
+            except Exception as exc:  # noqa: BLE001 -- a logger hiccup must not lose results
+                log.warning("could not log the sample video to %s: %s", type(self.logger).__name__, exc)
+        return str(path)
+
+    # ------------------------------------------------------------------ the end
+    def on_test_end(self) -> None:
+        self.trainer.strategy.barrier()
+        if not self.trainer.is_global_zero:
+            return
+        rows = []
+        for path in sorted(self.run_dir.glob("results*.jsonl")):
+            rows += read_jsonl(path)
+        self.results = pd.DataFrame(rows)
+        summary = summarise(self.results, constant=set(config_columns(self.cfg)) | set(run_metadata()))
+        summary["metrics_missing"] = self.missing_metrics
+        self.writer.write_summary(summary)
+        if self.logger is not None:
+            numeric = {f"summary/{k}": v for k, v in summary.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            self.logger.log_metrics(numeric)
+            if hasattr(self.logger, "log_table") and len(self.results):
+                try:
+                    self.logger.log_table("results", dataframe=self.results.astype(str))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not log the results table: %s", exc)
+
+
+def summarise(results: pd.DataFrame, constant: set[str] = frozenset()) -> dict:
+    """Counts, the run's configuration (``constant`` columns, taken as they are) and the mean over the
+    finished videos of every other numeric column."""
+    if results.empty:
+        return {"videos": 0, "skipped": 0}
+    ok = results[results["status"] == "ok"] if "status" in results else results
+    out = {"videos": int(len(ok)), "skipped": int(len(results) - len(ok))}
+    for col in results.columns:
+        if col in constant:
+            out[col] = results[col].iloc[0].item() if hasattr(results[col].iloc[0], "item") else results[col].iloc[0]
+            continue
+        values = pd.to_numeric(ok[col], errors="coerce") if col in ok else None
+        if values is not None and ok[col].dtype != bool and values.notna().any():
+            out[col] = float(values.mean())
+    return out
