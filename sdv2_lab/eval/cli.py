@@ -85,7 +85,12 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # Lightning's DDP launcher re-runs sys.argv[0] once per extra rank: point it at a real file.
+    # Lightning's DDP launcher starts each extra rank as `python -m <__main__'s module> argv[1:]` (or runs
+    # argv[0] as a file): both must lead back here, whichever way `sdv2 eval` was started.
+    import __main__
+    import importlib.util
+    if getattr(__main__, "__spec__", None) is not None:
+        __main__.__spec__ = importlib.util.find_spec("sdv2_lab.eval.__main__")
     sys.argv[0] = str(Path(__file__).with_name("__main__.py"))
     _main()
 

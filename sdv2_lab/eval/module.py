@@ -32,7 +32,9 @@ from ..build import backbone_config, build_pipeline
 from ..metrics import build_metrics
 from .datasets import VideoItem
 from .flops import flops_per_output_frame, mfu, peak_bf16_tflops
-from .results import ResultsWriter, read_jsonl, run_metadata
+import json
+
+from .results import ResultsWriter, read_jsonl, run_metadata, write_atomic
 from .streaming import stream_clip
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ class StreamingEvalModule(pl.LightningModule):
                   "of noise mean nothing.")
         if self.logger is not None:
             self.logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and self.trainer.is_global_zero:  # items the dataset refused up front
+            for video_id, reason in datamodule.skipped:
+                self.writer.write({"video": video_id, "status": "skipped", "error": reason})
         if self.cfg.eval.warmup:
             self._warm_up()
 
@@ -108,7 +114,10 @@ class StreamingEvalModule(pl.LightningModule):
             torch.cuda.reset_peak_memory_stats(self.pipe.device)
         frames = item.frames.to(self.pipe.device)
         # --- timed region: streaming only
-        output, stats = stream_clip(self.pipe, frames, item.prompt, input_fps=item.fps, keep_output=True)
+        try:
+            output, stats = stream_clip(self.pipe, frames, item.prompt, input_fps=item.fps, keep_output=True)
+        except Exception as exc:
+            raise RuntimeError(f"video {item.id!r} ({item.path or 'generated'}): {exc}") from exc
         # --- untimed: everything else
         row = {"video": item.id, "path": item.path, "prompt": item.prompt, "status": "ok", "input_fps": item.fps,
                **{k: v for k, v in item.meta.items() if isinstance(v, (int, float, str, bool))}, **stats}
@@ -183,9 +192,13 @@ class StreamingEvalModule(pl.LightningModule):
         for path in sorted(self.run_dir.glob("results*.jsonl")):
             rows += read_jsonl(path)
         self.results = pd.DataFrame(rows)
+        if self.trainer.world_size > 1 and len(self.results):  # one table for the whole run, in dataset order
+            self.results = self.results.sort_values("video", kind="stable").reset_index(drop=True)
+            write_atomic(self.run_dir / "results.csv", lambda f: self.results.to_csv(f, index=False))
         summary = summarise(self.results, constant=set(config_columns(self.cfg)) | set(run_metadata()))
         summary["metrics_missing"] = self.missing_metrics
-        self.writer.write_summary(summary)
+        write_atomic(self.run_dir / "summary.json",
+                     lambda f: json.dump(summary, f, indent=2, default=str, allow_nan=True))
         if self.logger is not None:
             numeric = {f"summary/{k}": v for k, v in summary.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

@@ -50,7 +50,7 @@ def _jsonable(value):
     return str(value)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -150,11 +150,11 @@ class ResultsWriter:
 
     def _write_csv(self) -> None:
         frame = _frame(self._rows)
-        _write_atomic(self.csv_path, lambda f: frame.to_csv(f, index=False))
+        write_atomic(self.csv_path, lambda f: frame.to_csv(f, index=False))
 
     def write_summary(self, summary: Mapping) -> Path:
         data = flatten_row(summary) if summary else {}
-        _write_atomic(self.summary_path, lambda f: json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True))
+        write_atomic(self.summary_path, lambda f: json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True))
         return self.summary_path
 
 
@@ -275,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(frame)
     out = Path(a.out) if a.out else Path(a.sweep_dir) / "all_results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, lambda f: frame.to_csv(f, index=False))
+    write_atomic(out, lambda f: frame.to_csv(f, index=False))
     print(f"wrote {out} ({len(frame)} rows, {len(frame.columns)} columns)")
     if importlib.util.find_spec("pyarrow") is not None:
         parquet = out.with_suffix(".parquet")
