@@ -22,6 +22,8 @@ from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.cuda_graph import CUDAGraphStep
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
 
+from sdv2_lab.eval.flops import dit_flops_per_latent_frame, measure_peak_tflops  # noqa: E402  (one FLOP model)
+
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "backbone")
 
 
@@ -29,28 +31,6 @@ def backbone_config(name: str, attention: str) -> WanDiTConfig:
     with open(os.path.join(CONF, f"{name}.yaml")) as f:
         data = {k: v for k, v in yaml.safe_load(f).items() if not k.startswith("_")}
     return WanDiTConfig(attention=attention, **data)
-
-
-def dit_flops_per_latent_frame(cfg: WanDiTConfig, tokens: int, kv_tokens: int, text_len: int = 512) -> float:
-    """anchors.md §4.5: linear layers (q,k,v,o + cross q,o + FFN), self-attention over the cache, cross-attention."""
-    d, L = cfg.dim, cfg.num_layers
-    linear = 2 * (6 * d * d + 2 * d * cfg.ffn_dim) * L * tokens
-    self_attn = 4 * d * kv_tokens * tokens * L
-    cross = 4 * d * text_len * tokens * L
-    return linear + self_attn + cross
-
-
-def measure_peak_tflops(device, dtype=torch.bfloat16, n=8192, iters=20) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
 
 
 def sync(device):
