@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Second device call: the harness on the GPU (1.3B, everything accelerated), the fastest pipeline settings,
-# and the text encoder's offload mode.   bash experiments/gpu_batch2.sh   (repo root, .whl carried)
+#   bash experiments/gpu_batch2.sh   (repo root, .whl carried)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
@@ -12,5 +12,4 @@ step eval_1_3b 240 python3 -m sdv2_lab.eval backbone=wan_1_3b device=cuda height
 cp $OUT/eval/results.csv $OUT/eval_results.csv 2>/dev/null
 step pipeline_fast 240 python3 experiments/bench_pipeline.py --configs wan_1_3b:1,wan_1_3b:2,wan_14b:1 --frames 97 \
   --compile --extra vae=taehv,vae.accelerate=compile
-step text_offload 100 python3 experiments/bench_text.py --prompts 3
 rm -rf $OUT/eval

@@ -100,6 +100,12 @@ class Kernels:
     @classmethod
     def compiled(cls) -> "Kernels":
         k = cls()
+        # Static shapes (fast kernels), one compile per shape: a stream sees up to ~12 per chain (batch rows
+        # 1..4 while the stream batch fills, first chunk vs later, text tokens), more than dynamo's default 8.
+        import torch._dynamo.config as dynamo_config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if getattr(dynamo_config, name, 64) < 64:
+                setattr(dynamo_config, name, 64)
         opts = dict(dynamic=False, fullgraph=True)
         k.rms_norm = torch.compile(rms_norm, **opts)
         k.rope = torch.compile(apply_rope, **opts)
