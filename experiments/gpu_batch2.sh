@@ -10,6 +10,4 @@ step eval_1_3b 240 python3 -m sdv2_lab.eval backbone=wan_1_3b device=cuda height
   vae.accelerate=compile steps=1 cuda_graph=true compile_kernels=true dataset.n=2 dataset.frames=81 \
   metrics.device=cuda logger=csv eval.save_videos=0 hydra.run.dir=$OUT/eval
 cp $OUT/eval/results.csv $OUT/eval_results.csv 2>/dev/null
-step pipeline_fast 240 python3 experiments/bench_pipeline.py --configs wan_1_3b:1,wan_1_3b:2,wan_14b:1 --frames 97 \
-  --compile --extra vae=taehv,vae.accelerate=compile
 rm -rf $OUT/eval

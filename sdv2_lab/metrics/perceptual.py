@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .base import (check_frames, device_of, existing_path, load_state_dict_file, register_metric, section)
+from .base import (MetricUnavailable, check_frames, device_of, existing_path, load_state_dict_file, register_metric,
+                   section)
 
 LPIPS_KEY = "metrics.lpips.backbone_weights"
 # torchvision's ImageNet checkpoint for each lpips backbone (what torchvision would download)
@@ -60,12 +61,17 @@ class LPIPSDistance:
 
     def __init__(self, backbone_weights: Optional[str], net: str = "alex", device: torch.device | str = "cpu",
                  batch_size: int = 8):
-        import lpips
         if net not in TORCHVISION_BACKBONE_FILES:
             raise ValueError(f"metrics.lpips.net must be one of {sorted(TORCHVISION_BACKBONE_FILES)}, got {net!r}")
         path = existing_path(backbone_weights, config_key=LPIPS_KEY,
                              what=f"LPIPS {net} backbone weights ({TORCHVISION_BACKBONE_FILES[net]})",
                              how=_how_to_get(net), example=TORCHVISION_BACKBONE_FILES[net])
+        try:  # after the weights check: with no weights configured the package is not needed at all
+            import lpips
+        except ImportError as exc:
+            raise MetricUnavailable(f"the lpips package is not installed ({exc}); install the metrics extra: "
+                                    f"pip install 'sdv2_lab[metrics]' torch==<your torch> (keeps torch pinned)",
+                                    config_key=LPIPS_KEY) from exc
         with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
