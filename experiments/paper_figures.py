@@ -79,10 +79,14 @@ def sweep_jobs(preset: str, extra: list[str] = ()) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------------- tables
 def mean_by(rows: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
-    """Mean of each present source column per group, as ``ours_<name>``; absent columns stay NaN."""
+    """Mean of each present source column per group, as ``ours_<name>``; absent columns stay NaN. The weights
+    and GPU of each group's rows are columns too, so the CSV says them as well as the figure."""
     keys = [k for k in keys if k in rows]
     grouped = rows.groupby(keys, dropna=False, sort=True)
     table = grouped.size().rename("videos").reset_index()
+    for column in ("weights", "gpu"):
+        table[column] = grouped[column].agg(lambda v: ", ".join(sorted(set(map(str, v))))).reset_index(drop=True) \
+            if column in rows else "unknown"
     for name, source in columns.items():
         values = grouped[source].mean().reset_index(drop=True) if source in rows else math.nan
         table[f"ours_{name}"] = values
