@@ -73,6 +73,36 @@ def bench_wan(name, opts, a, dev, dt, inputs):
     return (name, enc, dec)
 
 
+def bench_diffusers_wan(a, dev, dt, inputs):
+    """diffusers' AutoencoderKLWan streamed through its private per-call caches (the only way it streams:
+    its public encode/decode clear the caches on every call), to decide whether to build on it."""
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError as exc:
+        print(f"(diffusers not importable: {exc})")
+        return None
+    x5, x4, z2, z1 = inputs
+    vae = AutoencoderKLWan(base_dim=a.dim).eval().to(dev, dt)
+    vae.clear_cache()
+
+    def encode(x):
+        vae._enc_conv_idx = [0]
+        return vae.quant_conv(vae.encoder(x, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+
+    def decode(z, first=False):
+        vae._conv_idx = [0]
+        return vae.decoder(vae.post_quant_conv(z), feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                           first_chunk=first)
+
+    encode(x5[:, :, :1]); encode(x5[:, :, 1:])
+    z2t, z1t = z2.transpose(1, 2), z1.transpose(1, 2)
+    decode(z2t[:, :, :1], first=True); decode(z2t[:, :, 1:])
+    for _ in range(a.warmup):
+        encode(x4); decode(z1t)
+    return ("diffusers AutoencoderKLWan (private caches)", timed(lambda: encode(x4), dev, a.chunks),
+            timed(lambda: decode(z1t), dev, a.chunks))
+
+
 def bench_taehv(name, opts, a, dev, dt, inputs):
     _, _, z2, z1 = inputs
     from sdv2_lab.vae.taehv import TAEHVVAE, load_taehv
@@ -112,7 +142,7 @@ def main():
     p.add_argument("--chunks", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--variants", default="wan,wan_cl,wan_compile,wan_graph,ref_wan,taehv,taehv_fp16,taehv_graph,"
+    p.add_argument("--variants", default="wan,wan_cl,wan_compile,wan_graph,ref_wan,diffusers_wan,taehv,taehv_fp16,taehv_graph,"
                    "ref_taehv,ref_taehv_parallel",
                    help="comma list of rows to measure")
     a = p.parse_args()
@@ -129,6 +159,7 @@ def main():
         "wan_compile": lambda: bench_wan("sdv2_lab WanVAE torch.compile", {"accelerate": "compile"}, a, dev, dt, inputs),
         "wan_graph": lambda: bench_wan("sdv2_lab WanVAE CUDA graph", {"accelerate": "cuda_graph"}, a, dev, dt, inputs),
         "ref_wan": lambda: bench_reference_wan(a, dev, dt, inputs),
+        "diffusers_wan": lambda: bench_diffusers_wan(a, dev, dt, inputs),
         "taehv": lambda: bench_taehv(f"sdv2_lab TAEHV decode (stateful, {a.dtype})", {}, a, dev, dt, inputs),
         "taehv_fp16": lambda: bench_taehv("sdv2_lab TAEHV decode (stateful, float16)", {"taehv_dtype": "float16"},
                                           a, dev, dt, inputs),
