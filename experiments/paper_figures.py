@@ -78,8 +78,8 @@ def sweep_jobs(preset: str, extra: list[str] = ()) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def mean_by(rows: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.DataFrame:
-    """Mean of each present source column per group, as ``ours_<name>``; absent columns stay NaN. The weights
+def mean_by(rows: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
+    """Mean of each column per group, as ``ours_<column>``; a column the rows lack gives NaN. The weights
     and GPU of each group's rows are columns too, so the CSV says them as well as the figure."""
     keys = [k for k in keys if k in rows]
     grouped = rows.groupby(keys, dropna=False, sort=True)
@@ -87,9 +87,8 @@ def mean_by(rows: pd.DataFrame, keys: list[str], columns: dict[str, str]) -> pd.
     for column in ("weights", "gpu"):
         table[column] = grouped[column].agg(lambda v: ", ".join(sorted(set(map(str, v))))).reset_index(drop=True) \
             if column in rows else "unknown"
-    for name, source in columns.items():
-        values = grouped[source].mean().reset_index(drop=True) if source in rows else math.nan
-        table[f"ours_{name}"] = values
+    for column in columns:
+        table[f"ours_{column}"] = grouped[column].mean().reset_index(drop=True) if column in rows else math.nan
     return table
 
 
@@ -102,8 +101,7 @@ def paper_setup(row) -> tuple[str, str, bool]:
 
 
 def fps_table(rows: pd.DataFrame) -> pd.DataFrame:
-    table = mean_by(rows, ["backbone", "vae", "height", "width", "steps"],
-                    {"steady_fps": "steady_fps", "e2e_fps": "e2e_fps"})
+    table = mean_by(rows, ["backbone", "vae", "mode", "height", "width", "steps"], ["steady_fps", "e2e_fps"])
     for i, row in table.iterrows():
         model, resolution, comparable = paper_setup(row)
         steps = int(row["steps"])
@@ -111,23 +109,29 @@ def fps_table(rows: pd.DataFrame) -> pd.DataFrame:
         table.loc[i, "comparable"] = comparable
         for gpus, fps in paper.FPS_H100[(model, resolution)].items():
             table.loc[i, f"paper_fps_{gpus}gpu"] = fps[steps - 1]
-        wheel = paper.REFERENCE_WHEEL_480P.get((model, steps)) if resolution == "480p" else None
+        # Fig. 15: 1 GPU without the stream batch (our mode single-wo); at 1 step the two are the same thing
+        no_batch = paper.FPS_H100_NO_STREAM_BATCH.get((model, resolution), {})
+        table.loc[i, "paper_fps_1gpu_no_stream_batch"] = \
+            table.loc[i, "paper_fps_1gpu"] if steps == 1 else no_batch.get(steps, math.nan)
+        like_wheel = comparable and resolution == "480p" and row["vae"] == "wan"  # what §1.7 measured
+        wheel = paper.REFERENCE_WHEEL_480P.get((model, steps)) if like_wheel else None
         table.loc[i, "reference_wheel_e2e_fps"] = wheel[0] if wheel else math.nan
-    table["ours_steady_vs_paper_1gpu"] = table["ours_steady_fps"] / table["paper_fps_1gpu"]
+    same_mode = table["paper_fps_1gpu"].where(table.get("mode", "single") != "single-wo",
+                                              table["paper_fps_1gpu_no_stream_batch"])
+    table["ours_steady_vs_paper_1gpu"] = table["ours_steady_fps"] / same_mode
     return table
 
 
 def ttff_table(rows: pd.DataFrame) -> pd.DataFrame:
     table = mean_by(rows, ["backbone", "vae", "height", "width", "steps", "input_fps"],
-                    {"ttff_s": "ttff_s", "ttff_compute_s": "ttff_compute_s", "ttff_buffer_s": "ttff_buffer_s"})
+                    ["ttff_s", "ttff_compute_s", "ttff_buffer_s"])
     for method, column in [("StreamDiffusionV2", "paper_ttff_s"), ("CausVid", "paper_causvid_ttff_s"),
                            ("Wan2.1-1.3B", "paper_wan_ttff_s")]:
         table[column] = [paper.TTFF_S[method].get(round(fps), math.nan) for fps in table["input_fps"]]
     return table
 
 
-QUALITY_COLUMNS = {"clip_consistency": "clip_consistency", "warp_error_uint8": "warp_error_uint8",
-                   "warp_error_float": "warp_error_float"}
+QUALITY_COLUMNS = ["clip_consistency", "warp_error_uint8", "warp_error_float"]
 
 
 def quality_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -153,9 +157,9 @@ def plot_fps(table: pd.DataFrame, fig) -> None:
     panels = list(table.groupby(["backbone", "height", "width"], sort=True))
     for k, ((backbone, height, width), part) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
-        for vae, series in part.groupby("vae"):
-            ax.plot(series["steps"], series["ours_steady_fps"], "o-", label=f"ours steady, vae {vae}")
-            ax.plot(series["steps"], series["ours_e2e_fps"], "o:", label=f"ours end-to-end, vae {vae}")
+        for (vae, mode), series in part.groupby(["vae", "mode"]):
+            ax.plot(series["steps"], series["ours_steady_fps"], "o-", label=f"ours steady, vae {vae}, {mode}")
+            ax.plot(series["steps"], series["ours_e2e_fps"], "o:", label=f"ours end-to-end, vae {vae}, {mode}")
         steps = [1, 2, 3, 4]
         model, resolution, comparable = paper_setup(part.iloc[0])
         for gpus, fps in paper.FPS_H100[(model, resolution)].items():
@@ -228,7 +232,9 @@ def provenance(rows: pd.DataFrame) -> list[str]:
                      "quality numbers mean nothing")
     else:
         lines.append(f"ours: weights {', '.join(weights)}")
-    lines.append(f"ours: GPU {', '.join(values('gpu'))}; mode {', '.join(values('mode'))} (one GPU per stream); "
+    modes = values("mode")
+    per_stream = " (one GPU per stream)" if all(m.startswith("single") for m in modes) else ""
+    lines.append(f"ours: GPU {', '.join(values('gpu'))}; mode {', '.join(modes)}{per_stream}; "
                  f"commit {', '.join(values('commit'))}")
     return lines
 
