@@ -45,12 +45,14 @@ PAPER_RESOLUTION = {(480, 832): "480p", (512, 512): "512x512"}
 def run_sweep(preset: str, sweep_dir: Path, extra: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    # Job folders are named by their overrides; keep only the swept ones in the name, since a long list of fixed
-    # --extra overrides makes a name past the file system's 255 bytes (every override is in .hydra/ anyway).
+    # Job folders named by their overrides (conf/eval.yaml numbers them); keep only the swept ones in the name,
+    # since a long list of fixed --extra overrides makes a name past the file system's 255 bytes (every override
+    # is in .hydra/ anyway).
     fixed = [o.key_or_group for o in OverridesParser.create().parse_overrides(extra) if not o.is_sweep_override()]
     exclude = ",".join(["experiment", *fixed])
     cmd = [sys.executable, "-m", "sdv2_lab.cli", "eval", "-m", f"experiment={preset}",
-           f"hydra.sweep.dir={sweep_dir}", f"hydra.job.config.override_dirname.exclude_keys=[{exclude}]", *extra]
+           f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+           f"hydra.job.config.override_dirname.exclude_keys=[{exclude}]", *extra]
     print("running:", " ".join(cmd), flush=True)
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", **os.environ}
     subprocess.run(cmd, check=True, env=env)

@@ -40,9 +40,18 @@ from .streaming import stream_clip
 log = logging.getLogger(__name__)
 
 
+def config_choice(group: str, default: str) -> str:
+    """The config file chosen for a group (``wan_tiny``), when running under Hydra; else ``default``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return str(HydraConfig.get().runtime.choices.get(group, default))
+    except Exception:  # noqa: BLE001 -- composed outside a Hydra app (API, tests)
+        return default
+
+
 def config_columns(cfg: DictConfig) -> dict:
     """The configuration every row carries (what a sweep varies), as flat columns."""
-    return {"backbone": cfg.backbone.name, "vae": cfg.vae.name, "vae_config": cfg.vae.get("encoder"),
+    return {"backbone": cfg.backbone.name, "vae": cfg.vae.name, "vae_config": config_choice("vae", cfg.vae.name),
             "attention": cfg.attention.name, "mode": cfg.parallel.mode, "steps": int(cfg.steps),
             "height": int(cfg.height), "width": int(cfg.width), "num_kv_cache": int(cfg.num_kv_cache),
             "sink_frames": int(cfg.sink_frames), "adapt_sink_threshold": float(cfg.adapt_sink_threshold),
