@@ -135,7 +135,11 @@ class StreamingEvalModule(pl.LightningModule):
         row.update(self._mfu(stats))
         row.update(self._quality(frames.cpu(), output, item.prompt))
         if self._videos_saved < int(self.cfg.eval.save_videos) and output is not None:
-            row["sample_video"] = self._save_video(item.id, output)
+            try:  # a sample is a convenience: failing to write one (e.g. no PyAV) must not lose the row
+                row["sample_video"] = self._save_video(item.id, output)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not write the sample video of %s: %s: %s", item.id, type(exc).__name__, exc)
+                row["sample_video_error"] = f"{type(exc).__name__}: {exc}"
         row = self.writer.write(row)
         if self.logger is not None:
             numeric = {f"video/{k}": float(v) for k, v in row.items()
