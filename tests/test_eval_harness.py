@@ -112,3 +112,26 @@ def test_unknown_choice_lists_the_valid_ones(tmp_path):
     p = sdv2(["eval", "vae=nope"], tmp_path, timeout=120)
     assert p.returncode != 0
     assert "nope" in p.stderr and "wan_tiny" in p.stderr and "taehv" in p.stderr
+
+
+def test_sweep_through_the_submitit_launcher_and_slurm_config(tmp_path):
+    """hydra/launcher=local runs a sweep's jobs through submitit (as hydra/launcher=slurm would on a cluster);
+    gather_results joins them with their overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sdv2_lab.build import CONF_DIR
+    from sdv2_lab.eval.results import gather_results
+
+    sweep = tmp_path / "sweep"
+    p = sdv2(["eval", "-m", "hydra/launcher=local", "steps=1,2", "logger=none", "metrics=none", "dataset.n=1", SHORT,
+              *FAST, "eval.save_videos=0", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (sweep / ".submitit").is_dir()
+    df = gather_results(sweep)
+    assert sorted(df["steps"]) == [1, 2] and (df["status"] == "ok").all()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.gpus_per_node == 1
