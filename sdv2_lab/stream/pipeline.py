@@ -127,6 +127,7 @@ class StreamPipeline:
     def start(self, prompt: str) -> StreamState:
         """Begin a new stream: fresh VAE caches, KV cache, noise controller, positions; the prompt encoded."""
         cfg, n = self.cfg, self.num_steps
+        self.state = None  # free the previous stream's KV cache and graph first: two at once do not fit at 14B
         cache = self.dit.new_cache(1, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
                                    cfg.adapt_sink_threshold, total_steps=n, dtype=self.dtype, device=self.device,
                                    max_batch_size=n if self.strategy.batched else None)
