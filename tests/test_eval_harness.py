@@ -135,3 +135,22 @@ def test_sweep_through_the_submitit_launcher_and_slurm_config(tmp_path):
         cfg = compose("eval", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.gpus_per_node == 1
+
+
+def test_models_are_freed_after_the_run(tmp_path, monkeypatch):
+    """A multirun runs its jobs in one process: each job's pipeline must be gone before the next is built."""
+    import gc
+    import weakref
+
+    from sdv2_lab.eval import module
+    built = []
+
+    def spy(cfg):
+        pipe = build(cfg)
+        built.append(weakref.ref(pipe.dit))
+        return pipe
+    build = module.build_pipeline
+    monkeypatch.setattr(module, "build_pipeline", spy)
+    evaluate(eval_cfg(tmp_path, "dataset.n=1", SHORT, "logger=none", "metrics=none", "eval.save_videos=0"), tmp_path)
+    gc.collect()
+    assert len(built) == 1 and built[0]() is None

@@ -223,6 +223,17 @@ class StreamingEvalModule(pl.LightningModule):
                     log.warning("could not log the results table: %s", exc)
 
 
+    def teardown(self, stage: str) -> None:
+        """Free the models: a Hydra multirun runs its jobs in one process, and the next job's 14B pipeline does
+        not fit beside this one."""
+        object.__setattr__(self, "pipe", None)
+        self.metrics = []
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def summarise(results: pd.DataFrame, constant: set[str] = frozenset()) -> dict:
     """Counts, the run's configuration (``constant`` columns, taken as they are) and the mean over the
     finished videos of every other numeric column."""
