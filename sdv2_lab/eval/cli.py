@@ -14,6 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")   # we print where the offline run is and how to sync it
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -39,7 +40,12 @@ def accelerator(cfg: DictConfig) -> str:
 
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None):
     """Run the evaluation; returns every video's row as a DataFrame (on rank 0; None on other ranks)."""
+    import warnings
+
     import lightning.pytorch as pl
+    # Lightning prints its own INFO lines; Hydra's root handler would print each a second time
+    logging.getLogger("lightning.pytorch").propagate = False
+    warnings.filterwarnings("ignore", message=".*treespec.*")   # Lightning's own deprecation noise
 
     from .datasets import EvalDataModule, build_dataset
     from .module import StreamingEvalModule
@@ -58,11 +64,15 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     trainer.test(module, datamodule=data, verbose=False)
     if trainer.is_global_zero:
         print_results(module.results, list(cfg.eval.print_columns), run_dir)
-    if trainer.logger is not None and hasattr(trainer.logger, "experiment") and trainer.is_global_zero:
+    if type(trainer.logger).__name__ == "WandbLogger" and trainer.is_global_zero:
         try:
-            trainer.logger.experiment.finish()
-        except Exception:  # noqa: BLE001 -- finishing W&B must not fail the run
-            pass
+            run = trainer.logger.experiment
+            where = Path(run.dir).parent if run.dir else run_dir / "wandb"
+            run.finish()
+            offline = bool(cfg.logger.get("offline")) or os.environ.get("WANDB_MODE") == "offline"
+            print(f"W&B run: {where}" + (f" (offline; upload with `wandb sync {where}`)" if offline else ""))
+        except Exception as exc:  # noqa: BLE001 -- finishing W&B must not fail the run
+            log.warning("could not finish the W&B run: %s", exc)
     return module.results
 
 

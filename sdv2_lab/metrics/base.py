@@ -80,7 +80,12 @@ def build_metrics(cfg: Optional[Mapping]) -> tuple[list[Metric], dict[str, str]]
             metrics.append(_REGISTRY[name](cfg, shared))
         except MetricUnavailable as err:
             unavailable[name] = str(err)
-            log.warning("metric %s unavailable, skipped: %s", name, err)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in unavailable.items():  # metrics sharing weights (CLIP) share one message
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        log.warning("metric%s %s unavailable (recorded as missing, the run goes on): %s",
+                    "s" if len(names) > 1 else "", ", ".join(names), reason)
     return metrics, unavailable
 
 
