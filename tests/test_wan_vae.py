@@ -184,7 +184,7 @@ def test_strict_loading_names_file_and_keys(tmp_path, reference_vae):
         build_vae("wan", wan_folder=str(tmp_path / ".."))
     with pytest.raises(ValueError, match="needs vae.path"):
         build_vae("wan")
-    with pytest.raises(ValueError, match=r"unknown vae 'nope'; registered: \['taehv', 'wan'\]"):
+    with pytest.raises(ValueError, match=r"unknown vae 'nope'; valid: \['taehv', 'wan'\]"):
         build_vae({"name": "nope"})
     with pytest.raises(ValueError, match="unknown Wan VAE options"):
         build_vae("wan", dummy=True, dim=DIM, colour="red")

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..io.synthetic import synthetic_clip
+from ..registry import Registry
 from ..io.video import load_video, probe_video
 
 log = logging.getLogger(__name__)
@@ -290,21 +291,15 @@ class SyntheticDataset(_Source):
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-_DATASETS: dict[str, Callable[..., _Source]] = {}
+DATASETS: Registry[Callable[..., _Source]] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable:
     """``@register_dataset("name")`` on ``builder(height, width, **options)``; ``options`` are conf/dataset keys."""
-    def wrap(fn):
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = fn
-        return fn
-    return wrap
+    return DATASETS.register(name)
 
 
-def registered_datasets() -> list[str]:
-    return sorted(_DATASETS)
+registered_datasets = DATASETS.names
 
 
 @register_dataset("synthetic")
@@ -326,9 +321,7 @@ def build_dataset(cfg: Mapping, height: int, width: int):
         raise TypeError(f"dataset config must be a mapping with a 'name', got {type(cfg).__name__}")
     options = dict(options)
     name = options.pop("name", None)
-    if name not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {registered_datasets()}")
-    builder = _DATASETS[name]
+    builder = DATASETS.get(name)
     params = inspect.signature(builder).parameters
     accepted = [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
+from ..registry import Registry
+
 log = logging.getLogger(__name__)
 
 NAN = math.nan
@@ -44,21 +46,15 @@ class Metric(Protocol):
 # factory(metrics_cfg, shared) -> Metric. `shared` is a per-build_metrics dict so metrics can share one loaded
 # network (clip_consistency and clip_score load CLIP once) without module-level state.
 MetricFactory = Callable[[Mapping, dict], Metric]
-_REGISTRY: dict[str, MetricFactory] = {}
+METRICS: Registry[MetricFactory] = Registry("metric")
 
 
 def register_metric(name: str):
     """Decorator: register ``factory(metrics_cfg, shared) -> Metric`` under ``name``."""
-    def decorate(factory: MetricFactory) -> MetricFactory:
-        if name in _REGISTRY and _REGISTRY[name] is not factory:
-            raise ValueError(f"metric {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
-    return decorate
+    return METRICS.register(name)
 
 
-def available_metrics() -> list[str]:
-    return sorted(_REGISTRY)
+available_metrics = METRICS.names
 
 
 def build_metrics(cfg: Optional[Mapping]) -> tuple[list[Metric], dict[str, str]]:
@@ -69,7 +65,7 @@ def build_metrics(cfg: Optional[Mapping]) -> tuple[list[Metric], dict[str, str]]
     the expected network) raises too, since that is a configuration error rather than a missing download."""
     cfg = as_plain_dict(cfg)
     enabled = list(dict.fromkeys(cfg.get("enabled") or []))   # drop duplicates, keep order
-    unknown = [name for name in enabled if name not in _REGISTRY]
+    unknown = [name for name in enabled if name not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {available_metrics()}")
     metrics: list[Metric] = []
@@ -77,7 +73,7 @@ def build_metrics(cfg: Optional[Mapping]) -> tuple[list[Metric], dict[str, str]]
     shared: dict = {}
     for name in enabled:
         try:
-            metrics.append(_REGISTRY[name](cfg, shared))
+            metrics.append(METRICS.get(name)(cfg, shared))
         except MetricUnavailable as err:
             unavailable[name] = str(err)
     by_reason: dict[str, list[str]] = {}

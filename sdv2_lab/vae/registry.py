@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from ..registry import Registry
+
 VAEStreamState = Any  # each VAE defines its own state class; the pipeline treats it as opaque
 
 
@@ -36,20 +38,9 @@ class StreamingVAE(Protocol):
     def decode(self, state: VAEStreamState, latents: torch.Tensor) -> torch.Tensor: ...
 
 
-_BUILDERS: dict[str, Callable[..., StreamingVAE]] = {}
-
-
-def register_vae(name: str) -> Callable:
-    def wrap(fn: Callable[..., StreamingVAE]) -> Callable[..., StreamingVAE]:
-        if name in _BUILDERS and _BUILDERS[name] is not fn:
-            raise ValueError(f"vae {name!r} is registered twice")
-        _BUILDERS[name] = fn
-        return fn
-    return wrap
-
-
-def registered_vaes() -> list[str]:
-    return sorted(_BUILDERS)
+VAES: Registry[Callable[..., StreamingVAE]] = Registry("vae")
+register_vae = VAES.register
+registered_vaes = VAES.names
 
 
 def build_vae(name_or_cfg: str | Mapping, **kwargs) -> StreamingVAE:
@@ -60,10 +51,9 @@ def build_vae(name_or_cfg: str | Mapping, **kwargs) -> StreamingVAE:
     else:
         opts = {k: v for k, v in dict(name_or_cfg).items() if k != "name"}
         name = dict(name_or_cfg).get("name")
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown vae {name!r}; registered: {registered_vaes()}")
+    builder = VAES.get(name)
     opts.update(kwargs)
-    return _BUILDERS[name](**opts)
+    return builder(**opts)
 
 
 def check_video(video: torch.Tensor, first: bool, temporal_stride: int = 4, spatial_stride: int = 8) -> None:
