@@ -56,8 +56,12 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 def backbone_config(cfg: DictConfig) -> WanDiTConfig:
+    """The backbone's config object: the class named by ``_target_`` in ``conf/backbone/<name>.yaml`` (a new
+    backbone is a new config file pointing at its config class), filled with the file's other keys."""
+    from hydra.utils import get_class
     data = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if not k.startswith("_")}
-    return WanDiTConfig(attention=cfg.attention.name, **data)
+    config_class = get_class(cfg.backbone.get("_target_", f"{WanDiTConfig.__module__}.WanDiTConfig"))
+    return config_class(attention=cfg.attention.name, **data)
 
 
 def denoising_steps(cfg: DictConfig) -> list[int]:
