@@ -183,3 +183,9 @@ def test_cli_run_writes_video_and_timings(tmp_path):
     bad = subprocess.run(cmd[:-3] + [f"input.video={tmp_path / 'nope.mp4'}", "input.prompt=x",
                                      f"hydra.run.dir={tmp_path / 'run2'}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "video not found" in bad.stderr
+
+
+def test_pipe_mode_is_a_clear_error_not_a_silent_single_gpu_run():
+    from sdv2_lab.build import build_pipeline, compose_config
+    with pytest.raises(NotImplementedError, match="parallel=pipe .* not implemented.*parallel=single"):
+        build_pipeline(compose_config("config", ["parallel=pipe"]))
