@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
-import yaml
 
+from sdv2_lab import build
 from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.cuda_graph import CUDAGraphStep
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
-
-from sdv2_lab.eval.flops import dit_flops_per_latent_frame, measure_peak_tflops  # noqa: E402  (one FLOP model)
-
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "backbone")
+from sdv2_lab.eval.flops import dit_flops_per_latent_frame, measure_peak_tflops  # the one FLOP model
 
 
 def backbone_config(name: str, attention: str) -> WanDiTConfig:
-    with open(os.path.join(CONF, f"{name}.yaml")) as f:
-        data = {k: v for k, v in yaml.safe_load(f).items() if not k.startswith("_")}
-    return WanDiTConfig(attention=attention, **data)
+    """conf/backbone/<name>.yaml with attention backend ``attention``, as every entry point reads it."""
+    return build.backbone_config(build.compose_config("config", [f"backbone={name}", f"attention={attention}"]))
 
 
 def sync(device):

@@ -32,27 +32,53 @@ WAN_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SDV2_FILE = "model.pt"
 SDV2_CONTAINER_KEYS = ("generator", "generator_ema", "state_dict")  # checked in this order, as the reference
 
-# diffusers WanTransformer3DModel -> original Wan names (the inverse of diffusers' convert script). Order
-# matters: block-level norms are swapped (diffusers norm2 is Wan's affine cross-attention norm3).
-_DIFFUSERS_RULES: list[tuple[str, str]] = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^scale_shift_table$", "head.modulation"),
-    (r"^proj_out\.", "head.head."),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
-    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
-    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
-    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
-    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+# diffusers WanTransformer3DModel name <-> original Wan name; "{n}" is a block index. One table serves both
+# directions. Block norms are swapped: diffusers norm2 is Wan's affine cross-attention norm3 (the FFN norms of
+# both have no parameters).
+_DIFFUSERS_NAMES: list[tuple[str, str]] = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("scale_shift_table", "head.modulation"),
+    ("proj_out.", "head.head."),
+    ("blocks.{n}.scale_shift_table", "blocks.{n}.modulation"),
+    ("blocks.{n}.ffn.net.0.proj.", "blocks.{n}.ffn.0."),
+    ("blocks.{n}.ffn.net.2.", "blocks.{n}.ffn.2."),
+    ("blocks.{n}.norm2.", "blocks.{n}.norm3."),
+    ("blocks.{n}.attn1.to_out.0.", "blocks.{n}.self_attn.o."),
+    ("blocks.{n}.attn2.to_out.0.", "blocks.{n}.cross_attn.o."),
+    *[(f"blocks.{{n}}.attn{i}.to_{p}.", f"blocks.{{n}}.{attn}.{p}.")
+      for i, attn in ((1, "self_attn"), (2, "cross_attn")) for p in "qkv"],
+    *[(f"blocks.{{n}}.attn{i}.norm_{p}.", f"blocks.{{n}}.{attn}.norm_{p}.")
+      for i, attn in ((1, "self_attn"), (2, "cross_attn")) for p in "qk"],
 ]
+
+
+def _rename_rules(to_wan: bool) -> list[tuple[re.Pattern, str]]:
+    """Regex rules for one direction: a template ending in "." renames a prefix, any other a whole key."""
+    rules = []
+    for diffusers, wan in _DIFFUSERS_NAMES:
+        src, dst = (diffusers, wan) if to_wan else (wan, diffusers)
+        pattern = "^" + re.escape(src).replace(re.escape("{n}"), r"(\d+)") + ("" if src.endswith(".") else "$")
+        rules.append((re.compile(pattern), dst.replace("{n}", r"\1")))
+    return rules
+
+
+_TO_WAN, _TO_DIFFUSERS = _rename_rules(True), _rename_rules(False)
+
+
+def _rename(sd: Mapping[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            new, n = pattern.subn(repl, key)
+            if n:
+                key = new
+                break
+        out[key] = value
+    return out
 
 
 class CheckpointError(ValueError):
@@ -64,47 +90,13 @@ def is_diffusers_layout(keys) -> bool:
 
 
 def convert_diffusers_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        new = key
-        for pattern, repl in _DIFFUSERS_RULES:
-            new, n = re.subn(pattern, repl, new)
-            if n:
-                break
-        out[new] = value
-    return out
+    """diffusers names -> original Wan names."""
+    return _rename(sd, _TO_WAN)
 
 
 def to_diffusers_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original Wan names -> diffusers names (for exporting and for round-trip tests)."""
-    inverse = [
-        (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-        (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-        (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-        (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-        (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-        (r"^head\.modulation$", "scale_shift_table"),
-        (r"^head\.head\.", "proj_out."),
-        (r"^blocks\.(\d+)\.modulation$", r"blocks.\1.scale_shift_table"),
-        (r"^blocks\.(\d+)\.ffn\.0\.", r"blocks.\1.ffn.net.0.proj."),
-        (r"^blocks\.(\d+)\.ffn\.2\.", r"blocks.\1.ffn.net.2."),
-        (r"^blocks\.(\d+)\.norm3\.", r"blocks.\1.norm2."),
-        (r"^blocks\.(\d+)\.self_attn\.o\.", r"blocks.\1.attn1.to_out.0."),
-        (r"^blocks\.(\d+)\.cross_attn\.o\.", r"blocks.\1.attn2.to_out.0."),
-        (r"^blocks\.(\d+)\.self_attn\.([qkv])\.", r"blocks.\1.attn1.to_\2."),
-        (r"^blocks\.(\d+)\.cross_attn\.([qkv])\.", r"blocks.\1.attn2.to_\2."),
-        (r"^blocks\.(\d+)\.self_attn\.norm_([qk])\.", r"blocks.\1.attn1.norm_\2."),
-        (r"^blocks\.(\d+)\.cross_attn\.norm_([qk])\.", r"blocks.\1.attn2.norm_\2."),
-    ]
-    out = {}
-    for key, value in sd.items():
-        new = key
-        for pattern, repl in inverse:
-            new, n = re.subn(pattern, repl, new)
-            if n:
-                break
-        out[new] = value
-    return out
+    return _rename(sd, _TO_DIFFUSERS)
 
 
 # ---------------------------------------------------------------------------------------------- file reading

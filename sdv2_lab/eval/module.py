@@ -18,6 +18,7 @@ The pipeline is held outside Lightning's module tree on purpose: Lightning must 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -32,8 +33,6 @@ from ..build import backbone_config, build_pipeline
 from ..metrics import build_metrics
 from .datasets import VideoItem
 from .flops import flops_per_output_frame, mfu, peak_bf16_tflops
-import json
-
 from .results import ResultsWriter, read_jsonl, run_metadata, write_atomic
 from .streaming import stream_clip
 

@@ -19,9 +19,21 @@ def stream_clip(pipe, frames: torch.Tensor | Iterable[torch.Tensor], prompt: str
     Returns (output frames [T', H, W, 3] in [0, 1] on the CPU or None, timing summary). ``on_frames`` gets
     every finished piece as it appears (for writing video incrementally)."""
     timer = StageTimer(pipe.device)
-    pipe.stage = timer.stage
+    previous_hook, pipe.stage = pipe.stage, timer.stage
+    try:
+        stats, outputs = _stream(pipe, timer, frames, prompt, input_fps, on_frames, progress, keep_output)
+    finally:
+        pipe.stage = previous_hook  # timing only inside this function, also after an error
+    video = torch.cat(outputs) if keep_output and outputs else None
+    return video, stats
+
+
+def _stream(pipe, timer, frames, prompt, input_fps, on_frames, progress, keep_output):
+    """The chunk loop of ``stream_clip`` with ``timer`` installed: (timing summary, output pieces)."""
     pipe.start(prompt)
-    pieces = frames.split(1, dim=1) if isinstance(frames, torch.Tensor) else frames
+    # A whole clip is one piece: chunks are sliced off it as views (no per-frame concatenation); an iterator's
+    # pieces are buffered until a chunk is complete, as frames arriving live would be.
+    pieces = [frames] if isinstance(frames, torch.Tensor) else frames
     buffer = None
     outputs = []
     in_frames = 0
@@ -54,9 +66,6 @@ def stream_clip(pipe, frames: torch.Tensor | Iterable[torch.Tensor], prompt: str
     dropped = 0 if buffer is None else buffer.shape[1]
     n = pipe.num_steps if pipe.strategy.batched else 1
     stats = timer.summary(warmup_chunks=1 + (n - 1), input_fps=input_fps, first_chunk_frames=first_chunk,
-                          frames_per_stage={"encode": in_frames, "decode": out_frames[0],
-                                                            "dit": out_frames[0]})
+                          frames_per_stage={"encode": in_frames, "decode": out_frames[0], "dit": out_frames[0]})
     stats.update(input_frames=in_frames, dropped_trailing_frames=dropped)
-    pipe.stage = lambda name: __import__("contextlib").nullcontext()
-    video = torch.cat(outputs) if keep_output and outputs else None
-    return video, stats
+    return stats, outputs
