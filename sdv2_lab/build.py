@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .backbones.checkpoints import load_backbone
+from .backbones.fp8 import apply_dit_precision
 from .backbones.wan_dit import WanDiTConfig
 from .stream.noise_controller import NoiseControllerConfig
 from .stream.pipeline import PipelineConfig, StreamPipeline
@@ -112,6 +113,7 @@ def build_pipeline(cfg: DictConfig) -> StreamPipeline:
     pcfg = pipeline_config(cfg)
     pcfg.validate()
     dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed)
+    dit = apply_dit_precision(dit, cfg.get("dit_precision", "bf16"))  # after loading: names stay loadable
     if cfg.get("compile_kernels", False):
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype)
