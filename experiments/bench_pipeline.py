@@ -4,7 +4,7 @@
     python experiments/bench_pipeline.py --device cpu --configs tiny:2 --height 64 --width 96 --frames 25 \
         --extra vae=wan_tiny
 
-Each row streams a synthetic clip chunk by chunk (sdv2_lab.eval.streaming.stream_clip) and reports the
+Each row streams a synthetic clip chunk by chunk (sdv2_lab.stream.driver.stream_clip) and reports the
 design.md numbers: end-to-end and steady-state FPS, TTFF, per-chunk latency, stage FPS. One warm-up stream
 per configuration is run first and discarded (cuDNN autotuning, CUDA-graph capture).
 """
@@ -14,7 +14,7 @@ import json
 import torch
 
 from sdv2_lab.build import build_pipeline, compose_config
-from sdv2_lab.eval.streaming import stream_clip
+from sdv2_lab.stream.driver import stream_clip
 from sdv2_lab.io.synthetic import synthetic_clip
 
 

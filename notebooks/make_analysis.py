@@ -22,7 +22,7 @@ Run it on a sweep:
     sdv2 eval -m steps=1,2,3,4 vae=wan_tiny,taehv_tiny hydra.sweep.dir=multirun/my_sweep
     SDV2_SWEEP_DIR=multirun/my_sweep jupyter execute notebooks/analysis.ipynb   # or open it in Jupyter
 
-**Definitions** (the project's `design.md`; implemented in `sdv2_lab/eval/timing.py`):
+**Definitions** (the project's `design.md`; implemented in `sdv2_lab/stream/timing.py`):
 
 - **steady-state FPS** (`steady_fps`): output frames / wall time after warm-up (the first chunk and the first
   *n* chunks of an *n*-step stream batch are excluded);

@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     from tqdm import tqdm
 
     from .build import build_pipeline
-    from .eval.streaming import stream_clip
+    from .stream.driver import stream_clip
     from .io.video import VideoWriter
 
     prompt = read_prompt(cfg)

@@ -34,7 +34,7 @@ from ..metrics import build_metrics
 from .datasets import VideoItem
 from .flops import flops_per_output_frame, mfu, peak_bf16_tflops
 from .results import ResultsWriter, read_jsonl, run_metadata, write_atomic
-from .streaming import stream_clip
+from ..stream.driver import stream_clip
 
 log = logging.getLogger(__name__)
 
