@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -59,16 +60,47 @@ def _key_mask(kv_lens: torch.Tensor, lk: int) -> torch.Tensor:
     return (torch.arange(lk, device=kv_lens.device)[None, :] < kv_lens[:, None])[:, None, None, :]
 
 
-@register_attention("sdpa", description="torch scaled_dot_product_attention (flash / cuDNN / efficient kernels on GPU)")
-def sdpa_attention(q, k, v, kv_lens=None):
+# SDPA's kernels by name. On CUDA every call states a priority order (torch's default tries flash, then
+# efficient, then math, and never cuDNN); a kernel that cannot run a call (flash with a key mask, say) passes
+# it to the next. Order measured at the cache shapes on an H200: experiments/results/attention_h200.md.
+SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+SDPA_CUDA_ORDER = ("cudnn", "flash", "efficient", "math")
+
+
+def sdpa_order(first: Optional[str] = None) -> list[SDPBackend]:
+    names = ([first] if first else []) + [n for n in SDPA_CUDA_ORDER if n != first]
+    return [SDPA_KERNELS[n] for n in names]
+
+
+def _sdpa(q, k, v, kv_lens=None, order=None):
     out_dtype = q.dtype
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         # CPU half-precision SDPA is slow and less accurate; the reference also upcasts here.
         q, k, v = q.float(), k.float(), v.float()
     mask = None if kv_lens is None else _key_mask(kv_lens, k.shape[2])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.device.type == "cuda":
+        with sdpa_kernel(order, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).to(out_dtype)
+
+
+sdpa_attention = register_attention(
+    "sdpa", description=f"torch scaled_dot_product_attention; on CUDA kernels tried in the order {SDPA_CUDA_ORDER}")(
+    functools.partial(_sdpa, order=sdpa_order()))
+
+
+def _cuda_available() -> Optional[str]:
+    return None if torch.cuda.is_available() else "needs a CUDA device"
+
+
+for _name in ("cudnn", "flash", "efficient"):  # one SDPA kernel first, for sweeps and benchmarks
+    register_attention(f"sdpa_{_name}", available=_cuda_available,
+                       description=f"torch SDPA with the {_name} kernel first (CUDA)")(
+        functools.partial(_sdpa, order=sdpa_order(_name)))
 
 
 def _flex_available() -> Optional[str]:
@@ -82,6 +114,11 @@ def _flex_available() -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
+    # One compile per shape (rows x query x key lengths): a stream and a benchmark see more than dynamo's 8.
+    import torch._dynamo.config as dynamo_config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if getattr(dynamo_config, name, 64) < 64:
+            setattr(dynamo_config, name, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -136,4 +173,35 @@ def flash_attention_backend(q, k, v, kv_lens=None):
     if kv_lens is None:
         kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
     out = fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=kv_lens.to(torch.int32))
+    return out[0] if isinstance(out, tuple) else out
+
+
+@functools.lru_cache(maxsize=None)
+def _fa4_module():
+    """flash-attn-4's CuTe DSL kernels (Hopper / Blackwell), imported once; (module, None) or (None, why not)."""
+    try:
+        from flash_attn import cute
+        cute.flash_attn_func, cute.flash_attn_varlen_func  # noqa: B018 - FA2's package has no cute
+    except Exception as exc:  # ImportError, or the CUTLASS DSL failing to load
+        return None, f"{type(exc).__name__}: {exc}"
+    return cute, None
+
+
+def _fa4_available() -> Optional[str]:
+    module, why = _fa4_module()
+    if module is None:
+        return (f"flash-attn-4 is not installed ({why}); `pip install flash-attn-4` (needs nvidia-cutlass-dsl, "
+                f"a Hopper or Blackwell GPU)")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10, 11):
+        return "FlashAttention-4 needs a Hopper or Blackwell GPU (compute capability 9.x-11.x)"
+    return None
+
+
+@register_attention("fa4", available=_fa4_available, description="FlashAttention-4 (flash-attn-4, CuTe DSL)")
+def fa4_attention(q, k, v, kv_lens=None):
+    cute, _ = _fa4_module()
+    if kv_lens is None:
+        out = cute.flash_attn_func(q, k, v)
+    else:  # per-row valid key lengths in the batched layout
+        out = cute.flash_attn_varlen_func(q, k, v, seqused_k=kv_lens.to(torch.int32))
     return out[0] if isinstance(out, tuple) else out
