@@ -1,13 +1,20 @@
 """Optional acceleration of a VAE's steady-state steps: ``torch.compile`` or CUDA-graph replay.
 
 A VAE exposes ``_steps``: name -> ``fn(x, cache)``, pure functions of an input tensor and a per-stream cache
-whose tensors (``cache.tensors()``) are updated in place and never re-allocated after the stream's first
-chunk. That is what makes both modes possible:
+whose tensors are updated in place and never re-allocated after the stream's first call of that step with
+a given input shape. That is what makes both modes possible:
 
 * ``compile``: ``torch.compile(fn, dynamic=False)``; chunks have fixed shapes, so it compiles once per shape.
-* ``cuda_graph``: one graph per (stream cache, input shape), captured after a warm-up whose effect on the
-  cache is undone, then replayed with the input copied into a static buffer. The output is cloned out of the
-  graph's memory. Graphs of one VAE share a memory pool: replays must be sequential on one CUDA stream.
+* ``cuda_graph``: one graph per (stream cache, step), for one input shape at a time. The step's first call
+  with a shape runs eager (it makes the cache's tensors, JIT-compiles kernels, autotunes cuDNN and advances
+  the stream as usual); the second captures the graph and replays it; later calls only replay. A new input
+  shape drops the graph and starts over. The output is cloned out of the graph's memory.
+
+Concurrency (the stream engine encodes chunk k+1 while it decodes chunk k-1): every (cache, step) has its
+own graph memory pool and its own capture stream, so graphs of different steps or different streams'
+states never share memory and may replay at the same time on different CUDA streams. A replay (and the
+copies around it) runs on the caller's current CUDA stream; capture works from any current stream. Calls
+on ONE cache must not overlap (they advance the same state), which the streaming order guarantees.
 
 Either mode falls back to eager (for good, with a logged reason) when it cannot run: CUDA graphs on a
 non-CUDA device, or any exception while compiling / capturing.
@@ -40,14 +47,14 @@ class _Accelerated:
         if self.fallback_reason is not None:
             return self.fn(x, cache)
         try:
-            out = self._run(x, cache)
+            out, fast = self._run(x, cache)
         except Exception as exc:  # noqa: BLE001 -- any failure of the fast path means: use the slow one
             self._give_up(f"{type(self).__name__} failed ({type(exc).__name__}: {exc})")
             return self.fn(x, cache)
-        self.accelerated_calls += 1
+        self.accelerated_calls += fast
         return out
 
-    def _run(self, x, cache):
+    def _run(self, x, cache) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
 
 
@@ -57,47 +64,51 @@ class Compiled(_Accelerated):
         self.compiled = torch.compile(fn, dynamic=False, backend=backend, mode=mode)
 
     def _run(self, x, cache):
-        return self.compiled(x, cache)
+        return self.compiled(x, cache), True
+
+
+class _Graph:
+    """The graph of one (cache, step) for one input key; ``graph`` is None until captured."""
+
+    def __init__(self, key):
+        self.key, self.graph, self.static_in, self.static_out = key, None, None, None
 
 
 class CUDAGraphed(_Accelerated):
     def __init__(self, fn: Callable, name: str):
         super().__init__(fn, name)
-        self.pool = None
+        self.captures = 0
 
     def _run(self, x, cache):
         if x.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA device, the input is on {x.device}")
         graphs = cache.__dict__.setdefault("graphs", {})  # graphs live and die with the stream's cache
-        key = (self.name, tuple(x.shape), tuple(x.stride()), x.dtype)
-        if key not in graphs:
-            graphs[key] = self._capture(x, cache)
-        graph, static_in, static_out = graphs[key]
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
+        key = (tuple(x.shape), x.dtype, x.device)  # any strides: static_in.copy_(x) takes them
+        g = graphs.get(self.name)
+        if g is None or g.key != key:  # first call with this shape: eager; it makes the cache's tensors
+            graphs[self.name] = _Graph(key)
+            return self.fn(x, cache), False
+        if g.graph is None:
+            self._capture(g, x, cache)
+        g.static_in.copy_(x)
+        g.graph.replay()  # on the caller's current stream
+        return g.static_out.clone(), True
 
-    def _capture(self, x, cache):
-        saved = {k: t.clone() for k, t in cache.history.items()}
-        static_in = x.clone()
-        try:
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):  # warm-up (cuDNN autotuning, lazy history) off the capture
-                for _ in range(2):
-                    self.fn(static_in, cache)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_out = self.fn(static_in, cache)
-        finally:  # undo the warm-up even on failure: the stream has not advanced (new histories start at 0)
-            with torch.no_grad():
-                for k, t in cache.history.items():
-                    t.copy_(saved[k]) if k in saved else t.zero_()
+    def _capture(self, g: _Graph, x, cache) -> None:
+        """Record the step (nothing runs: the cache is not advanced by capturing) into a graph with its own
+        memory pool, on the cache's own capture stream, after the caller's pending work."""
+        pools = cache.__dict__.setdefault("graph_pools", {})
+        if self.name not in pools:
+            pools[self.name] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=x.device))
+        pool, stream = pools[self.name]
+        static_in = torch.empty_like(x)  # filled by every replay
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            static_out = self.fn(static_in, cache)
+        g.graph, g.static_in, g.static_out = graph, static_in, static_out
+        self.captures += 1
         log.info("VAE %s step: captured a CUDA graph for input %s", self.name, tuple(x.shape))
-        return graph, static_in, static_out
 
 
 def accelerate_vae(vae, mode: str = "none", backend: str = "inductor", compile_mode: str | None = None):

@@ -323,6 +323,25 @@ class WanVAE(nn.Module):
         state.latents_in += latents.shape[1]
         return x.float().clamp_(-1, 1).transpose(1, 2)
 
+    @torch.no_grad()
+    def warmup(self, height: int, width: int, batch_size: int = 1, chunks: int = 3) -> float:
+        """Run a throw-away stream (a first chunk, then ``chunks - 1`` steady ones, encode and decode) at
+        this size so that kernel JIT compilation and cuDNN autotuning happen now, at start-up, not in a
+        user's first chunks; returns the seconds it took. Streams made later still capture their own CUDA
+        graph (on their second steady chunk, ~ one chunk's time)."""
+        import time
+        p = next(self.parameters())
+        t0 = time.perf_counter()
+        st = self.new_state(batch_size)
+        video = torch.zeros(batch_size, 3, 5, height, width, device=p.device, dtype=p.dtype)
+        z = self.encode(st, video)
+        self.decode(st, z)
+        for _ in range(chunks - 1):
+            self.decode(st, self.encode(st, video[:, :, 1:]))
+        if p.device.type == "cuda":
+            torch.cuda.synchronize(p.device)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ one encoder / decoder call
     # Pure functions of (input, cache tensors): no Python-side state changes, so that accel.py can compile
     # them or replay them from a CUDA graph.
@@ -384,14 +403,40 @@ def _listify(v):
     return v if isinstance(v, (list, tuple)) else [v]
 
 
-@register_vae("wan")
-def build_wan_vae(*, path=None, wan_folder=None, taehv_path=None, dummy: bool = False, device="cpu",
-                  dtype: torch.dtype = torch.float32, accelerate: str = "none", **options) -> WanVAE:
-    """Registry entry ``wan`` (``conf/vae/wan.yaml``). ``taehv_path`` is part of the shared build context
-    and unused here."""
+def use_fused(fused, device, accelerate: str = "none") -> bool:
+    """Resolve the ``fused`` option: true | false | auto (= on CUDA, unless ``accelerate: compile``, which
+    traces the eager step)."""
+    if isinstance(fused, str):
+        if fused not in ("auto", "true", "false"):
+            raise ValueError(f"vae.fused must be true, false or auto, got {fused!r}")
+        fused = None if fused == "auto" else fused == "true"
+    if fused is None:
+        return torch.device(device).type == "cuda" and accelerate != "compile"
+    if fused and accelerate == "compile":
+        raise ValueError("vae.fused=true and vae.accelerate=compile exclude each other (compile traces the "
+                         "eager step); use fused with accelerate none or cuda_graph")
+    return bool(fused)
+
+
+def build_fast_wan_vae(path=None, *, wan_folder=None, dummy: bool = False, device="cpu",
+                       dtype: torch.dtype = torch.float32, accelerate: str = "none", fused="auto",
+                       **options) -> WanVAE:
+    """A loaded ``WanVAE`` with its steady-state steps fused (``wan_fused.py``) and/or accelerated."""
     from .accel import accelerate_vae
+    from .wan_fused import install_fused
     vae = load_wan_vae(path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
                        **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed conv shapes per chunk: autotuning pays off
+    if use_fused(fused, device, accelerate):
+        install_fused(vae)
     return accelerate_vae(vae, accelerate)
+
+
+@register_vae("wan")
+def build_wan_vae(*, path=None, wan_folder=None, taehv_path=None, dummy: bool = False, device="cpu",
+                  dtype: torch.dtype = torch.float32, accelerate: str = "none", fused="auto", **options) -> WanVAE:
+    """Registry entry ``wan`` (``conf/vae/wan.yaml``). ``taehv_path`` is part of the shared build context
+    and unused here."""
+    return build_fast_wan_vae(path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
+                              accelerate=accelerate, fused=fused, **options)
