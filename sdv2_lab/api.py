@@ -1,6 +1,7 @@
 """The seed-compatible Python API (the reference's ``streamdiffusionv2`` package, reference.md §4.1-4.4).
 
-    from sdv2_lab.api import StreamDiffusionV2Pipeline, load_video, export_video
+    import numpy as np
+    from sdv2_lab import StreamDiffusionV2Pipeline, export_video, load_video
 
     pipe = StreamDiffusionV2Pipeline(checkpoint_folder="ckpts/wan_causal_dmd_v2v", mode="single")
     pipe.prepare("a watercolor painting")
@@ -16,10 +17,13 @@
     export_video(np.concatenate(frames), "out.mp4", fps=16)
 
 Everything runs in process on one ``StreamPipeline`` (no subprocesses, no second copy of the models):
-``enable_acceleration`` switches the running pipeline in place.
+``enable_acceleration`` switches the running pipeline in place. The seed's arguments become a Hydra config
+through ``seed_config.seed_overrides`` (the same function ``run_v2v.sh`` uses); the config is checked
+(``preflight.check_config``) before any model is built.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 CHUNK = 4
+
+
+def _vae_label(cfg) -> str:
+    """The VAE a config builds, as a log reads it: ``wan``, ``taehv`` or ``taehv (cuda_graph decode)``."""
+    accel = cfg.vae.get("accelerate", "none")
+    return cfg.vae.name + ("" if accel in (None, "none") else f" ({accel} decode)")
 
 
 @dataclass
@@ -62,8 +74,10 @@ class DenoisedChunk:
 
 
 def load_video(video_path: str | os.PathLike, *, height: int = 480, width: int = 832) -> torch.Tensor:
-    """Decode a video file to [3, T, H, W] float32 in [-1, 1], resized with antialiasing."""
-    from .io.video import load_video as _load
+    """Decode a video file to [3, T, H, W] float32 in [-1, 1], resized with antialiasing (one log line says
+    what was done to the frames). A still image is refused, named as such."""
+    from .io.video import load_video as _load, probe_video
+    probe_video(video_path).check_length(1, "video_path")
     return _load(video_path, height=height, width=width)
 
 
@@ -76,45 +90,53 @@ def export_video(video, output_path: str | os.PathLike, *, fps: int = 16) -> str
 
 class StreamDiffusionV2Pipeline:
     """Staged in-process API: ``prepare`` -> ``chunk_video`` -> ``encode_chunk`` -> ``denoise_chunk`` ->
-    ``decode_chunk`` (+ ``flush``). Constructor arguments follow the reference; extra ones select our options."""
+    ``decode_chunk`` (+ ``flush``). Constructor arguments follow the reference (reference.md §4.2).
+
+    ``checkpoint_folder``: the folder holding ``model.pt``; the Wan2.1 folder, VAE, T5, tokenizer and TAEHV are
+    found from it as the reference finds them (``sdv2_lab.seed_config``), and every size comes from the files.
+    ``None``: the tiny model with dummy weights (for trying the API on a CPU). Extra arguments: ``wan_folder``,
+    ``taehv`` (name those files directly) and ``overrides`` (Hydra overrides of ``conf/``, applied last, e.g.
+    ``["attention=flex", "num_kv_cache=8"]``)."""
 
     def __init__(self, checkpoint_folder: Optional[str] = None, *, mode: str = "single", config_path=None,
                  device=None, noise_scale: float = 0.8, height: int = 480, width: int = 832, fps: int = 16,
                  step: int = 2, seed: int = 0, model_type: str = "T2V-1.3B", use_taehv: bool = False,
                  use_tensorrt: bool = False, fast: bool = False, profile: bool = False,
-                 wan_folder: Optional[str] = None, overrides: Optional[list[str]] = None):
-        from .build import build_pipeline, compose_config
+                 wan_folder: Optional[str] = None, taehv: Optional[str] = None,
+                 overrides: Optional[list[str]] = None):
+        from .build import build_pipeline
 
         if mode not in ("single", "single-wo"):
             raise ValueError(f"StreamDiffusionV2Pipeline runs 'single' or 'single-wo', not {mode!r} "
                              f"(pipe mode: run_video_to_video(mode='pipe', ...) under torchrun)")
-        if not 1 <= int(step) <= 4:
-            raise ValueError(f"step must be 1..4, got {step}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ov = [f"steps={int(step)}", f"parallel={'single' if mode == 'single' else 'single_wo'}",
-              f"height={height}", f"width={width}", f"noise_scale={noise_scale}", f"seed={seed}",
-              f"device={device}", f"fps={fps}"]
-        if model_type not in ("T2V-1.3B", "T2V-14B"):
-            raise ValueError(f"model_type must be T2V-1.3B or T2V-14B, got {model_type!r}")
-        if checkpoint_folder is not None:
-            ov += [f"backbone={'wan_1_3b' if model_type == 'T2V-1.3B' else 'wan_14b'}", "weights=real",
-                   f"weights.checkpoint={checkpoint_folder}"]
-            if wan_folder:
-                ov.append(f"weights.wan_folder={wan_folder}")
-        if use_taehv or use_tensorrt or fast:
-            ov.append("vae=taehv")
-        self.cfg = compose_config("config", ov + list(overrides or []))
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 4:
+            raise ValueError(f"step must be an integer from 1 to 4, got {step!r}")
+        self._seed_args = dict(checkpoint_folder=checkpoint_folder, mode=mode, config_path=config_path,
+                               device=device, noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
+                               seed=seed, model_type=model_type, wan_folder=wan_folder, taehv=taehv)
+        self._overrides = list(overrides or [])
+        self.cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         torch.manual_seed(seed)
         self.pipeline = build_pipeline(self.cfg)
         self.mode, self.device, self.fps = mode, self.pipeline.device, fps
         self.height, self.width = height, width
         self.noise_scale = noise_scale
-        self.chunk_size = CHUNK * self.pipeline.cfg.frames_per_block
+        self.chunk_size = CHUNK * int(self.cfg.frames_per_block)
         self.num_steps = self.pipeline.num_steps
         self.profile = profile
         self._prompt: Optional[str] = None
-        if fast:
-            self.enable_acceleration(fast=True)
+        if use_tensorrt or fast:
+            log.info("use_tensorrt: there is no TensorRT here; TAEHV decodes with CUDA-graph replay on a GPU instead")
+
+    def _compose(self, **acceleration):
+        """The config of the seed's arguments (``seed_config.seed_overrides``) plus ``overrides``, checked before
+        anything is built."""
+        from .build import compose_config
+        from .preflight import check_config
+        from .seed_config import seed_overrides
+        cfg = compose_config("config", seed_overrides(**self._seed_args, **acceleration) + self._overrides)
+        check_config(cfg)
+        return cfg
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, prompt: str) -> None:
@@ -126,20 +148,30 @@ class StreamDiffusionV2Pipeline:
         """Change the prompt without restarting the stream."""
         self.pipeline.set_prompt(prompt)
 
-    def enable_acceleration(self, *, fast: bool = True, use_taehv: bool = False, use_tensorrt: bool = False):
-        """Turn on CUDA-graph replay of the DiT (and, where configured, the accelerated decoder) in place."""
-        if fast or use_taehv or use_tensorrt:
-            self.pipeline.cfg.cuda_graph = self.device.type == "cuda"
+    def enable_acceleration(self, *, use_taehv: bool = False, use_tensorrt: bool = False, fast: bool = False):
+        """The seed's switches, applied to the running pipeline in place (the DiT and the text encoder are kept;
+        only what changes is rebuilt): ``use_taehv`` decodes with TAEHV; ``use_tensorrt`` (implied by ``fast``)
+        adds the accelerated decode path (TAEHV's CUDA-graph replay; there is no TensorRT here); ``fast`` also
+        takes the seed's fast config (KV cache 5, 2 sink frames, no adaptive sink refresh) and replays DiT steps
+        from a CUDA graph on a GPU. A stream in progress restarts with its prompt. Logs what it switched."""
+        from .build import build_vae, pipeline_config
+        old, pipe = self.cfg, self.pipeline
+        cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
+        changed = [f"{what} {a} -> {b}" for what, a, b in (
+            ("VAE", _vae_label(old), _vae_label(cfg)), ("KV cache frames", old.num_kv_cache, cfg.num_kv_cache),
+            ("sink frames", old.sink_frames, cfg.sink_frames),
+            ("adaptive sink refresh threshold", old.adapt_sink_threshold, cfg.adapt_sink_threshold),
+            ("DiT CUDA graph", old.cuda_graph, cfg.cuda_graph)) if a != b]
+        if _vae_label(old) != _vae_label(cfg):
+            pipe.vae = build_vae(cfg, pipe.device, pipe.dtype)
+        pipe.cfg = pipeline_config(cfg)
+        self.cfg = cfg
+        if self._prompt is not None:
+            self.pipeline.start(self._prompt)
+            changed.append("stream restarted")
+        cpu = "" if pipe.device.type == "cuda" else " (CUDA graphs need a GPU: eager on " + str(pipe.device) + ")"
+        log.info("enable_acceleration: %s%s", "; ".join(changed) or "nothing to switch", cpu)
         return self
-
-    def close(self) -> None:
-        self.pipeline = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     # ------------------------------------------------------------------ stages
     def _video(self, video) -> torch.Tensor:
@@ -163,7 +195,8 @@ class StreamDiffusionV2Pipeline:
         video = self._video(video)
         total = video.shape[2]
         if total < 1 + self.chunk_size:
-            raise ValueError(f"the video has {total} frames; the first chunk needs {1 + self.chunk_size}")
+            raise ValueError(f"the video has {total} frame(s); the first chunk needs {1 + self.chunk_size} "
+                             f"(1 + {self.chunk_size}): give a longer video")
         S = (self.height // 16) * (self.width // 16)
         chunks, start, end = [], 0, 1 + self.chunk_size
         cs, ce = 0, S * (1 + self.chunk_size // CHUNK)
@@ -224,8 +257,12 @@ class StreamDiffusionV2Pipeline:
 def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_path, mode="single", config_path=None,
                        device=None, gpu_ids=None, num_gpus=None, noise_scale=0.8, height=480, width=832, fps=16,
                        step=2, seed=0, model_type="T2V-1.3B", use_taehv=False, use_tensorrt=False, fast=False,
-                       profile=False, schedule_block=False, wan_folder=None) -> str:
-    """Restyle a video file and write the result; returns ``output_path``. In process for single modes."""
+                       profile=False, schedule_block=False, wan_folder=None, taehv=None, overrides=None) -> str:
+    """Restyle a video file and write the result; returns ``output_path``. In process for single modes. The
+    output path and the input video are checked before any model is built."""
+    from .io.files import check_output_file
+    from .io.video import probe_video
+
     if mode == "pipe":
         n = num_gpus or (len(gpu_ids) if gpu_ids else 2)
         have = torch.cuda.device_count()
@@ -235,10 +272,13 @@ def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_pat
         raise ValueError(f"mode {mode!r} runs on one GPU; got gpu_ids={gpu_ids}, num_gpus={num_gpus}")
     if gpu_ids:
         device = f"cuda:{gpu_ids[0]}"
+    check_output_file(output_path, "output_path")
+    probe_video(video_path).check_length(1 + CHUNK, "video_path")
     pipe = StreamDiffusionV2Pipeline(checkpoint_folder, mode=mode, config_path=config_path, device=device,
                                      noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
                                      seed=seed, model_type=model_type, use_taehv=use_taehv,
-                                     use_tensorrt=use_tensorrt, fast=fast, profile=profile, wan_folder=wan_folder)
+                                     use_tensorrt=use_tensorrt, fast=fast, profile=profile, wan_folder=wan_folder,
+                                     taehv=taehv, overrides=overrides)
     pipe.prepare(prompt)
     frames = pipe(load_video(video_path, height=height, width=width))
     return export_video(frames, output_path, fps=fps)

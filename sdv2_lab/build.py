@@ -106,7 +106,43 @@ def build_vae(cfg: DictConfig, device, dtype):
                  dummy=cfg.weights.kind == "dummy", device=device, dtype=dtype)
 
 
+class _OneDummyWarning(logging.Filter):
+    """Holds back the per-part "DUMMY weights" warnings of the loaders while a pipeline is built, so that a run
+    says it once (``build_pipeline``), naming the parts."""
+
+    LOADERS = ("sdv2_lab.backbones.checkpoints", "sdv2_lab.vae.checkpoints", "sdv2_lab.text.encoder")
+
+    def __enter__(self):
+        names = {n for n in logging.Logger.manager.loggerDict if n.startswith("sdv2_lab.")} | set(self.LOADERS)
+        self.loggers = [logging.getLogger(name) for name in sorted(names)]  # made now if not imported yet
+        for logger in self.loggers:
+            logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for logger in self.loggers:
+            logger.removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and "DUMMY" in str(record.msg))
+
+
+def dummy_parts(pipe: StreamPipeline) -> list[str]:
+    parts = {"DiT": getattr(pipe, "dit", None), "VAE": getattr(pipe, "vae", None),
+             "text encoder": getattr(pipe, "text_encoder", None)}
+    return [name for name, part in parts.items() if getattr(part, "weights_are_dummy", False)]
+
+
 def build_pipeline(cfg: DictConfig) -> StreamPipeline:
+    with _OneDummyWarning():
+        pipe = _build_pipeline(cfg)
+    if pipe.weights_are_dummy:
+        log.warning("DUMMY weights (random init) in the %s: the output is noise, timings are real "
+                    "(weights=real with the official files: README, 'Real weights')", ", ".join(dummy_parts(pipe)))
+    return pipe
+
+
+def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
@@ -118,7 +154,4 @@ def build_pipeline(cfg: DictConfig) -> StreamPipeline:
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype)
     text = build_text_encoder(cfg, device, dtype)
-    pipe = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)
-    if pipe.weights_are_dummy:
-        log.warning("DUMMY weights in this pipeline (random init): outputs are noise, timings are real")
-    return pipe
+    return StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import pandas as pd
 
+from ..io.files import publish
+
 
 # ---------------------------------------------------------------------------------------------------- rows
 def flatten_row(row: Mapping, prefix: str = "") -> dict:
@@ -51,14 +53,15 @@ def _jsonable(value):
 
 
 def write_atomic(path: Path, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
+    """``write(file)`` into a temporary file beside ``path``, fsync, then rename over ``path`` (with the mode the
+    umask gives, like any new file)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

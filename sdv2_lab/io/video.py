@@ -1,10 +1,12 @@
 """Video files in and out: decode anything ffmpeg reads (PyAV), resize with antialiasing, write H.264 mp4.
 
 Writes are atomic: frames go to a temporary file beside the target, renamed into place only when complete,
-so a failed run never leaves a half-written video.
+so a failed run never leaves a half-written video (nor the temporary file). Outputs get the mode the umask gives.
+Reading says, in one log line per file, what was done to its frames (resized, alpha dropped, grayscale made RGB).
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,14 +17,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import check_output_file, publish
+
+log = logging.getLogger(__name__)
+IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif")
 
 @dataclass
 class VideoInfo:
     path: str
     fps: float
-    frames: int
+    frames: int          # 0 when the container does not say
     height: int
     width: int
+    container: str = ""  # the demuxer's name (mov,mp4,..., png_pipe, image2, ...)
+    codec: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        """A still image (png, jpeg, ...) rather than a video; a one-frame GIF counts as an image too."""
+        return self.frames == 1 or (self.container in IMAGE_FORMATS and self.frames <= 1)
+
+    def check_length(self, needed: int, flag: str = "the input video") -> None:
+        """Refuse, naming the file, a still image or a clip shorter than the first chunk (``needed`` frames)."""
+        if self.is_image:
+            raise ValueError(f"{flag} {self.path} is a single image ({self.codec or self.container}), not a video: "
+                             f"give a video of at least {needed} frames")
+        if 0 < self.frames < needed:
+            raise ValueError(f"{flag} {self.path} has {self.frames} frame(s); the first chunk needs {needed} "
+                             f"(1 + 4 x frames_per_block): give a longer video")
 
 
 def _open(path):
@@ -44,7 +66,8 @@ def probe_video(path) -> VideoInfo:
             raise ValueError(f"{path} has no video stream")
         s = container.streams.video[0]
         fps = float(s.average_rate) if s.average_rate else 16.0
-        return VideoInfo(str(path), fps, int(s.frames or 0), s.codec_context.height, s.codec_context.width)
+        return VideoInfo(str(path), fps, int(s.frames or 0), s.codec_context.height, s.codec_context.width,
+                         container=container.format.name, codec=s.codec_context.name)
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -64,6 +87,8 @@ def iter_video_frames(path, *, height: Optional[int] = None, width: Optional[int
         buf, n = [], 0
         try:
             for frame in container.decode(video=0):
+                if n == 0:
+                    _log_conversion(path, frame, height, width)
                 buf.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
                 n += 1
                 if len(buf) == batch or (max_frames is not None and n >= max_frames):
@@ -81,6 +106,24 @@ def iter_video_frames(path, *, height: Optional[int] = None, width: Optional[int
             raise ValueError(f"video {path} contains no decodable frames")
     finally:
         container.close()
+
+
+def _log_conversion(path, frame, height, width) -> None:
+    """One line per file saying what reading does to its frames: resize (and aspect-ratio change), alpha
+    dropped, grayscale made RGB. Nothing when frames are used as they are."""
+    fmt = frame.format
+    channels = len(fmt.components)
+    done = []
+    if height is not None and width is not None and (frame.height, frame.width) != (height, width):
+        aspect = (width / height) / (frame.width / frame.height)
+        done.append(f"resized {frame.width}x{frame.height} -> {width}x{height} (width x height)"
+                    + (f", aspect ratio changed by x{aspect:.2f}" if abs(aspect - 1) > 0.01 else ""))
+    if channels in (2, 4) and not fmt.has_palette:
+        done.append(f"alpha channel dropped ({fmt.name})")
+    if channels in (1, 2) and not fmt.has_palette:
+        done.append(f"grayscale ({fmt.name}) converted to RGB")
+    if done:
+        log.warning("%s: %s", path, "; ".join(done))
 
 
 def _to_model_range(frames: list, height, width) -> torch.Tensor:
@@ -117,7 +160,7 @@ class VideoWriter:
     """
 
     def __init__(self, path, *, fps: float = 16, crf: int = 18):
-        self.path = Path(path)
+        self.path = check_output_file(path, "output video")
         self.fps, self.crf = fps, crf
         parent = self.path.parent if str(self.path.parent) else Path(".")
         try:
@@ -152,18 +195,25 @@ class VideoWriter:
         if self._container is None:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}")
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
-        os.replace(self._tmp, self.path)
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+            publish(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
         return self.path
 
     def abort(self) -> None:
+        """Drop the partial file (on any failure: nothing is left behind)."""
         if self._container is not None:
             try:
                 self._container.close()
-            except Exception:
+            except Exception:  # noqa: BLE001 -- the file is removed next; the original error matters
                 pass
+            self._container = None
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):

@@ -1,0 +1,285 @@
+"""The seed's arguments -> Hydra overrides, for every front end (the Python API and ``run_v2v.sh``).
+
+    overrides = seed_overrides(checkpoint_folder="ckpts/wan_causal_dmd_v2v", mode="single", step=2)
+    cfg = compose_config("config", overrides)
+
+With a checkpoint folder, everything else is found as the reference finds it (reference.md §1.10): the Wan2.1
+folder ``wan_models/Wan2.1-<model_type>/`` (``config.json``, ``Wan2.1_VAE.pth``, the T5 ``.pth`` and its
+``google/umt5-xxl/`` tokenizer) and ``ckpts/taew2_1.pth`` under a project root, which is, in this order:
+``$STREAMDIFFUSIONV2_ROOT``, the working directory, and the root the checkpoint folder sits in
+(``<root>/ckpts/<name>/model.pt``). ``wan_folder=`` / ``$SDV2_WAN_ROOT`` and ``taehv=`` / ``$SDV2_TAEHV`` name the
+pieces directly. Model sizes come from the files (the DiT's from ``config.json``, the VAE's and the text
+encoder's from their tensors' shapes), so a checkpoint of any size loads as that size. A missing piece is a
+``FileNotFoundError`` naming the file expected and every place it was looked for.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = {"T2V-1.3B": "wan_1_3b", "T2V-14B": "wan_14b"}
+MODES = {"single": "single", "single-wo": "single_wo"}
+GENERATOR_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+VAE_FILE = "Wan2.1_VAE.pth"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+TAEHV_FILE = "taew2_1.pth"
+# the reference's wan_causal_dmd_v2v_fast.yaml (reference.md §4.7)
+FAST_CONFIG = ["num_kv_cache=5", "sink_frames=2", "adapt_sink_threshold=-1"]
+# reference YAML key -> our key (the inference keys of wan_causal_dmd_v2v*.yaml)
+YAML_KEYS = {"num_kv_cache": "num_kv_cache", "num_sink_tokens": "sink_frames",
+             "adapt_sink_threshold": "adapt_sink_threshold", "num_frame_per_block": "frames_per_block"}
+
+
+@dataclass
+class CheckpointLayout:
+    """The official files behind one checkpoint folder."""
+    checkpoint: Path              # the StreamDiffusionV2 generator (model.pt)
+    wan_folder: Path              # Wan2.1-<type>/
+    config: dict                  # its config.json
+    vae: Path                     # Wan2.1_VAE.pth
+    t5: Path                      # models_t5_umt5-xxl-enc-bf16.pth
+    tokenizer: Path               # google/umt5-xxl/
+    taehv: Optional[Path] = None  # taew2_1.pth (only when found or needed)
+
+
+# ---------------------------------------------------------------------------------------------- finding files
+def project_roots(checkpoint_folder: Path) -> list[tuple[Path, str]]:
+    """Where ``wan_models/`` and ``ckpts/`` are looked for, in order, each with why."""
+    roots = []
+    env = os.environ.get("STREAMDIFFUSIONV2_ROOT")
+    if env:
+        roots.append((Path(env).expanduser(), "$STREAMDIFFUSIONV2_ROOT"))
+    roots.append((Path.cwd(), "the working directory"))
+    roots.append((checkpoint_folder.resolve().parent.parent, "the root of the checkpoint folder"))
+    seen, out = set(), []
+    for path, why in roots:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            out.append((path, why))
+    return out
+
+
+def _first_existing(candidates: list[tuple[Path, str]], what: str, hint: str, is_dir: bool) -> Path:
+    for path, _ in candidates:
+        if (path.is_dir() if is_dir else path.is_file()):
+            return path
+    looked = "\n  ".join(f"{p} ({why})" for p, why in candidates)
+    raise FileNotFoundError(f"{what} not found; looked for:\n  {looked}\n{hint}")
+
+
+def find_generator(checkpoint_folder: str | Path) -> Path:
+    """``model.pt`` in the folder (or the file itself when a file is given)."""
+    path = Path(checkpoint_folder).expanduser()
+    if path.is_file():
+        return path
+    return _first_existing([(path / GENERATOR_FILE, "checkpoint_folder")], f"the StreamDiffusionV2 generator "
+                           f"{GENERATOR_FILE}", "checkpoint_folder is the folder holding model.pt (e.g. "
+                           "ckpts/wan_causal_dmd_v2v from jerryfeng/StreamDiffusionV2)", is_dir=False)
+
+
+def find_wan_folder(model_type: str, checkpoint_folder: Path, wan_folder: Optional[str | Path] = None) -> Path:
+    name = f"wan_models/Wan2.1-{model_type}"
+    if wan_folder:
+        candidates = [(Path(wan_folder).expanduser(), "wan_folder")]
+    elif os.environ.get("SDV2_WAN_ROOT"):
+        candidates = [(Path(os.environ["SDV2_WAN_ROOT"]).expanduser(), "$SDV2_WAN_ROOT")]
+    else:
+        candidates = [(root / name, why) for root, why in project_roots(checkpoint_folder)]
+    return _first_existing(candidates, f"the Wan2.1 folder {name}/ (config.json, {VAE_FILE}, {T5_FILE}, "
+                           f"{TOKENIZER_DIR}/)", "Put the Wan2.1 folder there, set $STREAMDIFFUSIONV2_ROOT to the "
+                           "folder holding wan_models/ and ckpts/, or name it with wan_folder= (--wan_folder).",
+                           is_dir=True)
+
+
+def find_taehv(checkpoint_folder: Path, taehv: Optional[str | Path] = None) -> Path:
+    if taehv:
+        candidates = [(Path(taehv).expanduser(), "taehv")]
+    elif os.environ.get("SDV2_TAEHV"):
+        candidates = [(Path(os.environ["SDV2_TAEHV"]).expanduser(), "$SDV2_TAEHV")]
+    else:
+        candidates = [(root / "ckpts" / TAEHV_FILE, why) for root, why in project_roots(checkpoint_folder)]
+    return _first_existing(candidates, f"the TAEHV decoder ckpts/{TAEHV_FILE} (needed by use_taehv / fast)",
+                           "Download it from https://github.com/madebyollin/taehv/raw/main/taew2_1.pth into "
+                           "ckpts/, or name it with $SDV2_TAEHV.", is_dir=False)
+
+
+def _require(folder: Path, name: str, what: str, is_dir: bool = False) -> Path:
+    return _first_existing([(folder / name, "the Wan2.1 folder")], f"{what} {name}",
+                           f"{folder} must hold the official Wan2.1 files (Wan-AI/Wan2.1-T2V-*)", is_dir)
+
+
+def resolve_checkpoint_folder(checkpoint_folder: str | Path, model_type: str = "T2V-1.3B", *,
+                              wan_folder: Optional[str | Path] = None, taehv: Optional[str | Path] = None,
+                              need_taehv: bool = False) -> CheckpointLayout:
+    """Every official file behind ``checkpoint_folder``, checked to exist (and not to look truncated)."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
+    generator = find_generator(checkpoint_folder)
+    folder = generator.parent
+    wan = find_wan_folder(model_type, folder, wan_folder)
+    config_path = _require(wan, CONFIG_FILE, "the DiT config")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    layout = CheckpointLayout(checkpoint=generator, wan_folder=wan, config=config,
+                              vae=_require(wan, VAE_FILE, "the Wan VAE"), t5=_require(wan, T5_FILE, "the UMT5 encoder"),
+                              tokenizer=_require(wan, TOKENIZER_DIR, "the UMT5 tokenizer folder", is_dir=True))
+    try:
+        layout.taehv = find_taehv(folder, taehv)
+    except FileNotFoundError:
+        if need_taehv:
+            raise
+    for path in (layout.checkpoint, layout.vae, layout.t5, layout.taehv):
+        if path is not None:
+            check_torch_file(path)
+    return layout
+
+
+def check_torch_file(path: str | Path) -> None:
+    """A ``torch.save`` file is a zip archive: one that starts like a zip but has no central directory was cut
+    short (an interrupted download or copy). Said here, naming the file, before any model is built."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): download it again")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} looks truncated: it is the start of a torch zip archive ({size:,} bytes) without "
+                         f"its end (an interrupted download or copy?); download it again")
+
+
+# ---------------------------------------------------------------------------------------------- sizes from files
+def dit_size(config: dict, source: str = CONFIG_FILE) -> dict:
+    """The DiT's size keys from a Wan ``config.json``."""
+    keys = {"dim": "dim", "ffn_dim": "ffn_dim", "num_heads": "num_heads", "num_layers": "num_layers"}
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"{source}: a Wan2.1 config.json names {sorted(keys)}; missing {missing}")
+    return {ours: int(config[theirs]) for ours, theirs in keys.items()}
+
+
+def _shapes(path: Path) -> dict[str, tuple]:
+    """Tensor shapes of a torch state-dict file, read memory-mapped (no tensor data is loaded)."""
+    import torch
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
+
+
+def vae_dim(path: Path) -> int:
+    """The Wan VAE's base width from ``Wan2.1_VAE.pth`` (``encoder.conv1.weight``: [dim, 3, 3, 3, 3])."""
+    shapes = _shapes(path)
+    if "encoder.conv1.weight" not in shapes:
+        raise ValueError(f"{path}: not a Wan2.1 VAE state dict (no encoder.conv1.weight; keys e.g. "
+                         f"{sorted(shapes)[:4]})")
+    return shapes["encoder.conv1.weight"][0]
+
+
+def t5_size(path: Path) -> dict:
+    """The UMT5 encoder's size keys (``conf/text_encoder``) from Wan's T5 ``.pth``."""
+    s = _shapes(path)
+    try:
+        vocab, dim = s["token_embedding.weight"]
+        buckets, heads = s["blocks.0.pos_embedding.embedding.weight"]
+        inner = s["blocks.0.attn.q.weight"][0]
+        ffn = s["blocks.0.ffn.fc1.weight"][0]
+    except KeyError as exc:
+        raise ValueError(f"{path}: not a Wan T5 encoder state dict (no {exc.args[0]}; keys e.g. {sorted(s)[:4]})") from None
+    layers = len({k.split(".")[1] for k in s if re.match(r"blocks\.\d+\.", k)})
+    return dict(vocab=vocab, dim=dim, heads=heads, head_dim=inner // heads, ffn=ffn, layers=layers, buckets=buckets)
+
+
+def size_overrides(layout: CheckpointLayout) -> list[str]:
+    """``backbone.*``, ``vae.dim`` and ``text_encoder.*`` overrides from the files' sizes."""
+    ov = [f"backbone.{k}={v}" for k, v in dit_size(layout.config, str(layout.wan_folder / CONFIG_FILE)).items()]
+    ov.append(f"vae.dim={vae_dim(layout.vae)}")
+    ov += [f"text_encoder.{k}={v}" for k, v in t5_size(layout.t5).items()]
+    return ov
+
+
+# ---------------------------------------------------------------------------------------------- the seed's YAML
+def yaml_overrides(path: str | Path) -> list[str]:
+    """The reference's YAML (e.g. ``wan_causal_dmd_v2v.yaml``): its inference keys as overrides."""
+    import yaml
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"config_path {p} not found")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config_path {p}: expected a YAML mapping, got {type(data).__name__}")
+    ov = [f"{ours}={data[theirs]}" for theirs, ours in YAML_KEYS.items() if theirs in data]
+    if "denoising_step_list" in data:
+        steps = [int(t) for t in data["denoising_step_list"] if int(t) != 0]
+        ov.append(f"denoising_step_list=[{','.join(map(str, steps))}]")
+    return ov
+
+
+# ---------------------------------------------------------------------------------------------- the one mapping
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str = "single",
+                   model_type: str = "T2V-1.3B", step: int = 2, height: int = 480, width: int = 832, fps: int = 16,
+                   seed: int = 0, noise_scale: float = 0.8, device: Optional[str] = None, use_taehv: bool = False,
+                   use_tensorrt: bool = False, fast: bool = False, config_path: Optional[str | Path] = None,
+                   wan_folder: Optional[str | Path] = None, taehv: Optional[str | Path] = None) -> list[str]:
+    """The Hydra overrides of the seed's constructor / CLI arguments (reference.md §4.2, §4.5).
+
+    Flags are normalised as the seed does: ``fast`` implies ``use_tensorrt``, which implies ``use_taehv``. There
+    is no TensorRT here: the accelerated decode path is TAEHV's CUDA-graph replay (on a GPU). Without a
+    checkpoint folder the pipeline is the tiny model with dummy weights (for trying things on a CPU)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)} here, got {mode!r} (pipe: run_v2v.sh pipe)")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
+    use_tensorrt = use_tensorrt or fast
+    use_taehv = use_taehv or use_tensorrt
+    device = str(device or default_device())
+    ov = [f"parallel={MODES[mode]}", f"steps={step}", f"height={height}", f"width={width}", f"fps={fps}",
+          f"seed={seed}", f"noise_scale={noise_scale}", f"device={device}"]
+    if checkpoint_folder is not None:
+        layout = resolve_checkpoint_folder(checkpoint_folder, model_type, wan_folder=wan_folder, taehv=taehv,
+                                           need_taehv=use_taehv)
+        ov += [f"backbone={MODEL_TYPES[model_type]}", "weights=real", f"weights.checkpoint={layout.checkpoint}",
+               f"weights.wan_folder={layout.wan_folder}", f"weights.taehv={layout.taehv or 'null'}",
+               "text_encoder=umt5_xxl", f"text_encoder.checkpoint={layout.t5}",
+               f"text_encoder.tokenizer={layout.tokenizer}", f"vae={'taehv' if use_taehv else 'wan'}"]
+        ov += size_overrides(layout)
+    elif use_taehv:
+        ov.append("vae=taehv_tiny")
+    if use_tensorrt and device.startswith("cuda"):
+        ov.append("vae.accelerate=cuda_graph")
+    if fast:
+        ov += FAST_CONFIG + [f"cuda_graph={str(device.startswith('cuda')).lower()}"]
+    if config_path:  # after the fast keys: a given YAML wins, as in the reference
+        ov += yaml_overrides(fast_config_path(config_path) if fast else config_path)
+    return ov
+
+
+def fast_config_path(path: str | Path) -> Path:
+    """As the reference's ``resolve_config_path``: ``wan_causal_dmd_v2v.yaml`` becomes the ``_fast.yaml`` beside
+    it (when that exists); any other YAML is used as given."""
+    path = Path(path)
+    fast = path.with_name("wan_causal_dmd_v2v_fast.yaml")
+    return fast if path.name == "wan_causal_dmd_v2v.yaml" and fast.is_file() else path
+
+
+def quote(value) -> str:
+    """A value for a Hydra override, quoted so that spaces, commas, '=' or quotes in paths survive."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
