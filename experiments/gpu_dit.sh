@@ -11,7 +11,7 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name ($SECONDS s)"; timeout
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
 } > "$OUT/gpu.txt" 2>&1; cat "$OUT/gpu.txt"
 # graph capture and masked calls of the registry's sdpa, in a fresh process (a failed capture must not poison the rest)
-step attention_checks 14 python3 experiments/bench_attention.py --checks --json "$OUT/attention_checks.json"
+step attention_checks 18 python3 experiments/bench_attention.py --checks --json "$OUT/attention_checks.json"
 step fp8 84 python3 experiments/bench_fp8.py --budget-s 68 --iters 10 --variants bf16,fp8_row,fp8_tensor --json "$OUT/fp8.json"
-step attention 42 python3 experiments/bench_attention.py --budget-s 34 --flex-rows 1 --json "$OUT/attention.json"
+step attention 40 python3 experiments/bench_attention.py --budget-s 32 --flex-rows 1 --json "$OUT/attention.json"
 echo "done ($SECONDS s)"; ls -la "$OUT"
