@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from .checkpoints import materialize, read_state_dict
 from .registry import check_latents, check_video, register_vae
-from .wan_vae import StreamCache, WanVAE, WanVAEState, load_wan_vae
+from .wan_vae import StreamCache, WanVAE, WanVAEState
 
 log = logging.getLogger(__name__)
 
@@ -230,11 +230,14 @@ class TAEHVVAE(nn.Module):
 @register_vae("taehv")
 def build_taehv_vae(*, path=None, taehv_path=None, wan_path=None, wan_folder=None, encoder: str = "wan",
                     dummy: bool = False, device="cpu", dtype: torch.dtype = torch.float32, taehv_dtype=None,
-                    accelerate: str = "none", **wan_options) -> TAEHVVAE:
-    """Registry entry ``taehv`` (``conf/vae/taehv.yaml``): TAEHV from ``path`` or the run's ``taehv_path``;
-    the Wan encoder from ``wan_path`` or ``wan_folder`` (``wan_options``: ``WanVAE`` options such as ``dim``).
-    ``taehv_dtype``: TAEHV's dtype (default: ``dtype``), e.g. ``float16`` as upstream intends."""
+                    accelerate: str = "none", fused="auto", **wan_options) -> TAEHVVAE:
+    """Registry entry ``taehv`` (``conf/vae/taehv.yaml``, ``taehv_full.yaml``): TAEHV from ``path`` or the
+    run's ``taehv_path``; with ``encoder: wan`` the Wan encoder from ``wan_path`` or ``wan_folder``
+    (``wan_options``: ``WanVAE`` options such as ``dim``; ``fused``: its fused path, see ``wan_fused.py``),
+    with ``encoder: taehv`` TAEHV's own encoder (V2V with no Wan VAE at all). ``taehv_dtype``: TAEHV's
+    dtype (default: ``dtype``), e.g. ``float16`` as upstream intends."""
     from .accel import accelerate_vae
+    from .wan_vae import build_fast_wan_vae
     if encoder not in ("wan", "taehv"):
         raise ValueError(f"vae.encoder must be 'wan' or 'taehv', got {encoder!r}")
     if isinstance(taehv_dtype, str):
@@ -242,9 +245,8 @@ def build_taehv_vae(*, path=None, taehv_path=None, wan_path=None, wan_folder=Non
     taehv = load_taehv(path or taehv_path, dummy=dummy, device=device, dtype=taehv_dtype or dtype)
     wan = None
     if encoder == "wan":
-        wan = load_wan_vae(wan_path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
-                           **{k: tuple(v) if isinstance(v, list) else v for k, v in wan_options.items()})
-        accelerate_vae(wan, accelerate)
+        wan = build_fast_wan_vae(wan_path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
+                                 accelerate=accelerate, fused=fused, **wan_options)
     elif wan_options:
         raise ValueError(f"Wan VAE options {sorted(wan_options)} given but vae.encoder is 'taehv'")
     if torch.device(device).type == "cuda":
