@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -29,57 +30,80 @@ def read_prompt(cfg: DictConfig) -> str:
     prompt = cfg.input.get("prompt")
     pfile = cfg.input.get("prompt_file")
     if pfile:
-        path = Path(pfile)
+        path = Path(pfile).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path}")
+            raise FileNotFoundError(f"input.prompt_file {path} not found (relative paths are taken from {Path.cwd()})")
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
-            raise ValueError(f"prompt file {path} is empty")
+            raise ValueError(f"input.prompt_file {path} is empty: write the prompt on its first line")
         prompt = lines[0]  # as the reference: the first line
     if not prompt or not str(prompt).strip():
         raise ValueError("no prompt: set input.prompt=... or input.prompt_file=...")
     return str(prompt)
 
 
+def first_chunk_frames(cfg: DictConfig) -> int:
+    return 1 + 4 * int(cfg.frames_per_block)
+
+
+def expected_output_frames(input_frames: int, cfg: DictConfig) -> Optional[int]:
+    """Frames a clip of ``input_frames`` makes (whole chunks; the rest is dropped), None when unknown."""
+    if not input_frames or input_frames < first_chunk_frames(cfg):
+        return None
+    per_chunk = 4 * int(cfg.frames_per_block)
+    return 1 + per_chunk * ((input_frames - 1) // per_chunk)
+
+
 def input_frames(cfg: DictConfig):
-    """(frames or an iterator of frames [3, t, H, W] in [-1, 1], input fps, description)."""
+    """(frames or an iterator of frames [3, t, H, W] in [-1, 1], input fps, description, frame count or 0).
+    A missing, unreadable, still-image or too-short input fails here, before any model is built."""
     if cfg.t2v:
-        return None, float(cfg.fps), "text-to-video"
+        return None, float(cfg.fps), "text-to-video", int(cfg.num_frames)
     if cfg.input.kind == "synthetic":
         from .io.synthetic import synthetic_clip
-        video, _ = synthetic_clip(cfg.input.frames, cfg.height, cfg.width, seed=cfg.seed)
-        return video, float(cfg.input.fps), f"synthetic clip ({cfg.input.frames} frames)"
+        n = int(cfg.input.frames)
+        if n < first_chunk_frames(cfg):
+            raise ValueError(f"input.frames={n}: the first chunk needs {first_chunk_frames(cfg)} frames")
+        video, _ = synthetic_clip(n, cfg.height, cfg.width, seed=cfg.seed)
+        return video, float(cfg.input.fps), f"synthetic clip ({n} frames)", n
     from .io.video import iter_video_frames, probe_video
     info = probe_video(cfg.input.video)
-    frames = iter_video_frames(cfg.input.video, height=cfg.height, width=cfg.width,
-                               max_frames=cfg.input.get("max_frames"), batch=4)
-    return frames, info.fps, f"{cfg.input.video} ({info.frames} frames at {info.fps:.1f} fps)"
+    info.check_length(first_chunk_frames(cfg), "input.video")
+    limit = cfg.input.get("max_frames")
+    count = min(info.frames, limit) if limit and info.frames else (limit or info.frames)
+    frames = iter_video_frames(cfg.input.video, height=cfg.height, width=cfg.width, max_frames=limit, batch=4)
+    return frames, info.fps, f"{cfg.input.video} ({info.frames or 'unknown number of'} frames at {info.fps:.1f} fps)", count
 
 
 def run(cfg: DictConfig) -> dict:
-    """Stream the input through the pipeline, write the mp4, print the timings."""
+    """Stream the input through the pipeline, write the mp4, print the timings. Everything that can be checked
+    without the models (settings, weight files, input, output path) is checked first."""
     import torch
     from tqdm import tqdm
 
     from .build import build_pipeline
-    from .stream.driver import stream_clip
+    from .io.files import check_output_file
     from .io.video import VideoWriter
+    from .preflight import check_config
+    from .stream.driver import stream_clip
 
+    check_config(cfg)
     prompt = read_prompt(cfg)
     out_dir = Path(cfg.output.dir)
-    out_path = out_dir / cfg.output.name
-    frames, in_fps, desc = input_frames(cfg)  # input errors surface before any model is built
+    out_path = check_output_file(out_dir / cfg.output.name, "output video")
+    frames, in_fps, desc, count = input_frames(cfg)
     pipe = build_pipeline(cfg)
     dummy = pipe.weights_are_dummy
-    print(f"sdv2 run: {cfg.backbone.name} / vae {cfg.vae.name} / {cfg.parallel.mode} / {cfg.steps} step(s) / {cfg.height}x{cfg.width} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}); input: {desc}")
-    if dummy:
-        print("NOTE: DUMMY weights (random init): the output video is noise. Timings are real. "
-              "Use weights=real with the official files for real results (README).")
-    with VideoWriter(out_path, fps=cfg.fps) as writer, tqdm(desc="frames", unit="f", disable=None) as bar:
+    print(f"sdv2 run: {cfg.backbone.name} / vae {cfg.vae.name} / {cfg.parallel.mode} / {cfg.steps} step(s) / "
+          f"{cfg.height}x{cfg.width} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}); input: {desc}")
+    total = count if cfg.t2v else expected_output_frames(count, cfg)
+    with VideoWriter(out_path, fps=cfg.fps) as writer, \
+            tqdm(desc="output frames", total=total, unit="f", mininterval=1.0, dynamic_ncols=True) as bar:
         if cfg.t2v:
             pipe.start(prompt)
             out = pipe.generate(cfg.num_frames)
             writer.write(out)
+            bar.update(out.shape[0])
             stats = {"output_frames": out.shape[0]}
         else:
             _, stats = stream_clip(pipe, frames, prompt, input_fps=in_fps, on_frames=writer.write, progress=bar,
@@ -87,7 +111,9 @@ def run(cfg: DictConfig) -> dict:
     stats.update(weights="dummy" if dummy else "real", output=str(out_path), device=str(pipe.device),
                  torch=torch.__version__, gpu=torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu")
     print(format_stats(stats))
-    (out_dir / "timings.json").write_text(json.dumps(stats, indent=1, default=str))
+    timings = cfg.output.get("timings", "timings.json")
+    if timings:
+        (out_dir / timings).write_text(json.dumps(stats, indent=1, default=str))
     return stats
 
 
@@ -113,10 +139,47 @@ def _run_main(cfg: DictConfig) -> None:
 
 
 COMMANDS = {"run": _run_main}
+HELP = """usage: sdv2 <command> [key=value ...]
+
+commands:
+  run     stream one video (or a generated clip) through the pipeline: <output.dir>/output.mp4 + timings
+  eval    the evaluation harness: every video of a dataset, speed and quality, results.csv / summary.json
+  help    this text (also: sdv2 --help). `sdv2 run --help` / `sdv2 eval --help`: Hydra's full config listing
+
+main options (Hydra overrides; an unknown choice is an error listing the valid ones):
+{groups}
+  device=cpu|cuda|cuda:k   height=H width=W (multiples of 16)   steps=1..4   seed=N   fps=N
+  input=file input.video=in.mp4 input.prompt="..." | input.prompt_file=prompt.txt   (sdv2 run)
+  weights=real weights.checkpoint=ckpts/wan_causal_dmd_v2v weights.wan_folder=wan_models/Wan2.1-T2V-1.3B
+  dataset=folder dataset.root=clips dataset.prompts_file=prompts.csv                (sdv2 eval)
+  -m key=a,b,...           a sweep (Hydra multirun): one output folder per combination
+
+examples:
+  sdv2 run                                   # tiny model, CPU, a generated clip, dummy weights
+  sdv2 run input=file input.video=in.mp4 input.prompt="a watercolor painting" steps=2 vae=taehv_tiny
+  sdv2 eval -m steps=1,2,3,4
+  ./run_v2v.sh single --video_path in.mp4 --prompt_file_path p.txt --step 2   # the reference's CLI
+
+Metric definitions (FPS, TTFF, latency, MFU): docs/metrics.md. More: README.md."""
+
+
+def config_groups() -> str:
+    """One line per config group of conf/: its choices (the files in the group's folder)."""
+    lines = []
+    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        choices = sorted(f.stem for f in folder.glob("*.yaml"))
+        lines.append(f"  {folder.name + '=':<16} {' | '.join(choices)}")
+    return "\n".join(lines)
+
+
+def print_help() -> None:
+    print(HELP.format(groups=config_groups()))
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("help", "--help", "-h"):
+        return print_help()
     cmd = "run"
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:
         cmd = argv.pop(0)
@@ -125,7 +188,8 @@ def main(argv=None) -> None:
         sys.argv = [f"sdv2 {cmd}", *argv]
         return eval_main()
     if cmd not in COMMANDS:
-        raise SystemExit(f"sdv2: unknown command {cmd!r}; commands: {sorted(COMMANDS) + ['eval']}")
+        print_help()
+        raise SystemExit(f"sdv2: unknown command {cmd!r}; commands: {', '.join([*COMMANDS, 'eval', 'help'])}")
     sys.argv = [f"sdv2 {cmd}", *argv]
     COMMANDS[cmd]()
 

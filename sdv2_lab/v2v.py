@@ -1,44 +1,64 @@
-"""The reference's command-line interface (``run_v2v.sh`` / ``streamdiffusionv2-single``), as a thin wrapper
-over ``sdv2 run``: every flag (and its environment variable) becomes a Hydra override.
+"""The reference's command-line interface (``run_v2v.sh`` / ``streamdiffusionv2-single``) over ``sdv2 run``.
 
     ./run_v2v.sh single --video_path in.mp4 --prompt_file_path prompt.txt --output_folder outputs --step 2
-    OUTPUT_FOLDER=out STEP=1 ./run_v2v.sh single-wo --profile
+    OUTPUT_FOLDER=out STEP=1 ./run_v2v.sh single-wo --checkpoint_folder ckpts/wan_causal_dmd_v2v
 
-Writes ``<output_folder>/output_000.mp4`` as the reference does.
+Writes ``<output_folder>/output_000.mp4`` as the reference does, and nothing else there (the timings are
+printed). Every flag also reads its environment variable; extra ``key=value`` arguments are Hydra overrides of
+``conf/``. The model arguments go through ``seed_config.seed_overrides``, the same mapping as the Python API.
+Paths are the caller's (relative to the working directory). Errors name the flag that was typed.
+
+Device: ``--device`` (cpu, cuda, cuda:k; ``--gpu_id k`` = cuda:k), default a GPU when there is one. On a GPU the
+seed's defaults apply (480x832); on a CPU, unless ``--height``/``--width`` are given, the run is made at
+240x416 (a quarter of the pixels), and says so.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-MODES = {"single": "single", "batch": "single", "single-wo": "single_wo", "wo": "single_wo",
-         "wo-batch": "single_wo", "pipe": "pipe", "parallel": "pipe"}
+MODES = {"single": "single", "batch": "single", "single-wo": "single-wo", "wo": "single-wo",
+         "wo-batch": "single-wo", "pipe": "pipe", "parallel": "pipe"}
+CPU_SIZE = (240, 416)    # height, width on a CPU when none is given (the seed's 480x832 at half the side)
+SEED_SIZE = (480, 832)
 
-# flag -> (environment variable, default)
+# flag -> (environment variable, default, type)
 FLAGS = {
-    "config_path": ("CONFIG_PATH", None), "checkpoint_folder": ("CHECKPOINT_FOLDER", None),
-    "video_path": ("VIDEO_PATH", None), "prompt_file_path": ("PROMPT_FILE_PATH", None),
-    "output_folder": ("OUTPUT_FOLDER", "outputs"), "height": ("HEIGHT", 480), "width": ("WIDTH", 832),
-    "fps": ("FPS", 16), "step": ("STEP", 2), "noise_scale": ("NOISE_SCALE", None), "seed": ("SEED", 0),
-    "model_type": ("MODEL_TYPE", "T2V-1.3B"), "num_frames": ("NUM_FRAMES", 81), "target_fps": ("TARGET_FPS", None),
-    "gpu_id": ("GPU_ID", None), "wan_folder": ("SDV2_WAN_ROOT", None),
+    "config_path": ("CONFIG_PATH", None, str), "checkpoint_folder": ("CHECKPOINT_FOLDER", None, str),
+    "video_path": ("VIDEO_PATH", None, str), "prompt_file_path": ("PROMPT_FILE_PATH", None, str),
+    "output_folder": ("OUTPUT_FOLDER", "outputs", str), "height": ("HEIGHT", None, int), "width": ("WIDTH", None, int),
+    "fps": ("FPS", "16", int), "step": ("STEP", "2", int), "noise_scale": ("NOISE_SCALE", None, float),
+    "seed": ("SEED", "0", int), "model_type": ("MODEL_TYPE", "T2V-1.3B", str),
+    "num_frames": ("NUM_FRAMES", "81", int), "target_fps": ("TARGET_FPS", None, float),
+    "gpu_id": ("GPU_ID", None, int), "device": ("DEVICE", None, str), "wan_folder": ("SDV2_WAN_ROOT", None, str),
+    "taehv": ("SDV2_TAEHV", None, str),
 }
 SWITCHES = {"use_taehv": "USE_TAEHV", "use_tensorrt": "USE_TENSORRT", "fast": "FAST", "profile": "PROFILE",
             "t2v": "T2V", "fixed_noise_scale": "FIXED_NOISE_SCALE", "schedule_block": "SCHEDULE_BLOCK"}
-YAML_KEYS = {"num_kv_cache": "num_kv_cache", "num_sink_tokens": "sink_frames",
-             "adapt_sink_threshold": "adapt_sink_threshold", "num_frame_per_block": "frames_per_block"}
+# Hydra key (as our messages name it) -> the flag a run_v2v.sh user typed. Keys that are also English words
+# ("steps", "seed", "device", "fps") are translated only where written as a setting (key=value).
+KEY_TO_FLAG = {"input.prompt_file": "--prompt_file_path", "input.prompt": "--prompt_file_path",
+               "input.video": "--video_path", "input.frames": "--video_path", "weights.checkpoint": "--checkpoint_folder",
+               "weights.wan_folder": "--wan_folder", "weights.taehv": "--taehv", "output.dir": "--output_folder",
+               "noise_scale": "--noise_scale", "target_fps": "--target_fps", "num_frames": "--num_frames",
+               "config_path": "--config_path", "checkpoint_folder": "--checkpoint_folder", "wan_folder": "--wan_folder",
+               "model_type": "--model_type", "height": "--height", "width": "--width"}
+SETTING_TO_FLAG = {"steps": "--step", "seed": "--seed", "device": "--device", "fps": "--fps"}
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="run_v2v.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(MODES), help="single | single-wo | pipe (and the reference's aliases)")
-    for flag, (env, default) in FLAGS.items():
-        p.add_argument(f"--{flag}", default=os.environ.get(env, default), help=f"(env {env})")
+    for flag, (env, default, kind) in FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, default=os.environ.get(env, default), help=f"(env {env})")
     for flag, env in SWITCHES.items():
-        p.add_argument(f"--{flag}", action="store_true", default=os.environ.get(env, "0") not in ("0", "", "false"))
+        p.add_argument(f"--{flag}", action="store_true", default=os.environ.get(env, "0") not in ("0", "", "false"),
+                       help=f"(env {env})")
     p.add_argument("--use_taehv_tensorrt", dest="use_tensorrt", action="store_true")
     p.add_argument("--max_outstanding", type=int, default=1, help="pipe mode (accepted for compatibility)")
     a, rest = p.parse_known_args(argv)
@@ -49,65 +69,96 @@ def parse(argv):
     return a
 
 
+def device_of(a) -> str:
+    if a.gpu_id is not None:
+        return f"cuda:{a.gpu_id}"
+    if a.device:
+        return a.device
+    from .seed_config import default_device
+    return default_device()
+
+
+def size_of(a, device: str) -> tuple[int, int, bool]:
+    """(height, width, chosen for the CPU): the seed's 480x832 unless on a CPU with neither size given."""
+    if a.height is None and a.width is None and not device.startswith("cuda"):
+        return CPU_SIZE[0], CPU_SIZE[1], True
+    return a.height or SEED_SIZE[0], a.width or SEED_SIZE[1], False
+
+
+def caller_path(path: str) -> str:
+    """A path as the caller meant it: relative to the working directory they ran the command from."""
+    return str(Path(path).expanduser().absolute())
+
+
 def to_overrides(a) -> list[str]:
+    """The overrides of a parsed command line (model arguments through ``seed_overrides``)."""
+    from .seed_config import quote, seed_overrides
     mode = MODES[a.mode]
     if mode == "pipe":
         raise SystemExit("run_v2v.sh pipe: pipe mode (DiT blocks split across GPUs) is not available in this "
                          "version; use single or single-wo")
-    ov = [f"parallel={mode}", f"height={a.height}", f"width={a.width}", f"fps={a.fps}", f"steps={a.step}",
-          f"seed={a.seed}", f"hydra.run.dir={a.output_folder}", "output.name=output_000.mp4"]
-    if a.noise_scale is not None:
-        ov.append(f"noise_scale={a.noise_scale}")
-    elif mode == "single_wo":
-        ov.append("noise_scale=0.7")  # the reference's single-wo default
-    if a.model_type not in ("T2V-1.3B", "T2V-14B"):
-        raise SystemExit(f"--model_type must be T2V-1.3B or T2V-14B, got {a.model_type}")
-    if a.checkpoint_folder:
-        size = "1.3B" if a.model_type == "T2V-1.3B" else "14B"
-        ov += [f"backbone={'wan_1_3b' if size == '1.3B' else 'wan_14b'}", "weights=real",
-               f"weights.checkpoint={a.checkpoint_folder}", "text_encoder=umt5_xxl"]
-        ov.append(f"weights.wan_folder={a.wan_folder or f'wan_models/Wan2.1-T2V-{size}'}")
-        ov.append("device=cuda" if a.gpu_id is None else f"device=cuda:{a.gpu_id}")
-    taehv = a.use_taehv or a.use_tensorrt or a.fast
-    if taehv or a.checkpoint_folder:  # one vae choice (Hydra refuses two values for a group)
-        ov.append(("vae=taehv" if a.checkpoint_folder else "vae=taehv_tiny") if taehv else "vae=wan")
-    if a.use_tensorrt or a.fast:  # no TensorRT here: the decoder's CUDA-graph replay plays its part
-        ov.append("vae.accelerate=cuda_graph")
-    if a.fast:
-        ov += ["num_kv_cache=5", "sink_frames=2", "adapt_sink_threshold=-1", "cuda_graph=true"]
+    device = device_of(a)
+    height, width, _ = size_of(a, device)
+    noise_scale = a.noise_scale if a.noise_scale is not None else (0.7 if mode == "single-wo" else 0.8)
+    ov = seed_overrides(
+        checkpoint_folder=caller_path(a.checkpoint_folder) if a.checkpoint_folder else None, mode=mode,
+        model_type=a.model_type, step=a.step, height=height, width=width, fps=a.fps, seed=a.seed,
+        noise_scale=noise_scale, device=device, use_taehv=a.use_taehv, use_tensorrt=a.use_tensorrt, fast=a.fast,
+        config_path=caller_path(a.config_path) if a.config_path else None,
+        wan_folder=caller_path(a.wan_folder) if a.wan_folder else None,
+        taehv=caller_path(a.taehv) if a.taehv else None)
+    ov += [f"output.dir={quote(caller_path(a.output_folder))}", "output.name=output_000.mp4", "output.timings=null"]
     if a.t2v:
         ov += ["t2v=true", f"num_frames={a.num_frames}"]
     elif a.video_path:
-        ov += ["input=file", f"input.video={a.video_path}", f"input.fps={a.fps}"]
+        ov += ["input=file", f"input.video={quote(caller_path(a.video_path))}", f"input.fps={a.fps}"]
     if a.prompt_file_path:
-        ov.append(f"input.prompt_file={a.prompt_file_path}")
+        ov.append(f"input.prompt_file={quote(caller_path(a.prompt_file_path))}")
     if a.fixed_noise_scale:
         ov.append("fixed_noise=true")
     if a.target_fps:
         ov.append(f"target_fps={a.target_fps}")
-    if a.config_path:
-        ov += yaml_overrides(a.config_path)
     return ov + list(a.overrides)
 
 
-def yaml_overrides(path) -> list[str]:
-    """The reference's YAML (e.g. wan_causal_dmd_v2v.yaml): the inference keys become overrides."""
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"--config_path {p} not found")
-    data = yaml.safe_load(p.read_text()) or {}
-    ov = [f"{ours}={data[theirs]}" for theirs, ours in YAML_KEYS.items() if theirs in data]
-    if "denoising_step_list" in data:
-        steps = [int(t) for t in data["denoising_step_list"] if int(t) != 0]
-        ov.append(f"denoising_step_list=[{','.join(map(str, steps))}]")
-    return ov
+def name_flags(message: str) -> str:
+    """A message of ours in the words of this command line: Hydra keys become the flags that set them
+    (``steps='two'`` -> ``--step 'two'``, ``input.prompt_file`` -> ``--prompt_file_path``)."""
+    def alternatives(keys):
+        return "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+    bare = re.compile(r"(?<![\w.-])(" + alternatives(KEY_TO_FLAG) + r")(?![\w])(=)?")
+    setting = re.compile(r"(?<![\w.-])(" + alternatives(SETTING_TO_FLAG) + r")=")
+    message = bare.sub(lambda m: KEY_TO_FLAG[m.group(1)] + (" " if m.group(2) else ""), message)
+    return setting.sub(lambda m: SETTING_TO_FLAG[m.group(1)] + " ", message)
+
+
+def announce(a, cfg) -> None:
+    """Say the choices the user did not make explicitly: the device and, on a CPU, the size."""
+    device = str(cfg.device)
+    _, _, for_cpu = size_of(a, device)
+    chosen = a.device is None and a.gpu_id is None
+    print(f"run_v2v.sh: {a.mode} on {device}" + (" (no GPU found; --device chooses)" if chosen and
+                                                  not device.startswith("cuda") else ""))
+    if for_cpu:
+        print(f"run_v2v.sh: on a CPU the seed's {SEED_SIZE[0]}x{SEED_SIZE[1]} takes about 4x as long as "
+              f"{cfg.height}x{cfg.width}: running at {cfg.height}x{cfg.width} "
+              f"(give --height {SEED_SIZE[0]} --width {SEED_SIZE[1]} for the seed's size)")
 
 
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
-    from .cli import main as cli_main
-    cli_main(["run", *to_overrides(a)])
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .build import compose_config
+    from .cli import run
+    try:
+        cfg = compose_config("config", to_overrides(a))
+        announce(a, cfg)
+        run(cfg)
+    except (ValueError, TypeError, OSError, RuntimeError, HydraException, OmegaConfBaseException) as exc:
+        raise SystemExit(f"run_v2v.sh: error: {name_flags(str(exc))}") from None
 
 
 if __name__ == "__main__":
