@@ -29,7 +29,18 @@ def make_logger(cfg: DictConfig):
     if not cfg.logger.get("_target_"):
         return False
     from hydra.utils import instantiate
-    return instantiate(cfg.logger)
+    logger = instantiate(cfg.logger)
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous") is None:
+        init.pop("anonymous", None)  # Lightning passes anonymous=None; W&B warns about any value ("no effect")
+    return logger
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO lines once (Hydra's root handler would print each a second time), without its tips."""
+    logging.getLogger("lightning.pytorch").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "Tip:" not in record.getMessage())
 
 
 def accelerator(cfg: DictConfig) -> str:
@@ -43,15 +54,16 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     import warnings
 
     import lightning.pytorch as pl
-    # Lightning prints its own INFO lines; Hydra's root handler would print each a second time
-    logging.getLogger("lightning.pytorch").propagate = False
+    quiet_lightning()
     warnings.filterwarnings("ignore", message=".*treespec.*")   # Lightning's own deprecation noise
 
+    from ..preflight import check_config
     from .datasets import EvalDataModule, build_dataset
     from .module import StreamingEvalModule
 
     run_dir = Path(run_dir)
-    dataset = build_dataset(cfg.dataset, cfg.height, cfg.width)  # dataset errors surface before models are built
+    check_config(cfg)  # settings and weight files, then the dataset: all before any model is built
+    dataset = build_dataset(cfg.dataset, cfg.height, cfg.width, min_frames=1 + 4 * int(cfg.frames_per_block))
     data = EvalDataModule(dataset, num_workers=int(cfg.eval.num_workers))
     module = StreamingEvalModule(cfg, run_dir, overrides)
     devices = cfg.trainer.devices
@@ -77,13 +89,19 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
 
 
 def print_results(results, columns: list[str], run_dir: Path) -> None:
+    """The key columns of the finished videos, then each skipped video with its reason."""
+    import pandas as pd
     if results is None or results.empty:
         print("no videos were evaluated")
         return
+    status = results["status"] if "status" in results else pd.Series("ok", index=results.index)
+    done, skipped = results[status != "skipped"], results[status == "skipped"]
     cols = [c for c in columns if c in results.columns]
-    with __import__("pandas").option_context("display.width", 200, "display.max_columns", 30,
-                                             "display.float_format", "{:.3f}".format):
-        print(results[cols].to_string(index=False))
+    if len(done):
+        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+            print(done[cols].to_string(index=False))
+    for _, row in skipped.iterrows():
+        print(f"skipped {row.get('video')}: {row.get('error') or 'no reason recorded'}")
     print(f"results: {run_dir / 'results.csv'} (one row per video; all columns), summary: {run_dir / 'summary.json'}")
 
 

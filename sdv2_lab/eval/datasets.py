@@ -219,8 +219,9 @@ class FolderDataset(_Source):
     Files are probed here; frames are decoded and resized to ``height`` × ``width`` when first used."""
 
     def __init__(self, root: str | Path, prompts_file: str | Path, height: int, width: int,
-                 max_frames: Optional[int] = None, on_error: str = "raise"):
+                 max_frames: Optional[int] = None, on_error: str = "raise", min_frames: int = 1):
         super().__init__()
+        self.min_frames = min_frames
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root = Path(root)
@@ -257,6 +258,10 @@ class FolderDataset(_Source):
             info = probe_video(video_path)
         except Exception as exc:  # PyAV raises many types; all mean "cannot use this file"
             return self._fail(item_id, f"{label}: unreadable video {video_path}: {exc}", ValueError, exc)
+        try:  # a still image, or fewer frames than the first chunk: said now, not when the loop reaches it
+            info.check_length(self.min_frames, label)
+        except ValueError as exc:
+            return self._fail(item_id, str(exc))
         meta = dict(entry.extra, source_height=info.height, source_width=info.width, source_frames=info.frames)
         loader = functools.partial(_load_file, str(video_path), self.height, self.width, self.max_frames)
         return VideoItem(id=item_id, prompt=entry.prompt.strip(), path=str(video_path), fps=info.fps, meta=meta,
@@ -275,10 +280,12 @@ class SyntheticDataset(_Source):
     ``meta["velocity"]`` and (once loaded) ``meta["motion"]`` hold the true motion."""
 
     def __init__(self, n: int = 2, frames: int = 17, height: int = 64, width: int = 96, fps: float = 16.0,
-                 seed: int = 0, prompts: Sequence[str] = ("a watercolor painting of a moving red square",)):
+                 seed: int = 0, prompts: Sequence[str] = ("a watercolor painting of a moving red square",),
+                 min_frames: int = 1):
         super().__init__()
-        if n < 1 or frames < 1:
-            raise ValueError(f"synthetic dataset needs n >= 1 and frames >= 1, got n={n}, frames={frames}")
+        if n < 1 or frames < max(1, min_frames):
+            raise ValueError(f"synthetic dataset needs n >= 1 and frames >= {max(1, min_frames)} (the first chunk), "
+                             f"got n={n}, frames={frames}")
         if not prompts:
             raise ValueError("synthetic dataset needs at least one prompt")
         for i in range(n):
@@ -304,18 +311,24 @@ registered_datasets = DATASETS.names
 
 @register_dataset("synthetic")
 def _build_synthetic(height: int, width: int, *, n: int = 2, frames: int = 17, fps: float = 16.0, seed: int = 0,
-                     prompts: Sequence[str] = ("a watercolor painting of a moving red square",)) -> SyntheticDataset:
-    return SyntheticDataset(n, frames, height, width, fps, seed, list(prompts))
+                     prompts: Sequence[str] = ("a watercolor painting of a moving red square",),
+                     min_frames: int = 1) -> SyntheticDataset:
+    return SyntheticDataset(n, frames, height, width, fps, seed, list(prompts), min_frames=min_frames)
 
 
 @register_dataset("folder")
 def _build_folder(height: int, width: int, *, root: str, prompts_file: str, max_frames: Optional[int] = None,
-                  on_error: str = "raise") -> FolderDataset:
-    return FolderDataset(root, prompts_file, height, width, max_frames=max_frames, on_error=on_error)
+                  on_error: str = "raise", min_frames: int = 1) -> FolderDataset:
+    return FolderDataset(root, prompts_file, height, width, max_frames=max_frames, on_error=on_error,
+                         min_frames=min_frames)
 
 
-def build_dataset(cfg: Mapping, height: int, width: int):
-    """A source from a ``conf/dataset`` mapping: ``name`` picks the builder, the other keys are its options."""
+CONTEXT = ("min_frames",)  # builder keywords set by the run (not conf/dataset options)
+
+
+def build_dataset(cfg: Mapping, height: int, width: int, min_frames: int = 1):
+    """A source from a ``conf/dataset`` mapping: ``name`` picks the builder, the other keys are its options.
+    ``min_frames``: the first chunk's frames; builders that take it refuse shorter clips and still images."""
     options = _plain(cfg)
     if not isinstance(options, Mapping):
         raise TypeError(f"dataset config must be a mapping with a 'name', got {type(cfg).__name__}")
@@ -323,14 +336,15 @@ def build_dataset(cfg: Mapping, height: int, width: int):
     name = options.pop("name", None)
     builder = DATASETS.get(name)
     params = inspect.signature(builder).parameters
-    accepted = [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    accepted = [p for p in params if params[p].kind == inspect.Parameter.KEYWORD_ONLY and p not in CONTEXT]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"dataset {name!r}: unknown option(s) {unknown}; valid: {accepted}")
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and options.get(p) in (None, "???")]
     if missing:
         raise ValueError(f"dataset {name!r}: missing required option(s) {missing}")
-    return builder(height, width, **options)
+    context = {"min_frames": min_frames} if "min_frames" in params else {}
+    return builder(height, width, **options, **context)
 
 
 def _plain(value):

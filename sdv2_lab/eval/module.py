@@ -93,9 +93,6 @@ class StreamingEvalModule(pl.LightningModule):
                                     context=context)
 
     def on_test_start(self) -> None:
-        if self.pipe.weights_are_dummy and self.trainer.is_global_zero:
-            print("NOTE: DUMMY weights (random init): outputs are noise, speed numbers are real; quality metrics "
-                  "of noise mean nothing.")
         if self.logger is not None:
             self.logger.log_hyperparams(OmegaConf.to_container(self.cfg, resolve=True))
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -233,9 +230,19 @@ class StreamingEvalModule(pl.LightningModule):
             torch.cuda.empty_cache()
 
 
+# Row columns that describe a video or the run rather than measure it: never averaged into the summary.
+DESCRIPTIVE = {"seed", "frames", "input_fps", "input_frames", "output_frames", "chunks_out",
+               "dropped_trailing_frames", "peak_tflops", "gpu_count"}
+
+
+def is_measure(column: str) -> bool:
+    return column not in DESCRIPTIVE and not column.startswith("source_")
+
+
 def summarise(results: pd.DataFrame, constant: set[str] = frozenset()) -> dict:
-    """Counts, the run's configuration (``constant`` columns, taken as they are) and the mean over the
-    finished videos of every other numeric column."""
+    """Counts, the run's configuration (``constant`` columns, taken as they are), frame totals, and the mean
+    over the finished videos of every measured column (speed, latency, memory, MFU, quality). What describes a
+    video (its seed, frame counts, source size, input fps) is not averaged."""
     if results.empty:
         return {"videos": 0, "skipped": 0}
     ok = results[results["status"] == "ok"] if "status" in results else results
@@ -243,6 +250,10 @@ def summarise(results: pd.DataFrame, constant: set[str] = frozenset()) -> dict:
     for col in results.columns:
         if col in constant:
             out[col] = results[col].iloc[0].item() if hasattr(results[col].iloc[0], "item") else results[col].iloc[0]
+            continue
+        if col in ("input_frames", "output_frames") and col in ok:
+            out[f"{col}_total"] = int(pd.to_numeric(ok[col], errors="coerce").fillna(0).sum())
+        if not is_measure(col):
             continue
         values = pd.to_numeric(ok[col], errors="coerce") if col in ok else None
         if values is not None and ok[col].dtype != bool and values.notna().any():

@@ -249,19 +249,53 @@ def gather_results(sweep_dir: str | Path) -> pd.DataFrame:
     files = sorted(p for p in sweep_dir.rglob("results*.jsonl") if p.is_file())
     if not files:
         warnings.warn(f"no results*.jsonl under {sweep_dir}", stacklevel=2)
-    rows = []
+    rows, override_keys = [], {}
     for path in files:
         job_dir = path.parent
         job = job_dir.relative_to(sweep_dir).as_posix()
         overrides = _job_overrides(job_dir, sweep_dir)
+        override_keys.update(dict.fromkeys(overrides))
         for row in read_jsonl(path):
             rows.append({"job": job, **row, **{k: v for k, v in overrides.items() if k not in row}})
-    return _frame(rows)
+    frame = _frame(rows)
+    frame.attrs["override_keys"] = list(override_keys)
+    return frame
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+CONFIG_COLUMNS = ["backbone", "vae_config", "attention", "mode", "steps", "height", "width", "num_kv_cache",
+                  "weights", "dataset", "gpu"]
+KEY_MEASURES = ["e2e_fps", "steady_fps", "ttff_s", "latency_p95_ms", "dit_fps", "mfu", "peak_gpu_mem_gib",
+                "warp_error_float", "ssim", "psnr", "lpips", "clip_score"]
+
+
+def compact_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (job): what differs between the runs (overrides, configuration), how many videos finished
+    and were skipped, and the mean of the key measures over the finished videos."""
+    if "job" not in frame:
+        frame = frame.assign(job=".")
+    status = frame["status"] if "status" in frame else pd.Series("ok", index=frame.index)
+    keys = [c for c in dict.fromkeys([*frame.attrs.get("override_keys", []), *CONFIG_COLUMNS]) if c in frame]
+    varying = [c for c in keys if frame.groupby("job")[c].first().astype(str).nunique() > 1]
+    rows = []
+    for job, rows_of_job in frame.groupby("job", sort=False):
+        ok = rows_of_job[status.loc[rows_of_job.index] == "ok"]
+        row = {"job": job, **{c: rows_of_job[c].iloc[0] for c in varying},
+               "videos": len(ok), "skipped": int((status.loc[rows_of_job.index] == "skipped").sum())}
+        for c in KEY_MEASURES:
+            if c in frame:
+                values = pd.to_numeric(ok[c], errors="coerce")
+                row[c] = float(values.mean()) if values.notna().any() else float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    measured = [c for c in KEY_MEASURES if c in table and table[c].notna().any()]
+    return table[[c for c in table.columns if c not in KEY_MEASURES or c in measured]]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sdv2_lab.eval.results",
-                                description="Join the results rows of a Hydra multirun into one table.")
+                                description="Join the results rows of a Hydra multirun into one table: prints one "
+                                            "row per run (key columns), writes every column to a CSV.")
     p.add_argument("sweep_dir", help="the multirun folder (or a single run folder)")
     p.add_argument("--out", default=None, help="CSV to write (default: <sweep_dir>/all_results.csv); a Parquet "
                                                "file with the same stem is written too when pyarrow is installed")
@@ -274,12 +308,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if frame.empty:
         print(f"error: no results rows under {a.sweep_dir}", file=sys.stderr)
         return 1
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 40):
-        print(frame)
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 30,
+                           "display.float_format", "{:.3f}".format):
+        print(compact_table(frame).to_string(index=False))
     out = Path(a.out) if a.out else Path(a.sweep_dir) / "all_results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: frame.to_csv(f, index=False))
-    print(f"wrote {out} ({len(frame)} rows, {len(frame.columns)} columns)")
+    print(f"wrote {out}: every column ({len(frame)} rows, one per video; {len(frame.columns)} columns)")
     if importlib.util.find_spec("pyarrow") is not None:
         parquet = out.with_suffix(".parquet")
         try:

@@ -80,8 +80,8 @@ def build_metrics(cfg: Optional[Mapping]) -> tuple[list[Metric], dict[str, str]]
     for name, reason in unavailable.items():  # metrics sharing weights (CLIP) share one message
         by_reason.setdefault(reason, []).append(name)
     for reason, names in by_reason.items():
-        log.warning("metric%s %s unavailable (recorded as missing, the run goes on): %s",
-                    "s" if len(names) > 1 else "", ", ".join(names), reason)
+        log.warning("metric%s %s skipped (recorded as missing): %s", "s" if len(names) > 1 else "",
+                    ", ".join(names), reason)
     return metrics, unavailable
 
 
@@ -127,8 +127,7 @@ def existing_path(path: Optional[str], *, config_key: str, what: str, how: str, 
     ``example`` is the file or folder name that the message shows in ``config_key=/path/to/<example>``."""
     import os
     if not path:
-        raise MetricUnavailable(f"no {what} configured: set {config_key}=/path/to/{example}. {how}",
-                                config_key=config_key)
+        raise MetricUnavailable(f"no {what}: set {config_key}=/path/to/{example}. {how}", config_key=config_key)
     path = os.path.expanduser(str(path))
     if not os.path.exists(path):
         raise MetricUnavailable(f"{what} not found at {path} ({config_key}). {how}",

@@ -20,10 +20,7 @@ import torch
 from .base import (NAN, MetricUnavailable, check_frames, device_of, existing_path, register_metric, section)
 
 CLIP_KEY = "metrics.clip.weights"
-CLIP_HOW = ("It must be a local Hugging Face CLIP folder (config.json, model.safetensors or pytorch_model.bin, "
-            "tokenizer files, preprocessor_config.json), e.g. on a machine with network: "
-            "`hf download openai/clip-vit-base-patch32 --local-dir /path/to/clip-vit-base-patch32` "
-            "(ViT-B/32 is the paper's model), then copy the folder here.")
+CLIP_HOW = "A local CLIP folder: `hf download openai/clip-vit-base-patch32` (docs/metrics.md)."
 
 
 def _embeddings(output) -> torch.Tensor:

@@ -16,11 +16,7 @@ import torch.nn.functional as F
 from .base import existing_path, load_state_dict_file
 
 RAFT_KEY = "metrics.warp.raft_weights"
-RAFT_HOW = ("Use torchvision's RAFT checkpoint: raft_large_C_T_SKHT_V2-ff5fadd5.pth is what the paper's "
-            "raft_large(pretrained=True) loads "
-            "(https://download.pytorch.org/models/raft_large_C_T_SKHT_V2-ff5fadd5.pth; "
-            "raft_small_C_T_V2-01064c6d.pth for raft_small), or set metrics.warp.flow=dis for the weight-free "
-            "OpenCV DIS flow.")
+RAFT_HOW = "torchvision's RAFT .pth, or metrics.warp.flow=dis (no weights) (docs/metrics.md)."
 DIS_PRESETS = {"ultrafast": "DISOPTICAL_FLOW_PRESET_ULTRAFAST", "fast": "DISOPTICAL_FLOW_PRESET_FAST",
                "medium": "DISOPTICAL_FLOW_PRESET_MEDIUM"}
 

@@ -29,10 +29,7 @@ _SLICE_PARAM = re.compile(r"^slice\d+\.(\d+)\.(.+)$")
 
 
 def _how_to_get(net: str) -> str:
-    filename = TORCHVISION_BACKBONE_FILES[net]
-    return (f"LPIPS-{net} needs torchvision's ImageNet backbone state dict {filename}: put that file at the "
-            f"configured path (it is at https://download.pytorch.org/models/{filename}, or in "
-            f"~/.cache/torch/hub/checkpoints/ on any machine where torchvision has downloaded it).")
+    return f"It is torchvision's ImageNet {net} file (docs/metrics.md)."
 
 
 def load_lpips_backbone(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
@@ -64,7 +61,7 @@ class LPIPSDistance:
         if net not in TORCHVISION_BACKBONE_FILES:
             raise ValueError(f"metrics.lpips.net must be one of {sorted(TORCHVISION_BACKBONE_FILES)}, got {net!r}")
         path = existing_path(backbone_weights, config_key=LPIPS_KEY,
-                             what=f"LPIPS {net} backbone weights ({TORCHVISION_BACKBONE_FILES[net]})",
+                             what=f"LPIPS-{net} backbone weights",
                              how=_how_to_get(net), example=TORCHVISION_BACKBONE_FILES[net])
         try:  # after the weights check: with no weights configured the package is not needed at all
             import lpips
