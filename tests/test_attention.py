@@ -42,12 +42,31 @@ def test_sdpa_on_cpu_against_float64(dtype, tol, masked):
 
 def test_cuda_kernel_order():
     assert A.sdpa_order() == [A.SDPA_KERNELS[n] for n in A.SDPA_CUDA_ORDER]
-    assert set(A.SDPA_CUDA_ORDER) == set(A.SDPA_KERNELS)  # every kernel stays reachable (masks, fp32)
-    assert A.SDPA_CUDA_ORDER[-1] == "math"
+    assert A.SDPA_CUDA_ORDER[0] == "cudnn"  # measured fastest at the cache shapes (results/attention_h200.md)
+    for order in (A.SDPA_CUDA_ORDER, A.SDPA_CAPTURE_ORDER):
+        assert sorted(order) == sorted(A.SDPA_KERNELS)  # every kernel stays reachable (masks, fp32)
+    # while capturing a CUDA graph, cuDNN (its plan build cannot be captured) comes after math: never used
+    assert A.SDPA_CAPTURE_ORDER.index("cudnn") > A.SDPA_CAPTURE_ORDER.index("math")
     for first in ("cudnn", "flash", "efficient"):
         order = A.sdpa_order(first)
         assert order[0] == A.SDPA_KERNELS[first] and sorted(order, key=int) == sorted(A.sdpa_order(), key=int)
-    assert A.sdpa_order("flash")[0] == SDPBackend.FLASH_ATTENTION
+    full = A._priority(A.sdpa_order())
+    assert full[:4] == [int(b) for b in A.sdpa_order()] and sorted(full) == sorted(torch._C._get_sdp_priority_order())
+    fn = A.get_attention("sdpa").attend  # the registered partial carries both orders
+    assert fn.keywords["order"][0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert fn.keywords["capture_order"][0] == int(SDPBackend.FLASH_ATTENTION)
+    assert A._REGISTRY["sdpa_efficient"].attend.keywords["capture_order"][0] == int(SDPBackend.EFFICIENT_ATTENTION)
+
+
+def test_with_sdpa_priority_sets_and_restores():
+    before = torch._C._get_sdp_priority_order()
+    wanted = A._priority(A.sdpa_order("cudnn"))
+    assert wanted != before  # torch's default never puts cuDNN first
+    assert A.with_sdpa_priority(wanted, torch._C._get_sdp_priority_order) == wanted
+    assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(ZeroDivisionError):
+        A.with_sdpa_priority(wanted, lambda: 1 / 0)
+    assert torch._C._get_sdp_priority_order() == before  # restored on errors too
 
 
 def test_cuda_only_sdpa_variants_say_why():

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -60,20 +60,41 @@ def _key_mask(kv_lens: torch.Tensor, lk: int) -> torch.Tensor:
     return (torch.arange(lk, device=kv_lens.device)[None, :] < kv_lens[:, None])[:, None, None, :]
 
 
-# SDPA's kernels by name. On CUDA every call states a priority order (torch's default tries flash, then
-# efficient, then math, and never cuDNN); a kernel that cannot run a call (flash with a key mask, say) passes
-# it to the next. Order measured at the cache shapes on an H200: experiments/results/attention_h200.md.
+# SDPA's kernels by name. On CUDA each call sets SDPA's priority order (torch's default tries flash, then
+# efficient, then math, and never reaches cuDNN); a kernel that cannot run a call (flash with a key mask, say)
+# passes it to the next. Measured at the cache shapes on an H200 (experiments/results/attention_h200.md): cuDNN
+# runs self-attention 1.7x faster than flash (585 vs 340 TFLOP/s at 14B) and is the fastest or within 10% on
+# cross-attention. But cuDNN builds a plan at its first call of a shape, which a CUDA-graph capture cannot
+# contain (measured: the capture is invalidated), so a call made while capturing uses torch's default order.
 SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 SDPA_CUDA_ORDER = ("cudnn", "flash", "efficient", "math")
+SDPA_CAPTURE_ORDER = ("flash", "efficient", "math", "cudnn")  # torch's default; cuDNN last (never reached)
 
 
-def sdpa_order(first: Optional[str] = None) -> list[SDPBackend]:
-    names = ([first] if first else []) + [n for n in SDPA_CUDA_ORDER if n != first]
+def sdpa_order(first: Optional[str] = None, base: tuple = SDPA_CUDA_ORDER) -> list[SDPBackend]:
+    names = ([first] if first else []) + [n for n in base if n != first]
     return [SDPA_KERNELS[n] for n in names]
 
 
-def _sdpa(q, k, v, kv_lens=None, order=None):
+def _priority(order: list[SDPBackend]) -> list[int]:
+    """A full priority list for torch: ``order`` first, then the backends it leaves out (overrideable)."""
+    ints = [int(b) for b in order]
+    return ints + [b for b in torch._C._get_sdp_priority_order() if b not in ints]
+
+
+def with_sdpa_priority(priority: list[int], fn):
+    """fn() under SDPA priority ``priority``, restored after. Only the order changes: an enclosing
+    ``sdpa_kernel`` that disables kernels still holds. ~1 us of host time (the ``sdpa_kernel`` context: ~15)."""
+    previous = torch._C._get_sdp_priority_order()
+    torch._C._set_sdp_priority_order(priority)
+    try:
+        return fn()
+    finally:
+        torch._C._set_sdp_priority_order(previous)
+
+
+def _sdpa(q, k, v, kv_lens=None, order=None, capture_order=None):
     out_dtype = q.dtype
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
@@ -81,16 +102,22 @@ def _sdpa(q, k, v, kv_lens=None, order=None):
         q, k, v = q.float(), k.float(), v.float()
     mask = None if kv_lens is None else _key_mask(kv_lens, k.shape[2])
     if q.device.type == "cuda":
-        with sdpa_kernel(order, set_priority=True):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        priority = capture_order if torch.cuda.is_current_stream_capturing() else order
+        out = with_sdpa_priority(priority, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).to(out_dtype)
 
 
+def _sdpa_backend(first: Optional[str] = None):
+    capture_first = None if first == "cudnn" else first
+    return functools.partial(_sdpa, order=_priority(sdpa_order(first)),
+                             capture_order=_priority(sdpa_order(capture_first, SDPA_CAPTURE_ORDER)))
+
+
 sdpa_attention = register_attention(
     "sdpa", description=f"torch scaled_dot_product_attention; on CUDA kernels tried in the order {SDPA_CUDA_ORDER}")(
-    functools.partial(_sdpa, order=sdpa_order()))
+    _sdpa_backend())
 
 
 def _cuda_available() -> Optional[str]:
@@ -99,8 +126,7 @@ def _cuda_available() -> Optional[str]:
 
 for _name in ("cudnn", "flash", "efficient"):  # one SDPA kernel first, for sweeps and benchmarks
     register_attention(f"sdpa_{_name}", available=_cuda_available,
-                       description=f"torch SDPA with the {_name} kernel first (CUDA)")(
-        functools.partial(_sdpa, order=sdpa_order(_name)))
+                       description=f"torch SDPA with the {_name} kernel first (CUDA)")(_sdpa_backend(_name))
 
 
 def _flex_available() -> Optional[str]:
