@@ -54,8 +54,24 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, *, add: Optional[torch.T
 
 
 def triton_ok(*tensors: Optional[torch.Tensor]) -> bool:
-    """Triton takes CUDA tensors of any strides (fast when channels are contiguous: channels-last)."""
-    return triton is not None and all(t.is_cuda for t in tensors if t is not None)
+    """Triton takes CUDA tensors whose (T, H, W) dims collapse into one strided row index (fast when the
+    channels are contiguous: channels-last tensors and the tails of padded buffers)."""
+    ts = [t for t in tensors if t is not None]
+    return triton is not None and all(t.is_cuda and _row_strides(t) is not None for t in ts)
+
+
+def _row_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """(batch, row, channel) strides of [B, C, T, H, W] viewed as B x (T*H*W rows) x C, or None when the
+    T, H, W dims do not collapse into one strided index."""
+    row = None
+    for size, stride in sorted(((t.shape[i], t.stride(i)) for i in (4, 3, 2) if t.shape[i] > 1), key=lambda p: p[1]):
+        if row is None:
+            row, expect = stride, stride * size
+        elif stride != expect:
+            return None
+        else:
+            expect = stride * size
+    return t.stride(0), 1 if row is None else row, t.stride(1)
 
 
 def _rms_norm_silu_torch(x, gamma, add, out, sum_out, silu):
@@ -69,57 +85,46 @@ def _rms_norm_silu_torch(x, gamma, add, out, sum_out, silu):
 
 def _rms_norm_silu_triton(x, gamma, add, out, sum_out, silu):
     B, C, T, H, W = x.shape
-    rows = B * T * H * W
-    if rows == 0:
+    n = T * H * W
+    if B * n == 0:
         return
+    strides = [_row_strides(t if t is not None else x) for t in (x, add, out, sum_out)]
+    if any(s is None for s in strides):
+        raise ValueError("rms_norm_silu(impl='triton'): an operand's T, H, W dims do not collapse into rows")
     block_c = triton.next_power_of_2(C)
     block_r = max(1, _ELEMS_PER_PROGRAM // block_c)
-
-    def strides(t):  # (b, t, h, w, c) strides of a tensor; unused operands get x's (never read or written)
-        s = (x if t is None else t).stride()
-        return s[0], s[2], s[3], s[4], s[1]
-
-    g = gamma.reshape(-1).contiguous()
-    _rms_silu_kernel[(triton.cdiv(rows, block_r),)](
-        x, x if add is None else add, g, out, x if sum_out is None else sum_out,
-        rows, T, H, W, C, *strides(x), *strides(add), *strides(out), *strides(sum_out),
-        math.sqrt(C), EPS,
+    _rms_silu_kernel[(triton.cdiv(B * n, block_r),)](
+        x, x if add is None else add, gamma.reshape(-1).contiguous(), out, x if sum_out is None else sum_out,
+        B * n, n, C, *(v for s in strides for v in s), math.sqrt(C), EPS,
         HAS_ADD=add is not None, HAS_SUM=sum_out is not None, SILU=silu,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_r * block_c >= 8192 else 4)
 
 
 if triton is not None:
     @triton.jit
-    def _rms_silu_kernel(x_ptr, a_ptr, g_ptr, y_ptr, s_ptr, R, T, H, W, C,
-                         xs0, xs1, xs2, xs3, xsc, as0, as1, as2, as3, asc, ys0, ys1, ys2, ys3, ysc,
-                         ss0, ss1, ss2, ss3, ssc,
+    def _rms_silu_kernel(x_ptr, a_ptr, g_ptr, y_ptr, s_ptr, R, N, C,
+                         xsb, xsr, xsc, asb, asr, asc, ysb, ysr, ysc, ssb, ssr, ssc,
                          scale, eps, HAS_ADD: tl.constexpr, HAS_SUM: tl.constexpr, SILU: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # rows in (b, t, h, w) order = channels-last memory order; 64-bit offsets (activations > 2^31 bytes).
-        # The channel strides (*sc) are 1 in channels-last tensors; Triton specialises on that (16-byte loads).
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        w = rows % W
-        q = rows // W
-        h = q % H
-        q = q // H
-        t = q % T
-        b = q // T
+        # Row r = (b, n): batch b = r // N, row n of T*H*W (channels-last memory order). 32-bit index math,
+        # 64-bit offsets. Channel strides are 1 in channels-last tensors: Triton specialises on that and on
+        # strides divisible by 16, which gives 16-byte loads and stores.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        b = (rows // N).to(tl.int64)
+        n = (rows % N).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < C
         mask = (rows < R)[:, None] & cmask[None, :]
-        xo = (b * xs0 + t * xs1 + h * xs2 + w * xs3)[:, None] + cols[None, :] * xsc
-        v = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
+        c64 = cols.to(tl.int64)[None, :]
+        v = tl.load(x_ptr + (b * xsb + n * xsr)[:, None] + c64 * xsc, mask=mask, other=0.0).to(tl.float32)
         if HAS_ADD:
-            ao = (b * as0 + t * as1 + h * as2 + w * as3)[:, None] + cols[None, :] * asc
-            v += tl.load(a_ptr + ao, mask=mask, other=0.0).to(tl.float32)
+            v += tl.load(a_ptr + (b * asb + n * asr)[:, None] + c64 * asc, mask=mask, other=0.0).to(tl.float32)
             v = v.to(x_ptr.dtype.element_ty).to(tl.float32)  # the residual stream is stored in x's dtype
         if HAS_SUM:
-            so = (b * ss0 + t * ss1 + h * ss2 + w * ss3)[:, None] + cols[None, :] * ssc
-            tl.store(s_ptr + so, v.to(s_ptr.dtype.element_ty), mask=mask)
+            tl.store(s_ptr + (b * ssb + n * ssr)[:, None] + c64 * ssc, v.to(s_ptr.dtype.element_ty), mask=mask)
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(v * v, axis=1)), eps)
         g = tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * scale
         y = v * inv[:, None] * g[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
-        yo = (b * ys0 + t * ys1 + h * ys2 + w * ys3)[:, None] + cols[None, :] * ysc
-        tl.store(y_ptr + yo, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + (b * ysb + n * ysr)[:, None] + c64 * ysc, y.to(y_ptr.dtype.element_ty), mask=mask)
