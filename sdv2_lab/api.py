@@ -5,7 +5,7 @@
 
     pipe = StreamDiffusionV2Pipeline(checkpoint_folder="ckpts/wan_causal_dmd_v2v", mode="single")
     pipe.prepare("a watercolor painting")
-    video = load_video("input.mp4", height=480, width=832)
+    video = load_video("examples/original.mp4", height=480, width=832)
     frames, noise_scale = [], None
     for chunk in pipe.chunk_video(video):
         encoded = pipe.encode_chunk(video, chunk, previous_noise_scale=noise_scale)
@@ -14,7 +14,7 @@
         if denoised is not None:
             frames.append(pipe.decode_chunk(denoised))
     frames += pipe.flush()                     # the chunks still in the stream batch (the reference drops them)
-    export_video(np.concatenate(frames), "out.mp4", fps=16)
+    export_video(np.concatenate(frames), "outputs/output.mp4", fps=16)
 
 Everything runs in process on one ``StreamPipeline`` (no subprocesses, no second copy of the models):
 ``enable_acceleration`` switches the running pipeline in place. The seed's arguments become a Hydra config

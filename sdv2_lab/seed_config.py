@@ -262,7 +262,9 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
         ov += size_overrides(layout)
     elif use_taehv:
         ov.append("vae=taehv_tiny")
-    if use_tensorrt and device.startswith("cuda"):
+    if not device.startswith("cuda"):
+        ov.append("vae.accelerate=none")  # CUDA graphs need a GPU: eager, said once here instead of per build
+    elif use_tensorrt:
         ov.append("vae.accelerate=cuda_graph")
     if fast:
         ov += FAST_CONFIG + [f"cuda_graph={str(device.startswith('cuda')).lower()}"]

@@ -38,3 +38,24 @@ def write_synthetic_clip(path, frames: int = 33, height: int = 64, width: int = 
     video, motion = synthetic_clip(frames, height, width, **kw)
     export_video((video.permute(1, 2, 3, 0) * 0.5 + 0.5), path, fps=fps)
     return motion
+
+
+def main(argv=None) -> int:
+    """``python -m sdv2_lab.io.synthetic out.mp4 [--frames 33 --height 64 --width 96 --fps 16 --seed 0]``"""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m sdv2_lab.io.synthetic",
+                                description="Write a generated clip (a textured square moving over a gradient).")
+    p.add_argument("path")
+    p.add_argument("--frames", type=int, default=33)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--fps", type=float, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    write_synthetic_clip(a.path, a.frames, a.height, a.width, a.fps, seed=a.seed)
+    print(f"wrote {a.path} ({a.frames} frames, {a.width}x{a.height}, {a.fps:g} fps)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
