@@ -357,6 +357,44 @@ def micro(a, dev, dt):
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+KERNEL_KINDS = (("fused norm (Triton)", ("_rms_silu_kernel",)),
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("conv (cuDNN)", ("conv", "xmma", "cudnn", "fprop", "implicit", "gemm", "sm90_", "sm80_", "cutlass")),
+                ("copies / adds / pads", ("copy", "elementwise", "cat", "pad", "add", "fill", "upsample", "index")))
+
+
+def profile_fused(a, dev, dt, inputs, calls=3):
+    """Device time per steady-state chunk of the fused path (no graph, so kernels are visible), by kind of
+    kernel: how far the convolutions are from their floor and how much glue is left around them."""
+    from torch.profiler import ProfilerActivity, profile
+    x5, x4, z2, z1 = inputs
+    vae = install_fused(load_wan_vae(dummy=True, dim=a.dim, device=dev, dtype=dt))
+    st = vae.new_state()
+    vae.encode(st, x5); vae.decode(st, z2)
+    for _ in range(2):
+        vae.encode(st, x4); vae.decode(st, z1)
+    out = {}
+    for name, fn in (("encode", lambda: vae.encode(st, x4)), ("decode", lambda: vae.decode(st, z1))):
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            sync(dev)
+        kinds = {}
+        for e in prof.key_averages():
+            t = getattr(e, "self_device_time_total", None)
+            t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+            if not t or "CUDA" not in str(getattr(e, "device_type", "")):
+                continue
+            key = e.key.lower()
+            kind = next((k for k, words in KERNEL_KINDS if any(w in key for w in words)), "other")
+            ms, n = kinds.get(kind, (0.0, 0))
+            kinds[kind] = (ms + t / 1e3 / calls, n + e.count // calls)
+        out[name] = {k: dict(ms=round(v[0], 2), kernels=v[1]) for k, v in sorted(kinds.items())}
+        out[name]["total_ms"] = round(sum(v[0] for v in kinds.values()), 2)
+    return out
+
+
 def taehv_latent_error(a, dev, dt, inputs):
     """TAEHV's encoder against the Wan encoder on the same frames (DUMMY weights on both: plumbing only)."""
     x5, x4 = inputs[:2]
@@ -381,6 +419,7 @@ def main():
     p.add_argument("--check", action="store_true", help="first: the fused path's error against eager (and, on "
                    "CUDA, encode / decode on two CUDA streams at once against one stream)")
     p.add_argument("--micro", action="store_true", help="single-op timings (fused norm, conv variants)")
+    p.add_argument("--profile", action="store_true", help="device time of the fused path by kind of kernel")
     p.add_argument("--deadline", type=float, default=0, help="skip rows that would start after this many "
                    "seconds since start (0: none); for one-call GPU budgets")
     p.add_argument("--json", default=None, help="also write the rows and checks here")
@@ -413,6 +452,13 @@ def main():
                 report["concurrency"] = check_concurrent(a, dev, dt, inputs)
                 print("two CUDA streams:", json.dumps(report["concurrency"]), f"[{time.time() - T0:.0f} s]", flush=True)
                 save()
+        if a.profile and dev.type == "cuda":
+            try:
+                report["profile"] = profile_fused(a, dev, dt, inputs)
+            except Exception as exc:  # noqa: BLE001 -- the profiler must not cost the table
+                report["profile"] = f"failed: {type(exc).__name__}: {exc}"
+            print("fused path by kernel kind:", json.dumps(report["profile"]), f"[{time.time() - T0:.0f} s]", flush=True)
+            save()
         if a.micro:
             report["micro"] = micro(a, dev, dt)
             print("micro:", json.dumps(report["micro"]), f"[{time.time() - T0:.0f} s]", flush=True)

@@ -9,5 +9,5 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/d
 export PYTHONPATH=/tmp/site:.:experiments HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/gpu.txt"
-timeout "${VAE_LIMIT:-310}" python3 experiments/bench_vae.py --check --micro --chunks 12 --warmup 3 \
+timeout "${VAE_LIMIT:-310}" python3 experiments/bench_vae.py --check --profile --micro --chunks 12 --warmup 3 \
   --deadline "${VAE_DEADLINE:-175}" --json "$OUT/bench_vae.json" 2>&1 | tee "$OUT/bench_vae.txt"

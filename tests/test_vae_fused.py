@@ -68,6 +68,17 @@ def test_fused_norm_cpu_fallback_equals_float64_formula():
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), add=torch.zeros(1, 8, 2, 3, 5))
 
 
+def test_row_strides_decide_what_the_kernel_takes():
+    """The kernel walks rows = (b, T*H*W); views whose T, H, W dims do not collapse go to the torch path."""
+    from sdv2_lab.vae.fused_ops import _row_strides
+    buf = torch.empty(2, 96, 6, 5, 7, memory_format=CL3)
+    assert _row_strides(buf[:, :, 2:]) == (6 * 5 * 7 * 96, 96, 1)  # the tail of a padded history buffer
+    assert _row_strides(torch.empty(2, 96, 4, 5, 7)) == (96 * 140, 1, 140)  # plain NCDHW
+    assert _row_strides(torch.empty(1, 8, 1, 1, 1)) == (8, 1, 1)
+    assert _row_strides(torch.empty(2, 96, 4, 6, 8, memory_format=CL3)[..., :5, :7]) is None  # padded interior
+    assert not fused_ops.triton_ok(buf)  # CPU tensors: the torch path
+
+
 def test_triton_kernel_in_the_interpreter():
     """The Triton kernel, run by Triton's CPU interpreter in a child process (the interpreter must be on
     before Triton is imported): against the float64 formula, and the whole fused stream against eager

@@ -19,6 +19,11 @@ latent. Other speed choices: the time padding comes from the history by one ``ca
 conv pads space itself); nearest-exact x2 upsampling runs in the activation dtype (it only copies values,
 so it equals the reference's fp32 round trip bit for bit); optional ``channels_last_3d``.
 
+On CUDA the steady-state steps are replaced by the fused path (``wan_fused.py``, option ``fused``: channels-
+last activations, padded history buffers the convs read directly, one-pass norm + SiLU (+ residual) kernel,
+sub-pixel upsampling) and replayed as one CUDA graph each (``accel.py``); this module stays the numerical
+reference and runs every stream's first call. ``warmup(H, W)`` moves kernel JIT / cuDNN autotuning to start-up.
+
 Latent scaling (reference quirk, §1.11): ``encode`` returns the raw mean mu (``normalize_on_encode=False``)
 while ``decode`` un-normalises its input (``denormalize_on_decode=True``: z * std + mean). Set both to True
 for a symmetric VAE whose latents are N(0, 1)-scaled.
