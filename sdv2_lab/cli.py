@@ -72,7 +72,8 @@ def input_frames(cfg: DictConfig):
     limit = cfg.input.get("max_frames")
     count = min(info.frames, limit) if limit and info.frames else (limit or info.frames)
     frames = iter_video_frames(cfg.input.video, height=cfg.height, width=cfg.width, max_frames=limit, batch=4)
-    return frames, info.fps, f"{cfg.input.video} ({info.frames or 'unknown number of'} frames at {info.fps:.1f} fps)", count
+    desc = f"{cfg.input.video} ({info.frames or 'unknown number of'} frames at {info.fps:.1f} fps)"
+    return frames, info.fps, desc, count
 
 
 def run(cfg: DictConfig) -> dict:

@@ -197,7 +197,8 @@ def t5_size(path: Path) -> dict:
         inner = s["blocks.0.attn.q.weight"][0]
         ffn = s["blocks.0.ffn.fc1.weight"][0]
     except KeyError as exc:
-        raise ValueError(f"{path}: not a Wan T5 encoder state dict (no {exc.args[0]}; keys e.g. {sorted(s)[:4]})") from None
+        raise ValueError(f"{path}: not a Wan T5 encoder state dict (no {exc.args[0]}; keys e.g. "
+                         f"{sorted(s)[:4]})") from None
     layers = len({k.split(".")[1] for k in s if re.match(r"blocks\.\d+\.", k)})
     return dict(vocab=vocab, dim=dim, heads=heads, head_dim=inner // heads, ffn=ffn, layers=layers, buckets=buckets)
 
@@ -255,10 +256,11 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
     if checkpoint_folder is not None:
         layout = resolve_checkpoint_folder(checkpoint_folder, model_type, wan_folder=wan_folder, taehv=taehv,
                                            need_taehv=use_taehv)
-        ov += [f"backbone={MODEL_TYPES[model_type]}", "weights=real", f"weights.checkpoint={layout.checkpoint}",
-               f"weights.wan_folder={layout.wan_folder}", f"weights.taehv={layout.taehv or 'null'}",
-               "text_encoder=umt5_xxl", f"text_encoder.checkpoint={layout.t5}",
-               f"text_encoder.tokenizer={layout.tokenizer}", f"vae={'taehv' if use_taehv else 'wan'}"]
+        ov += [f"backbone={MODEL_TYPES[model_type]}", "weights=real",
+               f"weights.checkpoint={quote(layout.checkpoint)}", f"weights.wan_folder={quote(layout.wan_folder)}",
+               f"weights.taehv={quote(layout.taehv) if layout.taehv else 'null'}", "text_encoder=umt5_xxl",
+               f"text_encoder.checkpoint={quote(layout.t5)}", f"text_encoder.tokenizer={quote(layout.tokenizer)}",
+               f"vae={'taehv' if use_taehv else 'wan'}"]
         ov += size_overrides(layout)
     elif use_taehv:
         ov.append("vae=taehv_tiny")

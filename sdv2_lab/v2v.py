@@ -42,7 +42,8 @@ SWITCHES = {"use_taehv": "USE_TAEHV", "use_tensorrt": "USE_TENSORRT", "fast": "F
 # Hydra key (as our messages name it) -> the flag a run_v2v.sh user typed. Keys that are also English words
 # ("steps", "seed", "device", "fps") are translated only where written as a setting (key=value).
 KEY_TO_FLAG = {"input.prompt_file": "--prompt_file_path", "input.prompt": "--prompt_file_path",
-               "input.video": "--video_path", "input.frames": "--video_path", "weights.checkpoint": "--checkpoint_folder",
+               "input.video": "--video_path", "input.frames": "--video_path",
+               "weights.checkpoint": "--checkpoint_folder",
                "weights.wan_folder": "--wan_folder", "weights.taehv": "--taehv", "output.dir": "--output_folder",
                "noise_scale": "--noise_scale", "target_fps": "--target_fps", "num_frames": "--num_frames",
                "config_path": "--config_path", "checkpoint_folder": "--checkpoint_folder", "wan_folder": "--wan_folder",
@@ -82,7 +83,7 @@ def size_of(a, device: str) -> tuple[int, int, bool]:
     """(height, width, chosen for the CPU): the seed's 480x832 unless on a CPU with neither size given."""
     if a.height is None and a.width is None and not device.startswith("cuda"):
         return CPU_SIZE[0], CPU_SIZE[1], True
-    return a.height or SEED_SIZE[0], a.width or SEED_SIZE[1], False
+    return (SEED_SIZE[0] if a.height is None else a.height), (SEED_SIZE[1] if a.width is None else a.width), False
 
 
 def caller_path(path: str) -> str:

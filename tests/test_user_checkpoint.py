@@ -73,6 +73,12 @@ def test_overrides_select_real_weights_umt5_and_sizes_from_the_files(tiny_root):
     assert (fast.num_kv_cache, fast.sink_frames, fast.adapt_sink_threshold) == (5, 2, -1)
 
 
+def test_paths_with_spaces_commas_and_quotes_survive(tiny_root, tmp_path):
+    root = copy_layout(tiny_root, tmp_path / "my root, v2 (l'été)")
+    cfg = compose_config("config", seed_overrides(checkpoint_folder=root / CKPT, device="cpu", use_taehv=True))
+    assert Path(cfg.weights.checkpoint) == root / CKPT / "model.pt" and Path(cfg.weights.taehv).parent == root / "ckpts"
+
+
 def test_a_bigger_config_json_is_taken_as_is(tiny_root, tmp_path):
     root = copy_layout(tiny_root, tmp_path / "root")
     config = json.loads((root / WAN / "config.json").read_text())

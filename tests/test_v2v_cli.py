@@ -1,9 +1,15 @@
-"""The reference's run_v2v.sh interface maps onto Hydra overrides (flags and environment variables)."""
+"""The reference's run_v2v.sh interface maps onto our config (flags and environment variables)."""
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from sdv2_lab.v2v import parse, to_overrides
+from sdv2_lab.v2v import name_flags, parse, to_overrides
+from test_user_checkpoint import CKPT, tiny_root  # noqa: F401  (the session fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flags_and_env_become_overrides(monkeypatch, tmp_path):
@@ -13,19 +19,20 @@ def test_flags_and_env_become_overrides(monkeypatch, tmp_path):
     cfg.write_text("num_kv_cache: 5\nnum_sink_tokens: 2\nadapt_sink_threshold: -1\n"
                    "denoising_step_list: [700, 500, 400, 200, 0]\nlr: 0.1\n")
     ov = to_overrides(parse(["single-wo", "--height", "32", "--fps", "30", "--config_path", str(cfg),
-                             "--prompt_file_path", "p.txt", "device=cpu"]))
+                             "--prompt_file_path", "p.txt", "--device", "cpu", "seed=3"]))
     assert "parallel=single_wo" in ov and "steps=3" in ov and "height=32" in ov and "fps=30" in ov
-    assert f"hydra.run.dir={tmp_path / 'o'}" in ov and "output.name=output_000.mp4" in ov
+    assert f"output.dir='{tmp_path / 'o'}'" in ov and "output.name=output_000.mp4" in ov
+    assert f"input.prompt_file='{Path.cwd() / 'p.txt'}'" in ov   # the caller's path, made absolute
     assert "noise_scale=0.7" in ov  # the reference's single-wo default
     assert {"num_kv_cache=5", "sink_frames=2", "adapt_sink_threshold=-1",
             "denoising_step_list=[700,500,400,200]"} <= set(ov)
-    assert ov[-1] == "device=cpu"
+    assert ov[-1] == "seed=3"
 
 
-def test_checkpoint_selects_real_weights_and_model_size(tmp_path):
-    ov = to_overrides(parse(["single", "--checkpoint_folder", "ck", "--model_type", "T2V-14B", "--gpu_id", "1"]))
-    assert {"backbone=wan_14b", "weights=real", "weights.checkpoint=ck", "device=cuda:1",
-            "weights.wan_folder=wan_models/Wan2.1-T2V-14B"} <= set(ov)
+def test_checkpoint_selects_real_weights_umt5_and_device(tiny_root):
+    ov = to_overrides(parse(["single", "--checkpoint_folder", str(tiny_root / CKPT), "--gpu_id", "1"]))
+    assert {"backbone=wan_1_3b", "weights=real", "device=cuda:1", "text_encoder=umt5_xxl", "vae=wan"} <= set(ov)
+    assert f"weights.wan_folder='{tiny_root / 'wan_models/Wan2.1-T2V-1.3B'}'" in ov
 
 
 def test_pipe_and_bad_flags_are_refused():
@@ -35,9 +42,19 @@ def test_pipe_and_bad_flags_are_refused():
         parse(["single", "--no_such_flag"])
 
 
-def test_shell_wrapper_runs(tmp_path):
-    res = subprocess.run(["bash", "run_v2v.sh", "single", "--height", "32", "--width", "48", "--step", "1",
-                          "--output_folder", str(tmp_path), "device=cpu", "vae=wan_tiny", "input.frames=13"],
-                         capture_output=True, text=True, timeout=300)
+def test_messages_name_the_flags_typed():
+    assert name_flags("steps='two': expected an integer from 1 to 4") == "--step 'two': expected an integer from 1 to 4"
+    assert name_flags("input.prompt_file /x/p.txt not found") == "--prompt_file_path /x/p.txt not found"
+    assert name_flags("height and width must be positive multiples of 16") == \
+        "--height and --width must be positive multiples of 16"
+    assert name_flags("1 to 4 denoising steps are supported") == "1 to 4 denoising steps are supported"
+    assert name_flags("device=cuda was asked for") == "--device cuda was asked for"
+
+
+def test_shell_wrapper_runs_from_anywhere(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "run_v2v.sh"), "single", "--height", "32", "--width", "48", "--step",
+                          "1", "--output_folder", "out", "--device", "cpu", "input.frames=13"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-1500:]
-    assert (tmp_path / "output_000.mp4").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["output_000.mp4"]   # nothing else

@@ -98,7 +98,8 @@ def print_results(results, columns: list[str], run_dir: Path) -> None:
     done, skipped = results[status != "skipped"], results[status == "skipped"]
     cols = [c for c in columns if c in results.columns]
     if len(done):
-        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
+        with pd.option_context("display.width", 200, "display.max_columns", 30,
+                               "display.float_format", "{:.3f}".format):
             print(done[cols].to_string(index=False))
     for _, row in skipped.iterrows():
         print(f"skipped {row.get('video')}: {row.get('error') or 'no reason recorded'}")
