@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# One device call for issue 10's VAE half: every fast path checked against eager on the GPU (bf16 and fp32),
-# encode + decode on two CUDA streams at once, single-op timings, then the FPS table (the compile row last,
-# skipped past the deadline). Run on the GPU box from the repo root, with .whl (the reference wheel) carried:
-#   bash experiments/gpu_vae.sh        -> $OUT/bench_vae.txt, $OUT/bench_vae.json
+# One device call for issue 10's VAE half. Run on the GPU box from the repo root, with .whl (the reference
+# wheel) carried:  bash experiments/gpu_vae.sh   -> $OUT/vae_fast.{txt,json}, $OUT/vae_base.{txt,json}
+#  1. the fast paths: fused vs eager (bf16, fp32) on the GPU, encode + decode on two CUDA streams at once,
+#     device time by kernel kind, single-op timings, and the fused / graph rows;
+#  2. in a second process (so that a crash of a fast path cannot lose them): eager, CUDA graph, the
+#     reference, TAEHV rows, the TAEHV-vs-Wan latent error, and torch.compile last (skipped past its deadline).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BUDGET=${VAE_BUDGET:-320}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:experiments HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/gpu.txt"
-timeout "${VAE_LIMIT:-310}" python3 experiments/bench_vae.py --check --profile --micro --chunks 12 --warmup 3 \
-  --deadline "${VAE_DEADLINE:-175}" --json "$OUT/bench_vae.json" 2>&1 | tee "$OUT/bench_vae.txt"
+echo "=== fast paths [${SECONDS}s]"
+timeout 170 python3 experiments/bench_vae.py --check --profile --micro --chunks 12 --warmup 3 --json "$OUT/vae_fast.json" \
+  --variants wan_fused_graph,wan_fused,wan_fused_graph_noup,wan_fused_graph_nopad,taehv_graph,taehv_full_graph \
+  2>&1 | tee "$OUT/vae_fast.txt"
+LEFT=$((BUDGET - SECONDS - 5))
+echo "=== baselines [${SECONDS}s, ${LEFT}s left]"
+timeout "$LEFT" python3 experiments/bench_vae.py --chunks 12 --warmup 3 --json "$OUT/vae_base.json" \
+  --deadline $((LEFT - 100)) --variants wan,wan_graph,ref_wan,taehv,ref_taehv,ref_taehv_parallel,taehv_latent_error,wan_compile \
+  2>&1 | tee "$OUT/vae_base.txt"
+echo "=== done [${SECONDS}s]"
