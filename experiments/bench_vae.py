@@ -444,25 +444,25 @@ def main():
                 json.dump(report, f, indent=1)
 
     with torch.no_grad():
-        if a.check:
-            report["check"] = check_fused(a, dev, dt)
-            print("fused vs eager check:", json.dumps(report["check"]), f"[{time.time() - T0:.0f} s]", flush=True)
+        sections = [("check", "fused vs eager check", a.check, lambda: check_fused(a, dev, dt)),
+                    ("concurrency", "two CUDA streams", a.check and dev.type == "cuda",
+                     lambda: check_concurrent(a, dev, dt, inputs)),
+                    ("profile", "fused path by kernel kind", a.profile and dev.type == "cuda",
+                     lambda: profile_fused(a, dev, dt, inputs)),
+                    ("micro", "single ops", a.micro, lambda: micro(a, dev, dt))]
+        for key, title, wanted, fn in sections:
+            if not wanted:
+                continue
+            try:
+                report[key] = fn()
+            except Exception as exc:  # noqa: BLE001 -- a failing section must not cost the table
+                import traceback
+                traceback.print_exc()
+                report[key] = f"FAILED: {type(exc).__name__}: {exc}"
+            print(f"{title}:", json.dumps(report[key]), f"[{time.time() - T0:.0f} s]", flush=True)
             save()
             if dev.type == "cuda":
-                report["concurrency"] = check_concurrent(a, dev, dt, inputs)
-                print("two CUDA streams:", json.dumps(report["concurrency"]), f"[{time.time() - T0:.0f} s]", flush=True)
-                save()
-        if a.profile and dev.type == "cuda":
-            try:
-                report["profile"] = profile_fused(a, dev, dt, inputs)
-            except Exception as exc:  # noqa: BLE001 -- the profiler must not cost the table
-                report["profile"] = f"failed: {type(exc).__name__}: {exc}"
-            print("fused path by kernel kind:", json.dumps(report["profile"]), f"[{time.time() - T0:.0f} s]", flush=True)
-            save()
-        if a.micro:
-            report["micro"] = micro(a, dev, dt)
-            print("micro:", json.dumps(report["micro"]), f"[{time.time() - T0:.0f} s]", flush=True)
-            save()
+                torch.cuda.empty_cache()
         fused_opts = lambda **o: {"fused": o}  # noqa: E731
         variants = {
             "wan": lambda: bench_wan("sdv2_lab WanVAE eager", {}, a, dev, dt, inputs),
