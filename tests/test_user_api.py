@@ -158,3 +158,21 @@ def test_run_video_to_video_writes_every_frame(in_root):
     out = run_video_to_video(checkpoint_folder=CKPT, video_path="examples/original.mp4", prompt="a dog",
                              output_path="outputs/v2v.mp4", height=H, width=W, device="cpu", step=2)
     assert frames_of(out) == FRAMES
+
+
+def test_the_readme_shows_the_seeds_usage_on_a_cpu_and_it_runs(tmp_path):
+    """The README's CPU example (tiny checkpoint, the seed's loop, enable_acceleration, flush), run as written
+    (only the interpreter's path is this test's), and its documentation of overrides=."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### The seed's Python API"):readme.index("## Real weights")]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    assert "from sdv2_lab import StreamDiffusionV2Pipeline" in block and "python -m sdv2_lab.tiny_checkpoint" in block
+    script = re.sub(r"(\.\./)?\.venv/bin/python", sys.executable, block)
+    res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert frames_of(tmp_path / "tiny" / "outputs" / "python_single.mp4") == 17
+    assert "overrides=[" in section and "applied after the seed's arguments" in section

@@ -223,3 +223,11 @@ def test_an_evaluation_run_says_each_thing_once(tmp_path, umask):
     assert "seed" not in summary and "frames" not in summary and summary["skipped"] == 1
     for path in (run / "summary.json", run / "results.csv", run / "videos" / "good.mp4"):
         assert mode(path) == 0o644, path
+
+
+def test_the_definitions_live_in_the_repos_own_docs():
+    root = Path(__file__).resolve().parents[1]
+    readme, docs = (root / "README.md").read_text(), (root / "docs" / "metrics.md").read_text()
+    assert "../shared" not in readme and "docs/metrics.md" in readme
+    for term in ("Steady-state FPS", "End-to-end FPS", "Time to first frame", "Per-chunk latency", "MFU"):
+        assert term in docs, term
