@@ -127,6 +127,9 @@ class StreamDiffusionV2Pipeline:
         self._prompt: Optional[str] = None
         if use_tensorrt or fast:
             log.info("use_tensorrt: there is no TensorRT here; TAEHV decodes with CUDA-graph replay on a GPU instead")
+        if profile:
+            log.info("profile: the staged API does not time chunks; sdv2 run and run_v2v.sh print the timings "
+                     "(docs/metrics.md)")
 
     def _compose(self, **acceleration):
         """The config of the seed's arguments (``seed_config.seed_overrides``) plus ``overrides``, checked before
