@@ -3,9 +3,11 @@
     python experiments/bench_dit.py                      # GPU: 1.3B and 14B, 480x832, 1-4 steps
     python experiments/bench_dit.py --device cpu --sizes tiny --height 64 --width 96 --iters 3   # smoke run
 
-One call = one DiT forward over ``steps`` rows with a full KV cache (N=6 latent frames, 3 sinks, adaptive
-refresh at 0.2, as the reference's default config); each call finishes one latent frame = 4 video frames,
-so DiT FPS = 4 / step time. MFU = analytic FLOPs of the call (anchors.md §4.5) / time / measured bf16 peak.
+One call = one stream-batch DiT job over ``steps`` x ``streams`` rows with a full KV cache (N=6 latent frames,
+3 sinks, adaptive refresh at 0.2, as the reference's default config), run by the executor the pipeline uses
+(plan, DiT, velocity -> x0, re-noising; a CUDA graph with --cuda-graph on); each call finishes one latent
+frame = 4 video frames per stream, so DiT FPS = 4 x streams / step time. MFU = analytic FLOPs of the call
+(sdv2_lab/eval/flops.py) / time / measured bf16 peak.
 Weights are DUMMY (random): speed does not depend on their values, outputs are meaningless.
 """
 from __future__ import annotations
@@ -18,9 +20,13 @@ import torch
 
 from sdv2_lab import build
 from sdv2_lab.backbones.checkpoints import load_backbone
-from sdv2_lab.backbones.cuda_graph import CUDAGraphStep
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
 from sdv2_lab.eval.flops import dit_flops_per_latent_frame, measure_peak_tflops  # the one FLOP model
+from sdv2_lab.stream.executor import build_executor
+from sdv2_lab.stream.scheduler import Scheduler
+from sdv2_lab.stream.timing import Clock
+
+clock = None
 
 
 def backbone_config(name: str, attention: str) -> WanDiTConfig:
@@ -33,60 +39,54 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, sink, threshold, graph, compiled=False):
+def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, sink, threshold, graph, compiled=False,
+              streams=1):
+    """Time the steady-state stream-batch DiT job of ``streams`` streams through an executor: the same code path
+    (plan, DiT, velocity -> x0, re-noising, slot shift) as the pipeline's DiT stage."""
     model = load_backbone(cfg, "dummy", device=device, dtype=dtype)
     if compiled:
         model.use_compiled_kernels(True)
-    cache = model.new_cache(1, height, width, num_kv, sink, threshold, total_steps=steps, max_batch_size=steps)
+    cache = model.new_cache(streams * steps, height, width, num_kv, sink, threshold)
+    executor = build_executor("cuda_graph" if graph else "eager", model, cache)
+    scheduler = Scheduler("single", [700, 500, 400, 200][:steps], cache.spec, max_streams=streams)
     S = cache.spec.frame_tokens
-    model.set_prompt(cache, torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype))
-    lat = (height // 8, width // 8)
-    t_first = torch.full((1, 2), 700, device=device)
+    lat = (16, height // 8, width // 8)
+    emb = torch.randn(1, 512, cfg.text_dim, device=device, dtype=dtype)
+    t = torch.tensor([700, 500, 400, 200][:steps], device=device)
+    timings = []
     with torch.no_grad():
-        for _ in range(steps):  # prepare: the first chunk, every step
-            model(torch.randn(1, 2, 16, *lat, device=device, dtype=dtype), t_first, cache, [0])
-        cache.expand_batch(steps)
-        runner = CUDAGraphStep(model, cache) if graph else (lambda x, t, s: model(x, t, cache, s))
-        starts = [2 * S] * steps
-        t = torch.tensor([700, 500, 400, 200][:steps], device=device)[:, None]
-        x = torch.randn(steps, 1, 16, *lat, device=device, dtype=dtype)
-        chunk = 1
-        timings = []
+        rows = []
+        for _ in range(streams):  # each stream: its prompt, its first chunk (all steps), its rows filled
+            s = scheduler.open("p")
+            executor.set_prompt(s.rows, emb)
+            (job,) = scheduler.dit_jobs([scheduler.noise_chunk(s)])
+            executor.run(job, torch.randn(1, 2, *lat, device=device, dtype=dtype), t[:, None],
+                         torch.randn(steps - 1, 1, 2, *lat, device=device, dtype=dtype) if steps > 1 else None)
+            executor.copy_rows(s.rows[0], s.rows[1:])
+            rows += s.rows
+        ring = torch.randn(streams * steps, 1, *lat, device=device, dtype=dtype)
+        tt, noise = t.repeat(streams), torch.randn_like(ring)
         total = num_kv + steps + warmup + iters
         for i in range(total):
-            chunk += 1
-            starts = [chunk * S] + starts[:-1]
-            if i == total - iters:
-                sync(device)
-            if device.type == "cuda":
-                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                ev0.record()
-                runner(x, t, starts)
-                ev1.record()
-                if i >= total - iters:
-                    timings.append((ev0, ev1))
-            else:
-                t0 = time.perf_counter()
-                runner(x, t, starts)
-                if i >= total - iters:
-                    timings.append(time.perf_counter() - t0)
+            (job,) = scheduler.dit_jobs([scheduler.noise_chunk(s) for s in scheduler.streams.values()])
+            a = clock.now()
+            result = executor.run(job, ring, tt, noise)
+            b = clock.now()
+            ring = result.next_x
+            if i >= total - iters:
+                timings.append((a, b))
         sync(device)
-    if device.type == "cuda":
-        ms = [a.elapsed_time(b) for a, b in timings]
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30
-    else:
-        ms = [1e3 * s for s in timings]
-        mem = float("nan")
-    ms.sort()
+    ms = sorted(1e3 * (clock.seconds(b) - clock.seconds(a)) for a, b in timings)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     med = ms[len(ms) // 2]
-    flops = steps * dit_flops_per_latent_frame(cfg, S, num_kv * S)
-    del model, cache
+    flops = streams * steps * dit_flops_per_latent_frame(cfg, S, num_kv * S)
+    del model, cache, executor
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return dict(model=cfg.name, steps=steps, height=height, width=width, attention=cfg.attention, cuda_graph=graph,
-                compiled_kernels=compiled,
-                step_ms=round(med, 3), dit_fps=round(4e3 / med, 2), tflops_achieved=round(flops / med / 1e9, 1),
+    return dict(model=cfg.name, steps=steps, streams=streams, height=height, width=width, attention=cfg.attention,
+                cuda_graph=graph, compiled_kernels=compiled, step_ms=round(med, 3),
+                dit_fps=round(4e3 * streams / med, 2), tflops_achieved=round(flops / med / 1e9, 1),
                 peak_mem_gib=round(mem, 2), weights="dummy")
 
 
@@ -107,9 +107,12 @@ def main():
     p.add_argument("--threshold", type=float, default=0.2)
     p.add_argument("--compile", default="off", choices=["on", "off", "both"],
                    help="torch.compile the blocks' elementwise chains")
+    p.add_argument("--streams", default="1", help="streams batched into one DiT call, e.g. 1,2,4,8")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args()
+    global clock
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    clock = Clock(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     graphs = {"on": [True], "off": [False], "both": [False, True]}[a.cuda_graph]
@@ -121,19 +124,20 @@ def main():
     print(f"# device {gpu}, torch {torch.__version__}, measured matmul peak {peak:.0f} TFLOP/s ({a.dtype}); "
           f"WEIGHTS ARE DUMMY (random)")
     compiles = {"on": [True], "off": [False], "both": [False, True]}[a.compile]
-    print("| model | steps | CUDA graph | compiled | step ms | DiT FPS | TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | steps | streams | CUDA graph | compiled | step ms | DiT FPS (all streams) | TFLOP/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in a.sizes.split(","):
         cfg = backbone_config(name, a.attention)
         for steps in map(int, a.steps.split(",")):
-            for graph, comp in [(g, c) for g in graphs for c in compiles]:
+            for graph, comp, n_streams in [(g, c, k) for g in graphs for c in compiles
+                                           for k in map(int, a.streams.split(","))]:
                 r = bench_one(cfg, steps, a.height, a.width, device, dtype, a.warmup, a.iters, a.num_kv, a.sink,
-                              a.threshold, graph, comp)
+                              a.threshold, graph, comp, n_streams)
                 r.update(gpu=gpu, torch=torch.__version__, peak_tflops=round(peak, 1),
                          mfu=round(r["tflops_achieved"] / peak, 4))
                 rows.append(r)
-                print(f"| {name} | {steps} | {'on' if graph else 'off'} | {'on' if comp else 'off'} | {r['step_ms']:.2f} | {r['dit_fps']:.1f} | "
+                print(f"| {name} | {steps} | {n_streams} | {'on' if graph else 'off'} | {'on' if comp else 'off'} | {r['step_ms']:.2f} | {r['dit_fps']:.1f} | "
                       f"{r['tflops_achieved']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gib']} |", flush=True)
     if a.json:
         with open(a.json, "w") as f:

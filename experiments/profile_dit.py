@@ -20,7 +20,7 @@ def main():
     a = p.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     model = load_backbone(backbone_config(a.size, "sdpa"), "dummy", device=dev, dtype=dt)
-    cache = model.new_cache(1, 480, 832, 6, 3, 0.2, total_steps=a.steps, max_batch_size=a.steps)
+    cache = model.new_cache(a.steps, 480, 832, 6, 3, 0.2)
     model.set_prompt(cache, torch.randn(1, 512, 4096, device=dev, dtype=dt))
     S = cache.spec.frame_tokens
     with torch.no_grad():

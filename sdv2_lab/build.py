@@ -78,7 +78,9 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
         frames_per_block=cfg.frames_per_block,
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
-        position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps, cuda_graph=cfg.cuda_graph)
+        position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps, cuda_graph=cfg.cuda_graph,
+        overlap=bool(cfg.get("overlap", False)), max_streams=int(cfg.get("streams", 1)),
+        rope_positions=backbone_config(cfg).rope_max_positions)
 
 
 def dit_weights(cfg: DictConfig):
@@ -146,8 +148,10 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    pcfg = pipeline_config(cfg)
-    pcfg.validate()
+    pcfg = pipeline_config(cfg).validate()  # every setting checked before any model is built
+    if pcfg.mode == "pipe":
+        raise NotImplementedError("parallel=pipe (DiT blocks split across GPUs) is not implemented in this version; "
+                                  "use parallel=single or parallel=single_wo")
     dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed)
     dit = apply_dit_precision(dit, cfg.get("dit_precision", "bf16"))  # after loading: names stay loadable
     if cfg.get("compile_kernels", False):

@@ -14,6 +14,7 @@ from dit_oracle import TINY, ReferenceStream, build_reference
 from sdv2_lab.backbones.attention import available_attention_backends
 from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
+from sdv2_lab.stream.scheduler import Scheduler
 
 H, W = 32, 48                 # latent 4x6 -> 2x3 = 6 tokens per latent frame
 NUM_KV, SINK = 6, 3
@@ -40,7 +41,7 @@ def run_streams(ref_model, ckpt, steps, threshold, dtype, attention, num_kv=NUM_
     ref_model = copy.deepcopy(ref_model).to(dtype)  # never cast the shared fixture in place
     S = (H // 16) * (W // 16)
     ref = ReferenceStream(ref_model, S, num_kv, sink, threshold, steps, dtype)
-    cache = ours.new_cache(1, H, W, num_kv, sink, threshold, total_steps=steps, max_batch_size=steps if steps == 4 else None)  # both expand paths
+    cache = ours.new_cache(steps if steps == 4 else 1, H, W, num_kv, sink, threshold)  # both expand paths
     g = torch.Generator().manual_seed(1)
     context = torch.randn(1, 512, 4096, generator=g).to(dtype)
     ours.set_prompt(cache, context)
@@ -113,16 +114,19 @@ def test_fast_config_and_single_wo_passes(reference_checkpoint):
     steps = 3
     ref_model = copy.deepcopy(ref_model).float()
     ref = ReferenceStream(ref_model, S, 5, 2, -1.0, steps)
-    cache = ours.new_cache(1, H, W, 5, 2, -1.0, total_steps=steps)
+    cache = ours.new_cache(1, H, W, 5, 2, -1.0)
+    scheduler = Scheduler("single-wo", [700, 500, 400], cache.spec)   # it counts the passes that pop
+    stream = scheduler.open("p")
     g = torch.Generator().manual_seed(3)
     context = torch.randn(1, 512, 4096, generator=g)
     ours.set_prompt(cache, context)
     for c in range(0, 20):
         f, start = (2, 0) if c == 0 else (1, (c + 1) * S)
+        pops = scheduler._pass_pops(stream, start, f)
         for k in range(steps):
             x = torch.randn(1, f, 16, H // 8, W // 8, generator=g)
             t = torch.full((1, f), [700, 500, 400][k])
             with torch.no_grad():
-                a = ours(x, t, cache, [start])
+                a = ours(x, t, cache, [start], pop=[pops[k]])
             assert rel_err(a, ref(x, t, context, [start])) <= 1e-4
     assert cache.queue_contents(1, 0) == ref_model.blocks[1].self_attn.evict_idx[0]

@@ -196,7 +196,7 @@ def test_dit_formula_equals_model_in_steady_state():
     cfg = WanDiTConfig(name="tiny", dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32)
     model = load_backbone(cfg, "dummy", device="cpu", dtype=torch.float32)
     h, w, kv_frames = 32, 48, 4
-    cache = model.new_cache(1, h, w, kv_frames, 1, -1, total_steps=1, max_batch_size=1)
+    cache = model.new_cache(1, h, w, kv_frames, 1, -1)
     tok = cache.spec.frame_tokens
     assert tok == F.tokens_per_frame(h, w)
     model.set_prompt(cache, torch.randn(1, 512, cfg.text_dim))  # text K/V: once per prompt, not per step

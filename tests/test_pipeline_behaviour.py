@@ -80,12 +80,12 @@ def test_endless_stream_rebases_positions_and_memory_stays_flat():
     sizes, starts = [], []
     for i in range(60):
         pipe.push(video[:, (0 if i == 0 else 1 + 4 * i):5 + 4 * i])
-        S = st.cache.spec.frame_tokens
-        starts.append(st.next_start // S)
-        sizes.append(sum(t.numel() for t in (st.cache.k, st.cache.v, st.cache.queue)))
+        cache = pipe.cache
+        starts.append(st.next_start // cache.spec.frame_tokens)
+        sizes.append(sum(t.numel() for t in (cache.k, cache.v, cache.queue, st.hidden)))
     assert max(starts) <= 12 + 1           # positions never run away (RoPE table bounded)
     assert len(set(sizes)) == 1            # no growth of cached state
-    assert all(len(q) <= 6 for q in st.cache.rolling)
+    assert all(len(cache.rolling[r]) <= 6 for r in st.rows)
 
 
 def test_t2v_generates_frames():

@@ -1,14 +1,19 @@
-"""The streaming KV cache of the causal Wan DiT (reference.md §1.7), as one typed, inspectable object.
+"""The streaming KV cache of the causal Wan DiT (reference.md §1.7), as one typed, inspectable pool of rows.
 
-Layout: ``k, v: [L, B, N*S, H, dh]`` -- one allocation for all layers; row b is stream-batch slot b.
-Positions are offsets in a virtual, ever-growing token sequence (latent frame j = tokens [j*S, (j+1)*S)).
+Layout: ``k, v: [L, R, N*S, H, dh]`` -- one allocation for a range of layers (all of them on one GPU, a
+contiguous slice in ``pipe`` mode) and ``R`` rows. A row is one KV history: a stream-batch slot of one stream
+(a stream in ``single`` mode owns ``steps`` rows, in ``single-wo`` one). Several streams share the pool, so one
+DiT call can serve rows of several streams. Positions are offsets in a virtual, ever-growing token sequence
+(latent frame j = tokens [j*S, (j+1)*S)).
 
 What lives where, and why:
 * Everything that is a deterministic function of the positions (append vs evict, append offsets, valid
-  lengths, which rolling slots are registered) is Python ints on the host: the pipeline knows the
-  positions, so no device value ever has to be read back (the reference does >100 ``.item()`` per step).
+  lengths, which rolling slots are registered) is Python ints on the host: the caller knows the positions,
+  so no device value ever has to be read back (the reference does >100 ``.item()`` per step).
 * The eviction queue is data dependent (adaptive sink refresh compares mean keys), so it lives on the
   device as a fixed-capacity deque per (layer, row) and is updated with tensor ops only.
+* Whether an evicting call pops the queue is the caller's decision (``pop``): the cache knows nothing of
+  denoising steps. ``single-wo`` passes over one chunk several times and pops on one pass in n (the scheduler counts).
 
 Behaviour that deliberately follows the reference (it changes outputs, so parity needs it):
 * the refresh check runs per layer and per row on one-frame chunks only, compares post-RoPE mean keys and
@@ -17,8 +22,6 @@ Behaviour that deliberately follows the reference (it changes outputs, so parity
 * a refresh pushes the sink slot to the *front* of the queue (LIFO) and is not re-queued after use;
 * rolling slots are registered while appending as ``end_of_chunk + chunk_len`` (the *next* chunk's end),
   de-duplicated against the last registered one, so e.g. N=5, sink=2 rotates over two slots, not three;
-* with a cache batch of 1 and several denoising passes over one chunk (``single-wo``), only the last pass
-  pops the queue; the earlier passes rewrite the same slot;
 * attention covers the whole valid cache in physical (not temporal) order, without a causal mask.
 
 Fixed relative to the reference (no output changes): no host syncs; one batched scatter for all rows'
@@ -64,159 +67,223 @@ class CacheSpec:
     def capacity(self) -> int:
         return self.queue_capacity or self.num_frames + 64
 
-    def bytes(self, batch: int, dtype: torch.dtype) -> int:
-        return 2 * self.num_layers * batch * self.size * self.num_heads * self.head_dim * dtype.itemsize
+    def bytes(self, rows: int, dtype: torch.dtype, layers: Optional[int] = None) -> int:
+        layers = self.num_layers if layers is None else layers
+        return 2 * layers * rows * self.size * self.num_heads * self.head_dim * dtype.itemsize
 
 
 @dataclass
 class StepPlan:
-    """Host-side decisions for one DiT call, plus the same facts as one small device tensor."""
+    """Host-side decisions for one DiT call over some rows, plus the same facts as one small device tensor."""
+    rows: list[int]                        # pool rows, one per batch row of the call
     num_tokens: int
     starts: list[int]
     evict: list[bool]
     new_local_end: list[int]
     max_len: int                           # keys attended: [0, max_len)
+    row_range: Optional[tuple[int, int]]   # (first, end) when rows are consecutive: caches are sliced, not gathered
     kv_lens: Optional[torch.Tensor]        # per-row lengths [B] while rows differ, else None (static shape)
     refresh_check: bool
+    row_index: torch.Tensor                # [B] int64 on device: the pool rows
     start_frames: torch.Tensor             # [B] int64 on device: RoPE temporal offset of each row
     append_start: torch.Tensor             # [B] int64 on device (rows that append)
     evict_mask: torch.Tensor               # [B] bool on device
     pop_mask: torch.Tensor                 # [B] bool on device
     register_val: torch.Tensor             # [B] int64 on device, 0 = nothing to register
-    pending_current_step: int = 0
     new_rolling: list[Optional[int]] = field(default_factory=list)
 
 
-class StreamKVCache:
-    """Per-stream self-attention KV cache for all layers, plus the per-prompt cross-attention K/V."""
+@dataclass(frozen=True)
+class RowDecision:
+    evict: bool                # the eviction branch (cache full): write at the ring's head slot
+    local_end: int             # physical end of valid data after the call
+    append_start: int          # where an appending call writes (unused when evicting)
+    register: Optional[int]    # rolling slot end registered by this call, if any
 
-    def __init__(self, spec: CacheSpec, batch_size: int, dtype: torch.dtype, device: torch.device | str,
-                 total_steps: int = 1, max_batch_size: Optional[int] = None):
-        """``max_batch_size`` reserves rows for a later ``expand_batch`` (stream batch), so expanding copies
-        in place instead of allocating a second cache (at 14B / 4 steps that is 28 GiB)."""
+
+def decide(spec: CacheSpec, global_end: int, local_end: int, rolling: Sequence[int], start: int, m: int,
+           where: str = "row") -> RowDecision:
+    """What one call of ``m`` tokens at virtual ``start`` does to a row (§1.7 steps 2-3): pure host logic,
+    also used to dry-run a configuration before any model is built."""
+    if start < 0 or start % spec.frame_tokens:
+        raise ValueError(f"{where}: start {start} is not a non-negative multiple of {spec.frame_tokens}")
+    e = start + m
+    if e > spec.size or local_end >= spec.size:
+        if not rolling:
+            raise ValueError(
+                f"KV cache of {spec.num_frames} frames with {spec.sink_frames} sink frames has no rolling slot to "
+                f"evict into (chunks of {m // spec.frame_tokens} latent frames register none): use a larger "
+                f"num_kv_cache or fewer sink frames")
+        return RowDecision(True, spec.size, 0, None)
+    local = local_end + e - global_end
+    if local < m:
+        raise ValueError(f"{where}: start {start} lies before the cached data (local end {local})")
+    rolling_end = e + m
+    reg = spec.sink_tokens < rolling_end <= spec.size and (not rolling or rolling[-1] != rolling_end)
+    return RowDecision(False, local, local - m, rolling_end if reg else None)
+
+
+class StreamKVCache:
+    """Self-attention KV rows for layers ``[first_layer, first_layer + L)``, plus per-row cross-attention K/V."""
+
+    def __init__(self, spec: CacheSpec, rows: int, dtype: torch.dtype, device: torch.device | str,
+                 layers: Optional[tuple[int, int]] = None):
+        """``rows``: how many KV histories the pool holds. ``layers``: the (first, end) layer range this pool
+        serves (a ``pipe`` stage holds only its own layers); default all of ``spec.num_layers``."""
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
-        rows = max(batch_size, max_batch_size or 0)
-        shape = (spec.num_layers, rows, spec.size, spec.num_heads, spec.head_dim)
-        self._k_rows = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._v_rows = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.k, self.v = self._k_rows[:, :batch_size], self._v_rows[:, :batch_size]
-        q = (spec.num_layers, batch_size)
-        self.queue = torch.zeros(*q, spec.capacity, dtype=torch.long, device=self.device)
-        self.q_head = torch.zeros(q, dtype=torch.long, device=self.device)
-        self.q_len = torch.zeros(q, dtype=torch.long, device=self.device)
-        # Host mirrors (deterministic in the positions).
-        self.global_end = [0] * batch_size
-        self.local_end = [0] * batch_size
-        self.rolling: list[list[int]] = [[] for _ in range(batch_size)]
-        self.total_steps = self.current_step = total_steps
-        # Cross-attention K/V per layer, computed once per prompt: [L, B, H, Ltxt, dh].
+        self.first_layer, self.end_layer = layers if layers is not None else (0, spec.num_layers)
+        if not 0 <= self.first_layer < self.end_layer <= spec.num_layers:
+            raise ValueError(f"layer range {layers} outside [0, {spec.num_layers})")
+        self._alloc(rows)
+
+    def _alloc(self, rows: int) -> None:
+        spec, n_layers = self.spec, self.end_layer - self.first_layer
+        shape = (n_layers, rows, spec.size, spec.num_heads, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.queue = torch.zeros(n_layers, rows, spec.capacity, dtype=torch.long, device=self.device)
+        self.q_head = torch.zeros(n_layers, rows, dtype=torch.long, device=self.device)
+        self.q_len = torch.zeros(n_layers, rows, dtype=torch.long, device=self.device)
+        # Host mirrors (deterministic in the positions), per row.
+        self.global_end = [0] * rows
+        self.local_end = [0] * rows
+        self.rolling: list[list[int]] = [[] for _ in range(rows)]
+        # Cross-attention K/V per layer and row, computed once per prompt: [L, R, H, Ltxt, dh].
         self.cross_k: Optional[torch.Tensor] = None
         self.cross_v: Optional[torch.Tensor] = None
-        self._plan_buf = torch.zeros(6, batch_size, dtype=torch.long, device=self.device)
 
-    # ------------------------------------------------------------------ shape / lifecycle
+    # ------------------------------------------------------------------ rows
     @property
-    def batch_size(self) -> int:
+    def num_rows(self) -> int:
         return self.k.shape[1]
 
-    def expand_batch(self, batch_size: int, total_steps: Optional[int] = None) -> None:
-        """Replicate row 0 into ``batch_size`` rows (stream batch after the first chunk, §2.6 step 4)."""
-        def rep(t):
-            return t[:, :1].repeat(1, batch_size, *([1] * (t.dim() - 2))).contiguous()
-        if self._k_rows.shape[1] >= batch_size:  # rows reserved up front: fill them in place
-            for full in (self._k_rows, self._v_rows):
-                full[:, 1:batch_size] = full[:, :1]
-            self.k, self.v = self._k_rows[:, :batch_size], self._v_rows[:, :batch_size]
-        else:
-            self._k_rows, self._v_rows = rep(self.k), rep(self.v)
-            self.k, self.v = self._k_rows, self._v_rows
-        self.queue, self.q_head, self.q_len = rep(self.queue), rep(self.q_head), rep(self.q_len)
-        self.global_end = [self.global_end[0]] * batch_size
-        self.local_end = [self.local_end[0]] * batch_size
-        self.rolling = [list(self.rolling[0]) for _ in range(batch_size)]
-        if self.cross_k is not None:  # [L, B, H, Ltxt, dh]: one row per stream-batch row
-            self.cross_k, self.cross_v = rep(self.cross_k), rep(self.cross_v)
-        if total_steps is not None:
-            self.total_steps = self.current_step = total_steps
+    @property
+    def batch_size(self) -> int:  # a cache made for one stream: its rows are its batch
+        return self.num_rows
+
+    def local(self, layer: int) -> int:
+        """Index of a model layer inside this pool (a ``pipe`` stage holds a slice of the layers)."""
+        i = layer - self.first_layer
+        if not 0 <= i < self.k.shape[0]:
+            raise IndexError(f"layer {layer} is not held by this cache (layers {self.first_layer}..{self.end_layer - 1})")
+        return i
+
+    def reset_rows(self, rows: Sequence[int]) -> None:
+        """Forget what these rows held (a new stream must not see an old one's keys); keeps the allocation."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        for t in (self.k, self.v, self.queue, self.q_head, self.q_len):
+            t.index_fill_(1, idx, 0)
+        for r in rows:
+            self.global_end[r] = self.local_end[r] = 0
+            self.rolling[r] = []
 
     def reset(self) -> None:
-        """Forget the stream (keeps the allocation; a new stream must not see the old one's keys)."""
-        for t in (self._k_rows, self._v_rows, self.queue, self.q_head, self.q_len):
-            t.zero_()
-        b = self.batch_size
-        self.global_end, self.local_end = [0] * b, [0] * b
-        self.rolling = [[] for _ in range(b)]
-        self.current_step = self.total_steps
+        self.reset_rows(range(self.num_rows))
         self.cross_k = self.cross_v = None
+
+    def copy_rows(self, src: int, dst: Sequence[int]) -> None:
+        """Replicate row ``src`` into rows ``dst`` (stream batch after the first chunk, §2.6 step 4)."""
+        dst = list(dst)
+        if not dst:
+            return
+        idx = torch.as_tensor(dst, dtype=torch.long, device=self.device)
+        tensors = [self.k, self.v, self.queue, self.q_head, self.q_len]
+        tensors += [t for t in (self.cross_k, self.cross_v) if t is not None]
+        for t in tensors:
+            t.index_copy_(1, idx, t[:, src:src + 1].expand(-1, len(dst), *t.shape[2:]).contiguous())
+        for r in dst:
+            self.global_end[r], self.local_end[r] = self.global_end[src], self.local_end[src]
+            self.rolling[r] = list(self.rolling[src])
+
+    def expand_batch(self, batch_size: int) -> None:
+        """Row 0 into rows 1..batch_size-1, growing the pool if it has fewer rows (a single-stream cache)."""
+        if batch_size > self.num_rows:
+            old = (self.k, self.v, self.queue, self.q_head, self.q_len, self.cross_k, self.cross_v,
+                   self.global_end, self.local_end, self.rolling)
+            self._alloc(batch_size)
+            r = old[0].shape[1]
+            for new, o in zip((self.k, self.v, self.queue, self.q_head, self.q_len), old[:5]):
+                new[:, :r] = o
+            self.global_end[:r], self.local_end[:r], self.rolling[:r] = old[7], old[8], old[9]
+            if old[5] is not None:
+                self.cross_k = torch.cat([old[5], old[5][:, :1].expand(-1, batch_size - r, -1, -1, -1)], 1)
+                self.cross_v = torch.cat([old[6], old[6][:, :1].expand(-1, batch_size - r, -1, -1, -1)], 1)
+        self.copy_rows(0, range(1, batch_size))
+
+    def set_cross(self, rows: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one prompt's cross-attention K/V ``[L, H, Ltxt, dh]`` (this pool's layers) into ``rows``, in
+        place once allocated (a captured CUDA graph keeps reading the same buffers)."""
+        if self.cross_k is None or self.cross_k.shape[2:] != k.shape[1:]:
+            shape = (k.shape[0], self.num_rows, *k.shape[1:])
+            self.cross_k = torch.zeros(shape, dtype=k.dtype, device=self.device)
+            self.cross_v = torch.zeros(shape, dtype=v.dtype, device=self.device)
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        self.cross_k.index_copy_(1, idx, k[:, None].expand(-1, len(idx), -1, -1, -1).contiguous())
+        self.cross_v.index_copy_(1, idx, v[:, None].expand(-1, len(idx), -1, -1, -1).contiguous())
+
+    def cross(self, layer: int, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's rows of one layer's cross-attention K/V, ``[B, H, Ltxt, dh]`` each."""
+        if self.cross_k is None:
+            raise RuntimeError("no prompt set on these KV-cache rows: set_prompt first")
+        i = self.local(layer)
+        return self._rows(self.cross_k[i], plan), self._rows(self.cross_v[i], plan)
+
+    @staticmethod
+    def _rows(t: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        if plan.row_range is not None:
+            return t[plan.row_range[0]:plan.row_range[1]]
+        return t.index_select(0, plan.row_index)
 
     def queue_contents(self, layer: int, row: int) -> list[int]:
         """The eviction queue of one (layer, row), front first (for tests and debugging; syncs)."""
-        head, n = int(self.q_head[layer, row]), int(self.q_len[layer, row])
+        i = self.local(layer)
+        head, n = int(self.q_head[i, row]), int(self.q_len[i, row])
         cap = self.spec.capacity
-        return [int(self.queue[layer, row, (head + j) % cap]) for j in range(n)]
+        return [int(self.queue[i, row, (head + j) % cap]) for j in range(n)]
 
     # ------------------------------------------------------------------ per-call protocol
-    def plan(self, starts: Sequence[int], num_tokens: int) -> StepPlan:
-        """Decide, on the host, what this call does to each row. ``starts``: virtual start token per row."""
-        spec, m, b = self.spec, num_tokens, self.batch_size
-        if len(starts) != b:
-            raise ValueError(f"{len(starts)} row positions for a KV cache of batch {b}")
+    def plan(self, starts: Sequence[int], num_tokens: int, rows: Optional[Sequence[int]] = None,
+             pop: Optional[Sequence[bool]] = None, out: Optional[torch.Tensor] = None) -> StepPlan:
+        """Decide, on the host, what this call does to each row. ``starts``: virtual start token per row;
+        ``rows``: pool rows (default 0..B-1); ``pop``: whether an evicting row rotates its ring (default yes);
+        ``out``: a [7, B] int64 device buffer to hold the plan (a captured CUDA graph reads it from there)."""
+        spec, m = self.spec, num_tokens
+        rows = list(range(len(starts))) if rows is None else [int(r) for r in rows]
+        pop = [True] * len(rows) if pop is None else [bool(p) for p in pop]
+        if not (len(starts) == len(rows) == len(pop)):
+            raise ValueError(f"{len(starts)} starts, {len(rows)} rows and {len(pop)} pop flags for one call")
+        if not rows or max(rows) >= self.num_rows or min(rows) < 0 or len(set(rows)) != len(rows):
+            raise ValueError(f"rows {rows} are not distinct rows of a {self.num_rows}-row KV cache")
         if m > spec.size:
             raise ValueError(f"chunk of {m} tokens ({m // spec.frame_tokens} latent frames) is longer than the "
                              f"KV cache ({spec.num_frames} frames = {spec.size} tokens)")
-        evict, new_local, append_start, register, pop, new_rolling = [], [], [], [], [], []
-        pops_now = not (b == 1 and self.current_step > 1)
-        for i, c in enumerate(starts):
-            c = int(c)
-            if c < 0 or c % spec.frame_tokens:
-                raise ValueError(f"row {i}: start {c} is not a non-negative multiple of {spec.frame_tokens}")
-            e = c + m
-            if e > spec.size or self.local_end[i] >= spec.size:
-                if not self.rolling[i]:
-                    raise ValueError(
-                        f"KV cache of {spec.num_frames} frames with {spec.sink_frames} sink frames has no rolling "
-                        f"slot to evict into (the first chunk registers slot end {e}); use num_kv_cache >= "
-                        f"max(4, sink + 1)")
-                evict.append(True)
-                new_local.append(spec.size)
-                append_start.append(0)
-                register.append(0)
-                pop.append(pops_now)
-                new_rolling.append(None)
-            else:
-                local = self.local_end[i] + e - self.global_end[i]
-                if local < m:
-                    raise ValueError(f"row {i}: start {c} lies before the cached data (local end {local})")
-                rolling_end = e + m
-                reg = (spec.sink_tokens < rolling_end <= spec.size
-                       and (not self.rolling[i] or self.rolling[i][-1] != rolling_end))
-                evict.append(False)
-                new_local.append(local)
-                append_start.append(local - m)
-                register.append(rolling_end if reg else 0)
-                pop.append(False)
-                new_rolling.append(rolling_end if reg else None)
+        evict, new_local, append_start, register, new_rolling = [], [], [], [], []
+        for r, c in zip(rows, starts):
+            d = decide(spec, self.global_end[r], self.local_end[r], self.rolling[r], int(c), m, where=f"row {r}")
+            evict.append(d.evict)
+            new_local.append(d.local_end)
+            append_start.append(d.append_start)
+            register.append(d.register or 0)
+            new_rolling.append(d.register)
         max_len = max(new_local)
         frames = [int(c) // spec.frame_tokens for c in starts]
+        pops = [int(e and p) for e, p in zip(evict, pop)]
         # One small host->device copy per call, from pinned memory so it does not block the host, into a
-        # buffer that stays at one address (a captured CUDA graph reads the plan from there).
-        packed = torch.tensor([frames, append_start, register, [int(x) for x in evict], [int(x) for x in pop],
-                               new_local], dtype=torch.long)
+        # buffer that stays at one address when the caller owns it (CUDA-graph replay).
+        packed = torch.tensor([rows, frames, append_start, register, [int(x) for x in evict], pops, new_local],
+                              dtype=torch.long)
         if self.device.type == "cuda":
             packed = packed.pin_memory()
-        if self._plan_buf.shape[1] != b:
-            self._plan_buf = torch.zeros(6, b, dtype=torch.long, device=self.device)
-        self._plan_buf.copy_(packed, non_blocking=True)
-        packed = self._plan_buf
-        kv_lens = packed[5] if any(x != max_len for x in new_local) else None
-        refresh = spec.sink_frames > 0 and spec.refresh_threshold > -1 and m <= spec.frame_tokens
-        next_step = self.current_step
-        if any(evict) and b == 1:
-            next_step = self.current_step - 1 if self.current_step > 1 else self.total_steps
-        return StepPlan(num_tokens=m, starts=[int(c) for c in starts], evict=evict, new_local_end=new_local,
-                        max_len=max_len, kv_lens=kv_lens, refresh_check=refresh, start_frames=packed[0],
-                        append_start=packed[1], register_val=packed[2], evict_mask=packed[3].bool(),
-                        pop_mask=packed[4].bool(), pending_current_step=next_step, new_rolling=new_rolling)
+        if out is None or tuple(out.shape) != tuple(packed.shape):
+            out = torch.empty(packed.shape, dtype=torch.long, device=self.device)
+        out.copy_(packed, non_blocking=True)
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return StepPlan(rows=rows, num_tokens=m, starts=[int(c) for c in starts], evict=evict, new_local_end=new_local,
+                        max_len=max_len, row_range=(rows[0], rows[0] + len(rows)) if consecutive else None,
+                        kv_lens=out[6] if any(x != max_len for x in new_local) else None,
+                        refresh_check=spec.sink_frames > 0 and spec.refresh_threshold > -1 and m <= spec.frame_tokens,
+                        row_index=out[0], start_frames=out[1], append_start=out[2], register_val=out[3],
+                        evict_mask=out[4].bool(), pop_mask=out[5].bool(), new_rolling=new_rolling)
 
     def update(self, layer: int, plan: StepPlan, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this layer's new (post-RoPE) keys and values; return the keys/values to attend over.
@@ -224,15 +291,16 @@ class StreamKVCache:
         k_new, v_new: [B, m, H, dh]. Returns (k [B, Lmax, H, dh], v [B, Lmax, H, dh], kv_lens or None).
         """
         spec, m = self.spec, plan.num_tokens
-        b = k_new.shape[0]
-        rows = torch.arange(b, device=self.device)
+        li = self.local(layer)
+        rows, b = plan.row_index, k_new.shape[0]
         cap = spec.capacity
-        buf, head, length = self.queue[layer], self.q_head[layer], self.q_len[layer]
+        buf = self.queue[li]
+        head, length = self.q_head[li].index_select(0, rows), self.q_len[li].index_select(0, rows)
 
         if plan.refresh_check:  # adaptive sink refresh (§1.7 step 1), all rows at once
             sinks, s = spec.sink_frames, spec.frame_tokens
-            k_sink = self.k[layer, :, : sinks * s].reshape(b, sinks, s, -1).mean(2)
-            v_sink = self.v[layer, :, : sinks * s].reshape(b, sinks, s, -1).mean(2)
+            k_sink = self._rows(self.k[li], plan)[:, : sinks * s].reshape(b, sinks, s, -1).mean(2)
+            v_sink = self._rows(self.v[li], plan)[:, : sinks * s].reshape(b, sinks, s, -1).mean(2)
             k_cur = k_new.reshape(b, 1, m, -1).mean(2)
             v_cur = v_new.reshape(b, 1, m, -1).mean(2)
             sim = (torch.cosine_similarity(k_sink, k_cur, dim=-1) + torch.cosine_similarity(v_sink, v_cur, dim=-1)) / 2
@@ -256,21 +324,22 @@ class StreamKVCache:
         tail = (head + length) % cap
         buf[rows, tail] = torch.where(reg, plan.register_val, buf[rows, tail])
         length = length + reg.long()
-        self.q_head[layer], self.q_len[layer] = head, length
+        self.q_head[li].index_copy_(0, rows, head)
+        self.q_len[li].index_copy_(0, rows, length)
 
         # One scatter for all rows: row r's m tokens go to [start_r, start_r + m).
         start = torch.where(plan.evict_mask, target - m, plan.append_start)
         flat = (rows[:, None] * spec.size + start[:, None] + torch.arange(m, device=self.device)[None, :]).reshape(-1)
-        kc, vc = self.k[layer].view(-1, *k_new.shape[2:]), self.v[layer].view(-1, *v_new.shape[2:])
+        kc, vc = self.k[li].view(-1, *k_new.shape[2:]), self.v[li].view(-1, *v_new.shape[2:])
         kc.index_copy_(0, flat, k_new.reshape(-1, *k_new.shape[2:]).to(self.dtype))
         vc.index_copy_(0, flat, v_new.reshape(-1, *v_new.shape[2:]).to(self.dtype))
-        return self.k[layer, :, : plan.max_len], self.v[layer, :, : plan.max_len], plan.kv_lens
+        k_all, v_all = self._rows(self.k[li], plan), self._rows(self.v[li], plan)
+        return k_all[:, : plan.max_len], v_all[:, : plan.max_len], plan.kv_lens
 
     def commit(self, plan: StepPlan) -> None:
         """Advance the host mirrors after all layers ran this plan."""
-        for i, c in enumerate(plan.starts):
-            self.global_end[i] = c + plan.num_tokens
-            self.local_end[i] = plan.new_local_end[i]
-            if plan.new_rolling[i] is not None:
-                self.rolling[i].append(plan.new_rolling[i])
-        self.current_step = plan.pending_current_step
+        for r, c, local, new in zip(plan.rows, plan.starts, plan.new_local_end, plan.new_rolling):
+            self.global_end[r] = c + plan.num_tokens
+            self.local_end[r] = local
+            if new is not None:
+                self.rolling[r].append(new)

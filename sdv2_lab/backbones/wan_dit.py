@@ -11,7 +11,7 @@ The per-chunk path does no host syncs and no Python loops over the batch: positi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -40,7 +40,6 @@ class WanDiTConfig:
     rope_theta: float = 10000.0
     rope_max_positions: int = 1024   # temporal positions available; the pipeline rebases long streams
     attention: str = "sdpa"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -286,37 +285,31 @@ class CausalWanDiT(nn.Module):
         ph, pw = self.cfg.patch_size[1:]
         return (height // 8 // ph) * (width // 8 // pw)
 
-    def new_cache(self, batch_size: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
-                  refresh_threshold: float = -1.0, total_steps: int = 1, dtype=None, device=None,
-                  max_batch_size: Optional[int] = None) -> StreamKVCache:
+    def new_cache(self, rows: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
+                  refresh_threshold: float = -1.0, dtype=None, device=None,
+                  layers: Optional[tuple[int, int]] = None) -> StreamKVCache:
+        """A KV cache of ``rows`` histories (a stream's stream-batch slots, or several streams' rows) for the
+        layers ``layers`` (default all)."""
         p = self.patch_embedding.weight
         spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold)
-        return StreamKVCache(spec, batch_size, dtype or p.dtype, device or p.device, total_steps, max_batch_size)
+        return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers)
 
     # ------------------------------------------------------------------ prompt
     @torch.no_grad()
-    def set_prompt(self, cache: StreamKVCache, context: torch.Tensor) -> None:
-        """Compute every layer's cross-attention K/V for a prompt embedding [Bc, text_len, text_dim]."""
-        if context.dim() != 3 or context.shape[-1] != self.cfg.text_dim:
-            raise ValueError(f"prompt embedding must be [B, L, {self.cfg.text_dim}], got {tuple(context.shape)}")
+    def set_prompt(self, cache: StreamKVCache, context: torch.Tensor, rows: Optional[Sequence[int]] = None) -> None:
+        """Compute the cross-attention K/V of a prompt embedding [1, text_len, text_dim] for the cache's layers
+        and store them in ``rows`` (default: every row of the cache)."""
+        if context.dim() != 3 or context.shape[0] != 1 or context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(f"prompt embedding must be [1, L, {self.cfg.text_dim}], got {tuple(context.shape)}")
         if context.shape[1] < self.cfg.text_len:  # the reference pads to text_len with zeros
             context = F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1]))
         p = self.patch_embedding.weight
         ctx = self.text_embedding(context.to(p.device, p.dtype))
-        kv = [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
-        # Stored as [L, B, H, Ltxt, dh] (contiguous in SDPA's layout) with one row per stream-batch row, so
-        # attention never meets a stride-0 batch or a transposed copy; memory: 2*L*B*Ltxt*D elements.
-        k, v = (torch.stack([t for t in kv_part]).transpose(2, 3) for kv_part in zip(*kv))
-        if k.shape[1] != cache.batch_size:
-            if k.shape[1] != 1:
-                raise ValueError(f"prompt batch {k.shape[1]} fits neither 1 nor the stream batch {cache.batch_size}")
-            k, v = (t.expand(-1, cache.batch_size, -1, -1, -1) for t in (k, v))
-        k, v = k.contiguous(), v.contiguous()
-        if cache.cross_k is not None and cache.cross_k.shape == k.shape:
-            cache.cross_k.copy_(k)  # in place: a captured CUDA graph keeps reading the same buffers
-            cache.cross_v.copy_(v)
-        else:
-            cache.cross_k, cache.cross_v = k, v
+        kv = [self.blocks[i].cross_attn.context_kv(ctx) for i in range(cache.first_layer, cache.end_layer)]
+        # Stored as [L, R, H, Ltxt, dh] (contiguous in SDPA's layout) with one copy per row, so attention
+        # never meets a stride-0 batch or a transposed copy; memory: 2*L*R*Ltxt*D elements.
+        k, v = (torch.stack([t[0] for t in part]).transpose(1, 2) for part in zip(*kv))
+        cache.set_cross(range(cache.num_rows) if rows is None else rows, k, v)
 
     # ------------------------------------------------------------------ pieces (a pipeline stage may run a subset)
     def _rope(self, start_frames: torch.Tensor, f: int, h: int, w: int, device):
@@ -353,7 +346,7 @@ class CausalWanDiT(nn.Module):
         attend = self.attention_backend.attend
         end = self.cfg.num_layers if end is None else end
         for i in range(start, end):
-            tokens = self.blocks[i](tokens, e0, rope, (cache.cross_k[i], cache.cross_v[i]), cache, i, plan, attend)
+            tokens = self.blocks[i](tokens, e0, rope, cache.cross(i, plan), cache, i, plan, attend)
         return tokens
 
     def unpatchify(self, out: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
@@ -368,27 +361,32 @@ class CausalWanDiT(nn.Module):
     def check_latent(self, x: torch.Tensor, cache: StreamKVCache) -> None:
         if x.dim() != 5 or x.shape[2] != self.cfg.in_dim:
             raise ValueError(f"latent must be [B, F, {self.cfg.in_dim}, h, w], got {tuple(x.shape)}")
-        _, pt, ph, pw = (None, *self.cfg.patch_size)
+        _, ph, pw = self.cfg.patch_size
         tokens = (x.shape[3] // ph) * (x.shape[4] // pw)
         if x.shape[3] % ph or x.shape[4] % pw or tokens != cache.spec.frame_tokens:
             raise ValueError(f"latent of {x.shape[3]}x{x.shape[4]} gives {tokens} tokens per frame, but the KV cache "
                              f"was built for {cache.spec.frame_tokens} (check height/width against the VAE stride 8)")
-        if x.shape[0] != cache.batch_size:
-            raise ValueError(f"latent batch {x.shape[0]} != KV cache batch {cache.batch_size}")
-        if cache.cross_k is None:
-            raise RuntimeError("no prompt set on this stream: call set_prompt(cache, prompt_embedding) first")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cache: StreamKVCache, starts: Sequence[int]) -> torch.Tensor:
-        """One streaming call. x [B, F, C, h, w]; t [B, F] timesteps; ``starts`` = virtual start token of each
-        row (host ints). Returns the predicted velocity [B, F, C, h, w] and advances the cache."""
+    def plan(self, x: torch.Tensor, cache: StreamKVCache, starts: Sequence[int], rows: Optional[Sequence[int]] = None,
+             pop: Optional[Sequence[bool]] = None, out: Optional[torch.Tensor] = None):
+        """Check a call's inputs and make its cache plan (host work only)."""
         self.check_latent(x, cache)
+        if len(starts) != x.shape[0]:
+            raise ValueError(f"latent batch {x.shape[0]} != {len(starts)} row positions")
         _, f, _, hl, wl = x.shape
-        h, w = hl // self.cfg.patch_size[1], wl // self.cfg.patch_size[2]
         frames = [int(c) // cache.spec.frame_tokens for c in starts]
         if max(frames) + f > self.cfg.rope_max_positions:
             raise ValueError(f"temporal position {max(frames) + f} exceeds rope_max_positions "
-                             f"{self.cfg.rope_max_positions}; rebase stream positions (the pipeline does)")
-        plan = cache.plan(starts, f * h * w)
+                             f"{self.cfg.rope_max_positions}; rebase stream positions (the scheduler does)")
+        return cache.plan(starts, f * cache.spec.frame_tokens, rows, pop, out)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cache: StreamKVCache, starts: Sequence[int],
+                rows: Optional[Sequence[int]] = None, pop: Optional[Sequence[bool]] = None) -> torch.Tensor:
+        """One streaming call. x [B, F, C, h, w]; t [B, F] timesteps; ``starts`` = virtual start token of each
+        row (host ints); ``rows`` = the cache rows they use (default 0..B-1); ``pop`` = whether each evicting
+        row rotates its eviction ring (default yes). Returns the predicted velocity [B, F, C, h, w] and
+        advances the cache."""
+        plan = self.plan(x, cache, starts, rows, pop)
         out = self.step(x, t, cache, plan)
         cache.commit(plan)
         return out
@@ -401,10 +399,6 @@ class CausalWanDiT(nn.Module):
         rope = self._rope(plan.start_frames, f, h, w, x.device)
         tokens = self.run_blocks(tokens, e0, rope, cache, plan)
         return self.unpatchify(self.head(tokens, e).flatten(1, 2), f, h, w)
-
-    def predict_x0(self, x, t, cache, starts, schedule) -> torch.Tensor:
-        """x0 = x_t - sigma_t * v on the flow-matching grid (``sdv2_lab.stream.schedule``)."""
-        return schedule.velocity_to_x0(self(x, t, cache, starts), x, t)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()

@@ -1,71 +1,425 @@
-"""Stream one clip through a pipeline exactly as live input would arrive, chunk by chunk, and time it.
+"""The one chunk driver: every front end (``sdv2 run``, the harness, the Python API, ``run_v2v.sh``, the web
+server) streams through it.
 
-Shared by ``sdv2 run`` and the evaluation loop, so both measure the same thing the same way.
+    driver = StreamDriver(executor, vae, text_encoder, cfg)
+    s = driver.open("a watercolor painting", seed=1)     # a stream: its own rows, prompt, positions, VAE state
+    driver.feed(s, frames)                                # [3, T, H, W] in [-1, 1], any T
+    outs = driver.step()                                  # one chunk of every ready stream, one DiT job for all
+    outs += driver.flush(s); driver.close(s)
+
+One chunk's path, top to bottom, is ``_run``: the scheduler (pure logic) forms chunks and jobs; the VAE
+encodes and the motion-aware controller noises each chunk; an executor runs one DiT job for all streams;
+the VAE decodes the finished chunks. Listeners get ``ChunkIn`` / ``StageRun`` / ``ChunkOut`` events
+(``timing.py``): the CLI, the harness and the server subscribe; nothing is monkey-patched.
+
+``overlap=True`` (GPU): encode, DiT and decode run on three CUDA streams ordered by events, so the encode of
+chunk k+1 and the decode of chunk k-1 overlap the DiT of chunk k. The host never waits in the steady state;
+tensors crossing streams are handed over with ``record_stream`` so the allocator does not reuse them early;
+random numbers are drawn in the same host order either way, so outputs are identical with overlap on or off.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from .timing import StageTimer
+from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
+from .config import PipelineConfig
+from .noise_controller import MotionNoiseController, mix_noise
+from .scheduler import Chunk, DiTJob, Scheduler, Stream
+from .timing import ChunkIn, ChunkOut, Clock, StageRun, StreamTimer
+
+log = logging.getLogger(__name__)
+
+STAGES = ("encode", "dit", "decode")
+
+
+@dataclass
+class Encoded:
+    chunk: Chunk
+    noisy: torch.Tensor                      # [1, F, C, h, w]
+    scale: Optional[torch.Tensor] = None     # the noise level applied (float64 device scalar)
+    step: Optional[torch.Tensor] = None      # the timestep slot 0 gets (int64 device scalar), None = unchanged
+    ready: Optional[torch.cuda.Event] = None # recorded after the encode: the DiT's lane waits for it
+
+
+class Lanes:
+    """Where each stage runs: its own CUDA stream when overlapping, else the current stream."""
+
+    def __init__(self, device: torch.device, overlap: bool):
+        self.streams = {name: torch.cuda.Stream(device) for name in STAGES} if overlap and device.type == "cuda" \
+            else None
+
+    def stream(self, name: str) -> Optional[torch.cuda.Stream]:
+        return None if self.streams is None else self.streams[name]
+
+    @contextlib.contextmanager
+    def on(self, name: str, after: Iterable[Optional[torch.cuda.Event]] = ()):
+        """Run the block on stage ``name``'s stream, after the given events."""
+        s = self.stream(name)
+        if s is None:
+            yield
+            return
+        for ev in after:
+            if ev is not None:
+                s.wait_event(ev)
+        with torch.cuda.stream(s):
+            yield
+
+    def handoff(self, t: Optional[torch.Tensor], to: str) -> None:
+        """``t`` is used on stage ``to``'s stream too: keep its memory until that stream is done with it."""
+        if self.streams is not None and t is not None and t.is_cuda:
+            t.record_stream(self.stream(to) if to in STAGES else torch.cuda.current_stream())
+
+
+class StreamDriver:
+    def __init__(self, executor, vae, text_encoder, cfg: PipelineConfig, *, dtype: torch.dtype = torch.bfloat16,
+                 generator: Optional[torch.Generator] = None):
+        cfg.validate()
+        self.executor, self.vae, self.text_encoder, self.cfg = executor, vae, text_encoder, cfg
+        self.device, self.dtype = executor.device, dtype
+        self.schedule = executor.schedule
+        self.generator = generator              # the default noise source of streams opened without a seed
+        self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
+                                   cfg.position_refresh_frames, cfg.max_streams, cfg.t2v)
+        if executor.cache.num_rows < self.scheduler.num_rows:
+            raise ValueError(f"the executor's KV cache has {executor.cache.num_rows} rows; {cfg.max_streams} stream(s) "
+                             f"of mode {cfg.mode} need {self.scheduler.num_rows}")
+        self.lanes = Lanes(self.device, cfg.overlap)
+        self.clock = Clock(self.device)
+        self.listeners: list[Callable] = []
+        self._dit_done: Optional[torch.cuda.Event] = None     # the last DiT job's end (decode waits for it)
+        self._last_ring: tuple = (None, None)                  # (stream ids, ring) of the last stream-batch job
+
+    # ------------------------------------------------------------------ events
+    def subscribe(self, listener: Callable) -> Callable:
+        self.listeners.append(listener)
+        return listener
+
+    def unsubscribe(self, listener: Callable) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def _emit(self, event) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str, streams: list[Stream], frames: list[int], after=()):
+        """Run a stage on its lane after ``after`` (events), and tell listeners when it ran (events on that
+        lane). Yields a ``StageRun`` whose ``end`` mark later stages wait for."""
+        with self.lanes.on(name, after):
+            run = StageRun(name, [s.id for s in streams], frames, self.clock.now(), None)
+            yield run
+            run.end = self.clock.now()
+        if self.listeners:
+            self._emit(run)
+
+    def _current_event(self) -> Optional[torch.cuda.Event]:
+        """An event on the current stream (work issued so far), for a lane to wait for."""
+        return self.clock.now().event
+
+    # ------------------------------------------------------------------ streams
+    @property
+    def num_steps(self) -> int:
+        return len(self.cfg.step_list)
+
+    @property
+    def weights_are_dummy(self) -> bool:
+        parts = (self.executor.dit, self.vae, self.text_encoder)
+        return any(getattr(m, "weights_are_dummy", False) for m in parts)
+
+    @torch.no_grad()
+    def open(self, prompt: str, seed: Optional[int] = None) -> Stream:
+        """A new stream: fresh KV rows, positions, noise controller and VAE state; the prompt encoded.
+        ``seed``: this stream's own noise generator (its outputs then do not depend on other streams)."""
+        s = self.scheduler.open(prompt)
+        try:
+            s.controller = MotionNoiseController(self.cfg.noise, self.device)
+            s.t = torch.tensor(s.steps, dtype=torch.long, device=self.device)
+            s.vae_state = self.vae.new_state(1) if self.vae is not None else None
+            if seed is not None:
+                s.generator = torch.Generator(device=self.device).manual_seed(seed)
+            else:
+                s.generator = self.generator
+            emb = self._embed(prompt)
+            with self.lanes.on("dit", [self._current_event()]):
+                self.executor.reset_rows(s.rows)
+                self.executor.set_prompt(s.rows, emb)
+        except BaseException:
+            self.scheduler.close(s)
+            raise
+        return s
+
+    def close(self, s: Stream) -> None:
+        """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
+        self.scheduler.close(s)
+
+    @torch.no_grad()
+    def set_prompt(self, s: Stream, prompt: str) -> None:
+        """Change a stream's prompt mid-stream: only its rows' cross-attention K/V change."""
+        emb = self._embed(prompt)
+        with self.lanes.on("dit", [self._current_event()]):
+            self.executor.set_prompt(s.rows, emb)
+        s.prompt = prompt
+
+    def _embed(self, prompt: str) -> torch.Tensor:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("the prompt is empty: give a text describing the target style")
+        te = self.text_encoder
+        emb = te.encode(prompt) if hasattr(te, "encode") else te(prompt)
+        return emb.to(self.device, self.dtype)
+
+    def frames_needed(self, s: Stream) -> int:
+        return self.scheduler.frames_needed(s)
+
+    # ------------------------------------------------------------------ frames in, finished chunks out
+    def feed(self, s: Stream, frames: torch.Tensor) -> None:
+        """Buffer input frames [3, T, H, W] in [-1, 1] (moved to the device without blocking the host)."""
+        frames = self._check_frames(frames)
+        self.scheduler.feed(s, frames)
+        if frames.shape[1]:
+            s.arrivals.append((s.fed, self.clock.host()))   # when frames up to s.fed were all here
+    @torch.no_grad()
+    def step(self, streams: Optional[list[Stream]] = None) -> list[ChunkOut]:
+        """One chunk of every ready stream (or of ``streams``): encode each, one DiT job, decode what finished."""
+        pool = streams if streams is not None else list(self.scheduler.streams.values())
+        chunks = [c for c in (self.scheduler.next_chunk(s) for s in pool if self.scheduler.ready(s)) if c]
+        for c in chunks:
+            if c.frames is not None:
+                self._arrived(c)
+        return self._run(chunks) if chunks else []
+
+    def _arrived(self, c: Chunk) -> None:
+        """Tell listeners when the chunk's last frame was available (the start of its latency)."""
+        s = c.stream
+        while s.arrivals and s.arrivals[0][0] < s.taken:   # pieces that ended before this chunk's last frame
+            s.arrivals.popleft()
+        mark = s.arrivals[0][1]
+        if self.listeners:
+            self._emit(ChunkIn(s.id, c.frames.shape[2], mark))
+
+    @torch.no_grad()
+    def push(self, s: Stream, frames: torch.Tensor) -> list[ChunkOut]:
+        """Feed frames to one stream and run its chunks until it waits for more input."""
+        self.feed(s, frames)
+        outs = []
+        while self.scheduler.ready(s) and not s.flush_calls:
+            outs += self.step([s])
+        return outs
+
+    @torch.no_grad()
+    def flush(self, s: Stream) -> list[ChunkOut]:
+        """End of one stream's input: finish the chunks still in flight. Frames that do not fill a chunk are
+        dropped (the VAE takes whole chunks); the number is logged."""
+        dropped = self.scheduler.flush(s)
+        if dropped:
+            log.info("stream %d: %d trailing frame(s) do not fill a chunk and were dropped", s.id, dropped)
+        outs = []
+        while s.flush_calls:
+            outs += self.step([s])
+        return outs
+
+    @torch.no_grad()
+    def generate(self, s: Stream, num_frames: int) -> list[ChunkOut]:
+        """Text-to-video: chunks of pure noise for about ``num_frames`` frames, then the flush."""
+        if not self.cfg.t2v:
+            raise ValueError("generate() needs PipelineConfig(t2v=True)")
+        outs = []
+        for _ in range((num_frames - 1) // FRAMES_PER_LATENT + 1):
+            c = self.scheduler.noise_chunk(s)
+            if self.listeners:
+                self._emit(ChunkIn(s.id, FRAMES_PER_LATENT * c.latent_frames, self.clock.host()))
+            outs += self._run([c])
+        return outs + self.flush(s)
+
+    # ------------------------------------------------------------------ one chunk's path
+    def _run(self, chunks: list[Chunk]) -> list[ChunkOut]:
+        encoded = [self.encode(c) for c in chunks]                       # VAE encode + motion-aware noise
+        outs = []
+        for job in self.scheduler.dit_jobs([e.chunk for e in encoded]):  # first chunks alone; the rest in one job
+            mine = [next(e for e in encoded if e.chunk is c) for c in job.chunks]
+            for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit):
+                if emitted:
+                    outs.append(self.decode(s, x0))                      # VAE decode of what finished
+            self.scheduler.finished(job)
+        return outs
+
+    def encode(self, c: Chunk, scale: Optional[torch.Tensor] = None, step: Optional[torch.Tensor] = None) -> Encoded:
+        """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller, unless
+        ``scale``/``step`` are given (the staged API's explicit previous noise scale)."""
+        s = c.stream
+        if c.frames is None:  # text-to-video or flush: a chunk of pure noise
+            shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
+            with self._stage("noise", [s], [0]) as run:
+                noisy = self._randn(s, shape)
+            self.lanes.handoff(noisy, "dit")
+            return Encoded(c, noisy, ready=run.end.event)
+        with self._stage("encode", [s], [c.frames.shape[2]]) as run:
+            frames = c.frames
+            if scale is None and c.first:
+                scale = s.controller.s0
+            elif scale is None:
+                scale, step = s.controller.update(frames, s.last_frame)
+            latents = self.vae.encode(s.vae_state, frames).to(self.dtype)
+            noisy = mix_noise(latents, self._randn(s, latents.shape), scale)
+            s.last_frame = frames[:, :, -1:]
+        if c.real:
+            s.scales.append(scale)
+        for t in (noisy, scale, step):
+            self.lanes.handoff(t, "dit")
+        return Encoded(c, noisy, scale, step, ready=run.end.event)
+
+    def denoise(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
+        """One DiT job; returns x0 [1, F, C, h, w] per stream (what leaves; placeholders included)."""
+        frames = [e.noisy.shape[1] * FRAMES_PER_LATENT + int(e.chunk.first) for e in encoded]
+        with self._stage("dit", job.streams, frames, [e.ready for e in encoded]) as run:
+            for s, e in zip(job.streams, encoded):
+                if e.step is not None:
+                    s.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks, as the reference)
+            x0 = self._stream_batch(job, encoded) if job.stream_batch else self._all_steps(job, encoded)
+        for t in x0:
+            self.lanes.handoff(t, "decode")
+        self._dit_done = run.end.event
+        return x0
+
+    def _all_steps(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
+        x = torch.cat([e.noisy for e in encoded]) if len(encoded) > 1 else encoded[0].noisy
+        t = torch.stack([s.t for s in job.streams], dim=1)                     # [passes, R]
+        noise = None
+        if job.passes > 1:  # one draw per pass and stream, as the reference re-noises between passes
+            noise = torch.stack([torch.cat([self._randn(s, e.noisy.shape) for _ in range(job.passes - 1)])
+                                 for s, e in zip(job.streams, encoded)], dim=1)  # [passes - 1, R, F, ...]
+        x0 = self.executor.run(job, x, t, noise).out
+        if job.first and self.scheduler.rule.stream_batch:  # the stream batch starts: every row from row 0 (§2.6)
+            s = job.streams[0]
+            self.executor.copy_rows(s.rows[0], s.rows[1:])
+            s.hidden = torch.zeros(self.num_steps, s.frames_per_block, *x.shape[2:], device=self.device,
+                                   dtype=self.dtype)
+        return list(x0.split(1))
+
+    def _stream_batch(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
+        n = self.num_steps
+        x = self._ring(job.streams)
+        x.unflatten(0, (-1, n))[:, 0] = torch.cat([e.noisy for e in encoded])   # each stream's new chunk: slot 0
+        t = torch.cat([s.t for s in job.streams]) if len(job.streams) > 1 else job.streams[0].t
+        noise = torch.zeros_like(x)
+        for j, s in enumerate(job.streams):    # re-noise draws per stream, in the reference's order (§2.14)
+            rows = noise[j * n:(j + 1) * n - 1]
+            if self.cfg.reference_rng_order and n > 2:
+                rows.copy_(torch.cat([self._randn(s, (1, *x.shape[1:])) for _ in range(n - 1)]))
+            elif n > 1:
+                rows.copy_(self._randn(s, rows.shape))
+        result = self.executor.run(job, x, t, noise)
+        for j, s in enumerate(job.streams):
+            s.hidden = result.next_x[j * n:(j + 1) * n]
+        self._last_ring = ([s.id for s in job.streams], result.next_x)
+        return list(result.out.unsqueeze(1).unbind(0))
+
+    def _ring(self, streams: list[Stream]) -> torch.Tensor:
+        """The streams' in-flight latents as one [R, ...] tensor: the last job's ring when these streams still
+        hold consecutive views of it (the steady state: no copy), else joined once."""
+        ids, ring = self._last_ring
+        n = self.num_steps
+        if ids == [s.id for s in streams] and all(
+                s.hidden.shape[0] == n and s.hidden.data_ptr() == ring[j * n].data_ptr() and s.hidden.shape == ring[:n].shape
+                for j, s in enumerate(streams)):
+            return ring
+        return torch.cat([s.hidden for s in streams])
+
+    def decode(self, s: Stream, x0: torch.Tensor) -> ChunkOut:
+        """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, and a ``ChunkOut`` event."""
+        with self._stage("decode", [s], [FRAMES_PER_LATENT * x0.shape[1]], [self._dit_done]) as run:
+            frames = to_unit(self.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
+        self.lanes.handoff(frames, "current")
+        out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown)
+        self._emit(out)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _randn(self, s: Stream, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=s.generator, device=self.device, dtype=self.dtype)
+
+    def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[0] != 3:
+            raise ValueError(f"frames must be a tensor [3, T, H, W] in [-1, 1], got "
+                             f"{tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+        if tuple(frames.shape[2:]) != (self.cfg.height, self.cfg.width):
+            raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[3]} but the pipeline runs at "
+                             f"{self.cfg.height}x{self.cfg.width}; resize them (sdv2_lab.io.video.load_video does)")
+        if frames.device.type == "cpu" and self.device.type == "cuda":
+            frames = frames.pin_memory()
+        with self.lanes.on("encode"):
+            return frames.to(self.device, self.dtype, non_blocking=True)
+
+
+def wait(outs: list[ChunkOut]) -> None:
+    """Make the current stream wait for these outputs (no host sync)."""
+    for o in outs:
+        if o.mark.event is not None:
+            torch.cuda.current_stream().wait_event(o.mark.event)
+
+
+def frames_of(outs: list[ChunkOut], height: int, width: int, device) -> torch.Tensor:
+    """The outputs' frames joined: [T, H, W, 3] in [0, 1] (usable on the current stream)."""
+    wait(outs)
+    if not outs:
+        return torch.empty(0, height, width, 3, device=device)
+    return torch.cat([o.frames for o in outs])
 
 
 def stream_clip(pipe, frames: torch.Tensor | Iterable[torch.Tensor], prompt: str, *, input_fps: float = 16.0,
                 on_frames: Optional[Callable[[torch.Tensor], None]] = None, progress=None,
-                keep_output: bool = True) -> tuple[Optional[torch.Tensor], dict]:
-    """frames: [3, T, H, W] in [-1, 1], or an iterator of such pieces (e.g. ``iter_video_frames``).
+                keep_output: bool = True, seed: Optional[int] = None, max_pending: int = 2
+                ) -> tuple[Optional[torch.Tensor], dict]:
+    """Stream one clip through a pipeline (``StreamPipeline``) chunk by chunk, as live input would arrive, and
+    time it. ``frames``: [3, T, H, W] in [-1, 1], or an iterator of such pieces (e.g. ``iter_video_frames``).
 
     Returns (output frames [T', H, W, 3] in [0, 1] on the CPU or None, timing summary). ``on_frames`` gets
-    every finished piece as it appears (for writing video incrementally)."""
-    timer = StageTimer(pipe.device)
-    previous_hook, pipe.stage = pipe.stage, timer.stage
+    every finished piece on the CPU as it is ready; up to ``max_pending`` finished chunks are held back so
+    that the host never waits for the chunk the GPU is still decoding."""
+    driver = pipe.driver
+    s = pipe.start(prompt, seed=seed)
+    timer = driver.subscribe(StreamTimer(driver.clock, s.id))
+    pieces = [frames] if isinstance(frames, torch.Tensor) else frames
+    pending: deque = deque()
+    outputs, in_frames, first_chunk = [], 0, None
+
+    def emit(out: ChunkOut):
+        if out.mark.event is not None:
+            out.mark.event.synchronize()
+        piece = out.frames.cpu()
+        if on_frames is not None:
+            on_frames(piece)
+        if keep_output:
+            outputs.append(piece)
+        if progress is not None:
+            progress.update(piece.shape[0])
+
+    def collect(outs, block_beyond: int):
+        pending.extend(o for o in outs if o.frames.shape[0])
+        while pending and (len(pending) > block_beyond or pending[0].mark.event is None
+                           or pending[0].mark.event.query()):
+            emit(pending.popleft())
+
     try:
-        stats, outputs = _stream(pipe, timer, frames, prompt, input_fps, on_frames, progress, keep_output)
+        for piece in pieces:
+            first_chunk = first_chunk or driver.frames_needed(s)
+            in_frames += piece.shape[1]
+            collect(driver.push(s, piece), max_pending)
+        if not s.started:
+            raise ValueError(f"the clip is shorter than the first chunk: {in_frames} frame(s), "
+                             f"{driver.frames_needed(s)} needed")
+        dropped = s.buffered
+        collect(driver.flush(s), 0)
     finally:
-        pipe.stage = previous_hook  # timing only inside this function, also after an error
+        driver.unsubscribe(timer)
+    n = driver.num_steps if driver.scheduler.rule.stream_batch else 1
+    stats = timer.summary(warmup_chunks=1 + (n - 1), input_fps=input_fps, first_chunk_frames=first_chunk)
+    stats.update(input_frames=in_frames - dropped, dropped_trailing_frames=dropped)
     video = torch.cat(outputs) if keep_output and outputs else None
     return video, stats
-
-
-def _stream(pipe, timer, frames, prompt, input_fps, on_frames, progress, keep_output):
-    """The chunk loop of ``stream_clip`` with ``timer`` installed: (timing summary, output pieces)."""
-    pipe.start(prompt)
-    # A whole clip is one piece: chunks are sliced off it as views (no per-frame concatenation); an iterator's
-    # pieces are buffered until a chunk is complete, as frames arriving live would be.
-    pieces = [frames] if isinstance(frames, torch.Tensor) else frames
-    buffer = None
-    outputs = []
-    in_frames = 0
-    out_frames = [0]
-    first_chunk = None
-
-    def emit(out):
-        timer.chunk_out(out.shape[0])
-        out_frames[0] += out.shape[0]
-        if out.shape[0]:
-            if on_frames is not None:
-                on_frames(out)
-            if keep_output:
-                outputs.append(out.cpu())
-            if progress is not None:
-                progress.update(out.shape[0])
-
-    for piece in pieces:
-        buffer = piece if buffer is None else torch.cat([buffer, piece], dim=1)
-        while buffer is not None and buffer.shape[1] >= pipe.frames_needed():
-            k = pipe.frames_needed()
-            chunk, buffer = buffer[:, :k], (buffer[:, k:] if buffer.shape[1] > k else None)
-            first_chunk = first_chunk or k
-            timer.chunk_in(k)
-            in_frames += k
-            emit(pipe.push(chunk))
-    if first_chunk is None:
-        raise ValueError(f"the clip is shorter than the first chunk ({pipe.frames_needed()} frames)")
-    emit(pipe.flush())
-    dropped = 0 if buffer is None else buffer.shape[1]
-    n = pipe.num_steps if pipe.strategy.batched else 1
-    stats = timer.summary(warmup_chunks=1 + (n - 1), input_fps=input_fps, first_chunk_frames=first_chunk,
-                          frames_per_stage={"encode": in_frames, "decode": out_frames[0], "dit": out_frames[0]})
-    stats.update(input_frames=in_frames, dropped_trailing_frames=dropped)
-    return stats, outputs

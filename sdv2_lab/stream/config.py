@@ -1,0 +1,96 @@
+"""What a stream engine runs: one validated configuration, checked before any model is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..backbones.kv_cache import CacheSpec, decide
+from ..units import check_resolution
+from .noise_controller import NoiseControllerConfig
+from .scheduler import MODES
+
+
+@dataclass
+class PipelineConfig:
+    height: int = 480
+    width: int = 832
+    mode: str = "single"                      # single (stream batch) | single-wo (all steps per chunk) | pipe
+    denoising_steps: list = field(default_factory=lambda: [700, 500])  # one entry per step, no trailing 0
+    num_kv_cache: int = 6                     # latent frames held in the KV cache
+    sink_frames: int = 3                      # num_sink_tokens (counts latent frames)
+    adapt_sink_threshold: float = 0.2         # -1 disables adaptive sink refresh
+    frames_per_block: int = 1                 # latent frames per chunk (num_frame_per_block)
+    noise: NoiseControllerConfig = field(default_factory=NoiseControllerConfig)
+    t2v: bool = False                         # text-to-video: pure noise in, no input video
+    position_refresh_frames: int = 50         # rebase positions at this latent frame (t_refresh; 0 = never)
+    target_fps: Optional[float] = None        # grow chunks to (N - sink - 1) latents if slower than this
+    reference_rng_order: bool = False         # draw re-noise per stream-batch row, in the reference's order
+    cuda_graph: bool = False                  # replay steady-state DiT jobs from CUDA graphs (GPU)
+    overlap: bool = False                     # encode / DiT / decode on their own CUDA streams (GPU)
+    max_streams: int = 1                      # streams served at once (each: its own KV rows, prompt, state)
+    rope_positions: int = 1024                # temporal RoPE positions of the backbone (its rope_max_positions)
+
+    def validate(self) -> "PipelineConfig":
+        """Every setting checked, with what was expected; a dry run of the KV-cache positions over more chunks
+        than the cache holds, so a combination that would fail mid-stream fails here instead."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {sorted(MODES)}")
+        check_resolution(self.height, self.width)
+        steps = list(self.denoising_steps)
+        if not 1 <= len(steps) <= 4:
+            raise ValueError(f"1 to 4 denoising steps are supported, got {steps}")
+        if any(not isinstance(t, int) or not 0 < t < 1000 for t in steps) or steps != sorted(steps, reverse=True):
+            raise ValueError(f"denoising steps must be decreasing integers in (0, 1000), got {steps}")
+        if not isinstance(self.frames_per_block, int) or self.frames_per_block < 1:
+            raise ValueError(f"frames_per_block must be a positive integer, got {self.frames_per_block!r}")
+        if not isinstance(self.sink_frames, int) or self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames!r}")
+        first = 1 + self.frames_per_block if not self.t2v else 1
+        if not isinstance(self.num_kv_cache, int) or self.num_kv_cache <= max(self.sink_frames, first):
+            raise ValueError(f"num_kv_cache={self.num_kv_cache!r} must exceed sink_frames={self.sink_frames} and the "
+                             f"first chunk's {first} latent frames")
+        if not -1 <= self.adapt_sink_threshold <= 1:
+            raise ValueError(f"adapt_sink_threshold must be in [-1, 1] (-1 = off), got {self.adapt_sink_threshold}")
+        if not 0 < self.noise.noise_scale <= 1:
+            raise ValueError(f"noise_scale must be in (0, 1], got {self.noise.noise_scale}")
+        if self.target_fps is not None and not self.target_fps > 0:
+            raise ValueError(f"target_fps must be positive or null, got {self.target_fps}")
+        if not isinstance(self.max_streams, int) or self.max_streams < 1:
+            raise ValueError(f"max_streams must be a positive integer, got {self.max_streams!r}")
+        refresh, grow = self.position_refresh_frames, self.max_frames_per_chunk
+        if refresh and not self.num_kv_cache <= refresh <= self.rope_positions - grow:
+            raise ValueError(f"position_refresh_frames={refresh} must be 0 (never) or in [num_kv_cache="
+                             f"{self.num_kv_cache}, {self.rope_positions - grow}] (the RoPE table holds "
+                             f"{self.rope_positions} positions and chunks reach {grow} frames past the refresh point)")
+        self._dry_run()
+        return self
+
+    @property
+    def step_list(self) -> list[int]:
+        return list(self.denoising_steps) + ([0] if self.t2v else [])  # t2v keeps the final t = 0 pass
+
+    @property
+    def max_frames_per_chunk(self) -> int:
+        grown = self.num_kv_cache - self.sink_frames - 1 if self.target_fps else 0
+        return max(self.frames_per_block, grown, 1 + self.frames_per_block)
+
+    def _dry_run(self) -> None:
+        """Positions and cache decisions of one row over 3 cache lengths of chunks, on the host (S = 1 token)."""
+        spec = CacheSpec(num_layers=1, num_heads=1, head_dim=2, frame_tokens=1, num_frames=self.num_kv_cache,
+                         sink_frames=self.sink_frames)
+        sizes = [1 if self.t2v else 1 + self.frames_per_block] + [self.frames_per_block] * (3 * self.num_kv_cache)
+        if self.target_fps:
+            sizes += [max(self.frames_per_block, self.num_kv_cache - self.sink_frames - 1)] * self.num_kv_cache
+        g = local = 0
+        rolling: list[int] = []
+        start = 0
+        for f in sizes:
+            if f > self.num_kv_cache:
+                raise ValueError(f"chunks of {f} latent frames do not fit a KV cache of {self.num_kv_cache} frames")
+            d = decide(spec, g, local, rolling, start, f, where="dry run")
+            g, local = start + f, d.local_end
+            if d.register is not None:
+                rolling.append(d.register)
+            start += f
+            if self.position_refresh_frames and start >= self.position_refresh_frames:
+                start = self.num_kv_cache - 1

@@ -1,0 +1,178 @@
+"""Executors run the scheduler's DiT jobs. One small interface; each owns the weights and the KV-cache rows.
+
+    executor = build_executor("cuda_graph", dit, cache, schedule)
+    executor.set_prompt(rows, embedding)            # a stream's prompt into its rows' cross-attention K/V
+    result = executor.run(job, x, t, noise)         # one job: velocity -> x0 and re-noising included
+
+* ``eager``: plain calls.
+* ``cuda_graph``: a stream-batch job in steady state (cache full: every row evicts, one static shape) is
+  replayed from a CUDA graph that holds the whole step: the DiT, velocity -> x0, re-noising and the slot shift.
+  Its inputs and outputs live in static buffers; the re-noised ring stays in the graph's input buffer, so the
+  next call only writes each stream's new chunk into its row 0. Calls while the cache fills run eagerly.
+* ``pipe`` stages (a contiguous layer range and its part of the cache on each GPU) implement the same
+  interface (``sdv2_lab/parallel``).
+
+Job inputs (the driver prepares them from the streams' state):
+* stream-batch job (``job.stream_batch``): ``x [R, F, C, h, w]`` the rows' latents (row 0 of each stream: its
+  new chunk), ``t [R]`` each slot's timestep, ``noise [R, F, C, h, w]`` for re-noising slot i to t_{i+1} (each
+  stream's last row: unused). Result: ``out [S, F, ...]`` each stream's leaving x0, ``next_x [R, ...]`` the
+  ring for the next call (slot i+1 = re-noised x0 of slot i; slot 0 to be overwritten);
+* all-steps job: ``x [R, F, ...]`` noisy chunks, ``t [passes, R]`` each pass's timesteps, ``noise
+  [passes - 1, R, ...]`` for re-noising between passes. Result: ``out [R, F, ...]`` x0 of the last pass.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..backbones.kv_cache import StreamKVCache
+from ..registry import Registry
+from .scheduler import DiTJob
+from .schedule import FlowMatchSchedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiTResult:
+    out: torch.Tensor                          # finished x0: per stream (stream batch) or per row
+    next_x: Optional[torch.Tensor] = None      # the stream-batch ring for the next call
+
+
+class DiTExecutor:
+    """Eager execution of DiT jobs on one device."""
+    name = "eager"
+
+    def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None):
+        self.dit, self.cache = dit, cache
+        self.schedule = schedule or FlowMatchSchedule()
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    # ------------------------------------------------------------------ rows
+    @torch.no_grad()
+    def set_prompt(self, rows: list[int], embedding: torch.Tensor) -> None:
+        self.dit.set_prompt(self.cache, embedding, rows)
+
+    def reset_rows(self, rows: list[int]) -> None:
+        self.cache.reset_rows(rows)
+
+    def copy_rows(self, src: int, dst: list[int]) -> None:
+        self.cache.copy_rows(src, dst)
+
+    # ------------------------------------------------------------------ jobs
+    @torch.no_grad()
+    def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult:
+        if job.stream_batch:
+            return self.stream_batch(job, x, t, noise)
+        return self.all_steps(job, x, t, noise)
+
+    def all_steps(self, job: DiTJob, x, t, noise) -> DiTResult:
+        """``passes`` calls at the same positions; between them x0 is re-noised to the next pass's timestep."""
+        f = x.shape[1]
+        for k in range(job.passes):
+            tk = t[k][:, None].expand(-1, f)
+            x0 = self.schedule.velocity_to_x0(self._call(job, x, tk, job.pops[k]), x, tk)
+            if k < job.passes - 1:
+                x = self.schedule.add_noise(x0, noise[k], t[k + 1][:, None].expand(-1, f))
+        return DiTResult(x0)
+
+    def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
+        v = self._call(job, x, t[:, None].expand(-1, x.shape[1]), job.pops[0])
+        return DiTResult(*self.finish_step(job, v, x, t, noise))
+
+    def finish_step(self, job: DiTJob, v, x, t, noise):
+        """velocity -> x0; each stream's last slot leaves; slot i is re-noised to t_{i+1} into slot i + 1."""
+        f, n = x.shape[1], len(job.rows) // len(job.streams)
+        tt = t[:, None].expand(-1, f)
+        x0 = self.schedule.velocity_to_x0(v, x, tt)
+        slots = x0.unflatten(0, (-1, n))                                  # [S, n, F, C, h, w]
+        t_next = t.unflatten(0, (-1, n)).roll(-1, dims=1).flatten()      # slot i -> t_{i+1} (last: unused)
+        renoised = self.schedule.add_noise(x0, noise, t_next[:, None].expand(-1, f))
+        next_x = renoised.unflatten(0, (-1, n)).roll(1, dims=1).flatten(0, 1)
+        return slots[:, -1], next_x
+
+    def _call(self, job: DiTJob, x, t, pops) -> torch.Tensor:
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops)
+        v = self.dit.step(x, t, self.cache, plan)
+        self.cache.commit(plan)
+        return v
+
+
+class CUDAGraphExecutor(DiTExecutor):
+    """Steady-state stream-batch jobs replayed from CUDA graphs (one per row set and shape, a few kept)."""
+    name = "cuda_graph"
+    max_graphs = 3
+
+    def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None):
+        super().__init__(dit, cache, schedule)
+        self.graphs: OrderedDict = OrderedDict()
+        self.plan_buffers: dict[tuple, torch.Tensor] = {}
+        self.captures = self.replays = 0
+
+    def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
+        if x.device.type != "cuda":
+            return super().stream_batch(job, x, t, noise)
+        key_rows = tuple(job.rows)
+        buf = self.plan_buffers.get(key_rows)
+        if buf is None:
+            buf = self.plan_buffers[key_rows] = torch.zeros(7, len(job.rows), dtype=torch.long, device=x.device)
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, job.pops[0], out=buf)
+        if plan.kv_lens is not None or not all(plan.evict):  # the cache still fills: shapes change per call
+            v = self.dit.step(x, t[:, None].expand(-1, x.shape[1]), self.cache, plan)
+            self.cache.commit(plan)
+            return DiTResult(*self.finish_step(job, v, x, t, noise))
+        key = (key_rows, tuple(x.shape), x.dtype, plan.refresh_check, plan.max_len)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self._capture(job, x, t, noise, plan)
+            self.graphs[key] = g
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        if x.data_ptr() != g.x.data_ptr():   # the ring of the last replay is already in place
+            g.x.copy_(x)
+        g.t.copy_(t)
+        g.noise.copy_(noise)
+        g.graph.replay()
+        self.replays += 1
+        self.cache.commit(plan)
+        return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the ring is meant to be reused
+
+    def _capture(self, job, x, t, noise, plan):
+        g = _Graph(x=x.clone(), t=t.clone(), noise=noise.clone())
+        g.out = torch.empty((len(job.streams), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        torch.cuda.current_stream().synchronize()
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):  # records only: the replay after it performs this call
+            v = self.dit.step(g.x, g.t[:, None].expand(-1, x.shape[1]), self.cache, plan)
+            out, next_x = self.finish_step(job, v, g.x, g.t, g.noise)
+            g.out.copy_(out)
+            g.x.copy_(next_x)
+        self.captures += 1
+        log.info("captured a CUDA graph of the DiT step for rows %s, input %s", job.rows, tuple(x.shape))
+        return g
+
+
+@dataclass
+class _Graph:
+    x: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    out: torch.Tensor = None
+    graph: object = None
+
+
+EXECUTORS: Registry[Callable[..., DiTExecutor]] = Registry("executor")
+EXECUTORS.register("eager")(DiTExecutor)
+EXECUTORS.register("cuda_graph")(CUDAGraphExecutor)
+
+
+def build_executor(name: str, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None) -> DiTExecutor:
+    return EXECUTORS.get(name)(dit, cache, schedule)

@@ -1,0 +1,320 @@
+"""The scheduler: every stream's input buffer, slots, timesteps and positions, turned into jobs. Pure logic.
+
+It makes no model calls and reads no device value. For each stream it decides which frames form the next
+chunk, where that chunk sits in the stream's virtual token sequence (rebased so RoPE positions stay small),
+which KV-cache rows it uses, at which timesteps, and which of the DiT's outputs are finished chunks. The
+driver (``driver.py``) runs the jobs it makes; executors (``executor.py``) run the DiT part.
+
+A mode is data here (``ModeRule``), not a class calling back into a pipeline:
+
+* ``single`` / ``pipe`` (stream batch): a stream owns ``n`` rows, one per denoising step. Each DiT call moves
+  every chunk in flight one step: row 0 takes the new chunk at t_0, row i the chunk that entered i calls ago
+  (re-noised to t_i), and the chunk in row n-1 leaves finished (reference.md §2.7);
+* ``single-wo``: a stream owns one row; each chunk gets all ``n`` steps in turn (n calls at the same positions,
+  re-noised between them); one pass in n rotates the KV ring, counted as the reference counts (§2.8);
+* every stream's first chunk (2 latent frames) gets all steps at once on its first row, as ``single-wo`` does
+  (the reference's ``prepare``, §2.6); in stream-batch modes the row is then copied to the stream's other rows.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..backbones.kv_cache import CacheSpec, decide
+from ..units import FRAMES_PER_LATENT
+
+
+@dataclass(frozen=True)
+class ModeRule:
+    name: str
+    stream_batch: bool   # one row per denoising step, one DiT call per chunk; else all steps in turn on one row
+
+
+MODES = {"single": ModeRule("single", True), "single-wo": ModeRule("single-wo", False),
+         "pipe": ModeRule("pipe", True)}
+
+
+@dataclass
+class Stream:
+    """One stream: its schedule (host values) and what it carries between chunks (device tensors, VAE state)."""
+    id: int
+    prompt: str
+    rows: list[int]                          # KV-cache rows: rows[i] holds denoising step i's history
+    steps: list[int]                         # timestep per slot; slot 0's is replaced by the noise controller
+    frames_per_block: int                    # latent frames per chunk (target_fps may grow it)
+    t: Optional[torch.Tensor] = None         # [n] device copy of the slot timesteps (slot 0 written on device)
+    controller: Any = None                   # the motion-aware noise controller (its scale lives on the device)
+    generator: Optional[torch.Generator] = None   # this stream's noise; None = the global generator
+    vae_state: Any = None
+    hidden: Optional[torch.Tensor] = None    # [n, F, C, h, w] chunks in flight (stream batch), row 0 refilled per call
+    starts: list[int] = field(default_factory=list)      # virtual start token of the chunk in each slot
+    pending_real: list[bool] = field(default_factory=list)  # slots 0..n-2 after a call: a real chunk still in flight?
+    next_start: int = 0                      # virtual start token of the next chunk
+    chunks_in: int = 0                       # chunks taken from the input (the first chunk included)
+    calls: int = 0                           # stream-batch calls after the first chunk
+    shown: int = 0                           # finished chunks emitted
+    buffer: list = field(default_factory=list)   # input pieces [3, t, H, W] not yet forming a chunk
+    buffered: int = 0                        # frames in ``buffer``
+    fed: int = 0                             # input frames received so far
+    taken: int = 0                           # input frames made into chunks so far
+    arrivals: deque = field(default_factory=deque)   # (frames received by then, arrival mark) per input piece
+    scales: deque = field(default_factory=deque)     # noise scale of each real chunk in flight, oldest first
+    last_frame: Optional[torch.Tensor] = None    # last input frame [1, 3, 1, H, W] (the motion reference)
+    flush_calls: int = 0                     # noise chunks still to push through the stream batch (flush)
+    hide_next_output: bool = False
+    # single-wo: the reference's pass counter and a host mirror of the stream's KV row (which passes evict)
+    passes_left: int = 0
+    row_global_end: int = 0
+    row_local_end: int = 0
+    row_rolling: list = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def started(self) -> bool:
+        return self.chunks_in > 0
+
+    @property
+    def in_flight(self) -> bool:
+        """Real chunks are still inside the stream batch (flush would emit them)."""
+        return any(self.pending_real)
+
+
+@dataclass
+class Chunk:
+    """A chunk for the encoder: input frames, or None for a noise chunk (text-to-video, flush)."""
+    stream: Stream
+    frames: Optional[torch.Tensor]           # [1, 3, T, H, W] in [-1, 1]
+    latent_frames: int
+    first: bool
+    real: bool                               # from the input (flush chunks are not)
+
+
+@dataclass
+class DiTJob:
+    """DiT work over KV rows of one or more streams, all of one shape.
+
+    ``passes`` calls over ``rows``: pass k runs at timesteps ``t_k`` of each stream (stream-batch jobs: one
+    pass, each row at its slot's timestep), rows at virtual positions ``starts``; ``pops[k]`` says whether an
+    evicting row rotates its ring in pass k. ``stream_batch``: after the call each stream's slot i moves to
+    slot i + 1 (re-noised to t_{i+1}) and its last slot leaves; ``emit[j]``: whether stream j's leaving chunk is
+    shown (not a warm-up placeholder, not flush noise)."""
+    streams: list[Stream]
+    chunks: list[Chunk]
+    rows: list[int]
+    starts: list[int]
+    passes: int
+    pops: list[list[bool]]
+    stream_batch: bool
+    first: bool
+    emit: list[bool]
+
+
+class Scheduler:
+    def __init__(self, mode: str, step_list: list[int], kv: CacheSpec, frames_per_block: int = 1,
+                 position_refresh_frames: int = 50, max_streams: int = 1, t2v: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {sorted(MODES)}")
+        self.rule = MODES[mode]
+        self.step_list = list(step_list)
+        self.kv = kv
+        self.frames_per_block, self.num_kv_cache = frames_per_block, kv.num_frames
+        self.frame_tokens, self.refresh = kv.frame_tokens, position_refresh_frames
+        self.t2v = t2v
+        self.rows_per_stream = len(self.step_list) if self.rule.stream_batch else 1
+        self.max_streams = max_streams
+        self.free_rows = list(range(max_streams * self.rows_per_stream))
+        self.streams: dict[int, Stream] = {}
+        self._next_id = 0
+
+    @property
+    def num_rows(self) -> int:
+        return self.max_streams * self.rows_per_stream
+
+    # ------------------------------------------------------------------ streams
+    def open(self, prompt: str) -> Stream:
+        """A new stream with fresh positions and the lowest free rows (consecutive when possible)."""
+        n = self.rows_per_stream
+        if len(self.free_rows) < n:
+            raise RuntimeError(f"all {self.max_streams} stream(s) are busy (max_streams={self.max_streams}): close one "
+                               f"first")
+        rows = self._take_rows(n)
+        s = Stream(id=self._next_id, prompt=prompt, rows=rows, steps=list(self.step_list),
+                   frames_per_block=self.frames_per_block, passes_left=len(self.step_list))
+        self._next_id += 1
+        self.streams[s.id] = s
+        return s
+
+    def _take_rows(self, n: int) -> list[int]:
+        free = sorted(self.free_rows)
+        for i in range(len(free) - n + 1):
+            if free[i + n - 1] - free[i] == n - 1:
+                rows = free[i:i + n]
+                break
+        else:
+            rows = free[:n]
+        self.free_rows = [r for r in self.free_rows if r not in rows]
+        return rows
+
+    def close(self, s: Stream) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        self.free_rows += s.rows
+        self.streams.pop(s.id, None)
+
+    # ------------------------------------------------------------------ input
+    def frames_needed(self, s: Stream) -> int:
+        """Input frames that make the stream's next chunk (first chunk: 1 + 4k, as the reference: 5)."""
+        return FRAMES_PER_LATENT * s.frames_per_block + (0 if s.started else 1)
+
+    def feed(self, s: Stream, frames: torch.Tensor) -> None:
+        if frames.shape[1]:
+            s.buffer.append(frames)
+            s.buffered += frames.shape[1]
+            s.fed += frames.shape[1]
+
+    def ready(self, s: Stream) -> bool:
+        return s.buffered >= self.frames_needed(s) or s.flush_calls > 0
+
+    def next_chunk(self, s: Stream) -> Optional[Chunk]:
+        """The stream's next chunk from its buffered input (sliced, not copied, when one piece holds it), or a
+        flush noise chunk, or None."""
+        need = self.frames_needed(s)
+        if s.buffered >= need:
+            head = s.buffer[0]
+            if head.shape[1] < need:  # a chunk spread over several pieces: join them once
+                head = torch.cat(s.buffer, dim=1)
+                s.buffer = [head]
+            frames, rest = head[:, :need], head[:, need:]
+            s.buffer = ([rest] if rest.shape[1] else []) + s.buffer[1:]
+            s.buffered -= need
+            s.taken += need
+            return self._chunk(s, frames[None], real=True)
+        if s.flush_calls > 0:
+            s.flush_calls -= 1
+            return self._chunk(s, None, real=False)
+        return None
+
+    def noise_chunk(self, s: Stream) -> Chunk:
+        """A chunk of pure noise (text-to-video input)."""
+        return self._chunk(s, None, real=True)
+
+    def chunk(self, s: Stream, frames: torch.Tensor) -> Chunk:
+        """A chunk made by the caller (the staged API): frames [1, 3, T, H, W] with T what the stream needs."""
+        need = self.frames_needed(s)
+        if frames.dim() != 5 or frames.shape[2] != need:
+            raise ValueError(f"this stream's next chunk needs {need} frames [1, 3, {need}, H, W], got "
+                             f"{tuple(frames.shape)}")
+        return self._chunk(s, frames, real=True)
+
+    def _chunk(self, s: Stream, frames, real: bool) -> Chunk:
+        first = not s.started
+        f = (1 if self.t2v else 1 + s.frames_per_block) if first else s.frames_per_block
+        s.chunks_in += 1
+        return Chunk(s, frames, f, first, real)
+
+    def flush(self, s: Stream) -> int:
+        """End of the stream's input: schedule noise chunks until every real chunk has left the stream batch.
+        Returns the frames left in the buffer (they do not fill a chunk and are dropped)."""
+        if not s.started:
+            raise ValueError(f"the input ended before the first chunk ({self.frames_needed(s)} frames) was complete; "
+                             f"{s.buffered} frame(s) arrived")
+        dropped = s.buffered
+        s.buffer, s.buffered = [], 0
+        # the newest real chunk sits in slot j and leaves after n-1-j more calls
+        real = [j for j, r in enumerate(s.pending_real) if r]
+        s.flush_calls = len(s.pending_real) - real[0] if real else 0
+        return dropped
+
+    # ------------------------------------------------------------------ positions
+    def take_position(self, s: Stream, frames: int) -> int:
+        """Virtual start token of the stream's next chunk, rebased at ``position_refresh_frames`` (§2.10)."""
+        S = self.frame_tokens
+        start = s.next_start
+        if self.refresh and start // S >= self.refresh:
+            start = (self.num_kv_cache - 1) * S  # lands on the eviction branch, keeps RoPE positions small
+        s.next_start = start + frames * S
+        return start
+
+    # ------------------------------------------------------------------ jobs
+    def dit_jobs(self, chunks: list[Chunk]) -> list[DiTJob]:
+        """Group encoded chunks into DiT jobs: each stream's first chunk alone (2 latent frames, all steps);
+        the rest, one job for all streams (their chunks have one shape)."""
+        jobs = [self._first_job(c) for c in chunks if c.first]
+        rest = [c for c in chunks if not c.first]
+        by_shape: dict[int, list[Chunk]] = {}
+        for c in rest:
+            by_shape.setdefault(c.latent_frames, []).append(c)
+        for group in by_shape.values():
+            jobs.append(self._batch_job(group) if self.rule.stream_batch else self._sequential_job(group))
+        return jobs
+
+    def _first_job(self, c: Chunk) -> DiTJob:
+        s, n = c.stream, len(self.step_list)
+        start = self.take_position(s, c.latent_frames)
+        if self.rule.stream_batch:
+            s.starts = [s.next_start] * n       # empty slots sit at the next position until chunks arrive
+            s.pending_real = [False] * (n - 1)
+            s.hide_next_output = self.t2v
+        return DiTJob([s], [c], rows=[s.rows[0]], starts=[start], passes=n,
+                      pops=[[p] for p in self._pass_pops(s, start, c.latent_frames)],
+                      stream_batch=False, first=True, emit=[True])
+
+    def _sequential_job(self, chunks: list[Chunk]) -> DiTJob:
+        n = len(self.step_list)
+        streams = [c.stream for c in chunks]
+        starts = [self.take_position(s, c.latent_frames) for s, c in zip(streams, chunks)]
+        per_stream = [self._pass_pops(s, start, c.latent_frames) for s, c, start in zip(streams, chunks, starts)]
+        return DiTJob(streams, chunks, rows=[s.rows[0] for s in streams], starts=starts, passes=n,
+                      pops=[list(p) for p in zip(*per_stream)], stream_batch=False, first=False,
+                      emit=[c.real for c in chunks])
+
+    def _pass_pops(self, s: Stream, start: int, frames: int) -> list[bool]:
+        """Which of a chunk's passes (all steps at one position, batch 1) rotate the eviction ring. The
+        reference counts passes that evict and pops on every n-th (§1.7 step 2): the count runs on across
+        chunks, so after the chunk where the cache becomes full the pop falls on a chunk's first pass."""
+        m, n, pops = frames * self.frame_tokens, len(self.step_list), []
+        for _ in range(n):
+            d = decide(self.kv, s.row_global_end, s.row_local_end, s.row_rolling, start, m, where=f"stream {s.id}")
+            pop = False
+            if d.evict:
+                pop = s.passes_left <= 1
+                s.passes_left = n if pop else s.passes_left - 1
+            pops.append(pop)
+            s.row_global_end, s.row_local_end = start + m, d.local_end
+            if d.register is not None:
+                s.row_rolling.append(d.register)
+        return pops
+
+    def _batch_job(self, chunks: list[Chunk]) -> DiTJob:
+        rows, starts, emit = [], [], []
+        for c in chunks:
+            s = c.stream
+            start = self.take_position(s, c.latent_frames)
+            s.starts = [start] + s.starts[:-1]
+            slots_real = [c.real] + s.pending_real
+            s.pending_real = slots_real[:-1]
+            s.calls += 1
+            leaving = slots_real[-1]
+            if leaving and s.hide_next_output:
+                s.hide_next_output = False  # as the reference's t2v loop: its first stream-batch output is not shown
+                leaving = False
+            rows += s.rows
+            starts += s.starts
+            emit.append(leaving)
+        pops = [[True] * len(rows)]
+        return DiTJob([c.stream for c in chunks], chunks, rows=rows, starts=starts, passes=1, pops=pops,
+                      stream_batch=True, first=False, emit=emit)
+
+    def finished(self, job: DiTJob) -> None:
+        """Book the chunks a job emitted."""
+        for s, e in zip(job.streams, job.emit):
+            s.shown += int(e)
+
+    def grow_chunks(self, s: Stream, frames_per_block: int) -> None:
+        """``target_fps``: later chunks of this stream hold ``frames_per_block`` latent frames."""
+        s.frames_per_block = frames_per_block
+
