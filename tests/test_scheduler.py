@@ -178,3 +178,17 @@ def test_scheduler_is_pure_logic_chunks_flush_and_rows():
     assert jobs[1].starts == [12, 12, 12] and jobs[2].starts == [18, 12, 12]  # slot 0 newest
     assert jobs[1].emit == [False] and jobs[2].emit == [False]               # warm-up placeholders leave
     assert sch.flush(s) == 0 and s.flush_calls == 2                          # two real chunks still in flight
+
+
+def test_target_fps_grows_chunks_once_measured_with_the_clock(caplog):
+    """An unreachable target: at the 4th output the stream is measured too slow and later chunks hold
+    N - sink - 1 = 2 latent frames (8 input frames); a reachable one leaves the chunks alone."""
+    for target, grown in ((1e9, 2), (1e-9, 1)):
+        torch.manual_seed(0)
+        dit = load_backbone(WanDiTConfig(name="tiny", **TINY), "dummy", dtype=torch.float32, seed=0)
+        cfg = PipelineConfig(height=H, width=W, denoising_steps=[700, 500], target_fps=target)
+        pipe = StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), cfg, device="cpu", dtype=torch.float32)
+        s = pipe.start("p")
+        out = torch.cat([pipe.push(synthetic_clip(1 + 4 * 14, H, W)[0]), pipe.flush()])
+        assert s.frames_per_block == grown and pipe.frames_needed() == 4 * grown
+        assert out.shape[0] >= 1 + 4 * 12 and torch.isfinite(out).all()

@@ -328,7 +328,9 @@ class StreamKVCache:
         self.q_len[li].index_copy_(0, rows, length)
 
         # One scatter for all rows: row r's m tokens go to [start_r, start_r + m).
-        start = torch.where(plan.evict_mask, target - m, plan.append_start)
+        # (the clamp only matters for chunks longer than a frame -- target_fps growth -- whose window would
+        # start before the cache at a slot registered for one-frame chunks; the reference slices out of range)
+        start = torch.where(plan.evict_mask, (target - m).clamp(0, spec.size - m), plan.append_start)
         flat = (rows[:, None] * spec.size + start[:, None] + torch.arange(m, device=self.device)[None, :]).reshape(-1)
         kc, vc = self.k[li].view(-1, *k_new.shape[2:]), self.v[li].view(-1, *v_new.shape[2:])
         kc.index_copy_(0, flat, k_new.reshape(-1, *k_new.shape[2:]).to(self.dtype))

@@ -338,7 +338,26 @@ class StreamDriver:
         self.lanes.handoff(frames, "current")
         out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown)
         self._emit(out)
+        if self.cfg.target_fps:
+            self._adapt_chunk_size(s, out)
         return out
+
+    def _adapt_chunk_size(self, s: Stream, out: ChunkOut) -> None:
+        """``target_fps`` (reference §2.11, without needing --profile): once, at the stream's 4th output, the
+        interval since the 3rd (CUDA events; one wait, once) gives its speed; below the target, later chunks
+        grow to (N - sink - 1) latent frames and the chunks in flight are repeated to that length."""
+        s.out_marks.append(out.mark)
+        if len(s.out_marks) != 4 or s.frames_per_block != self.cfg.frames_per_block:
+            return
+        fps = out.frames.shape[0] / max(1e-9, self.clock.seconds(s.out_marks[3]) - self.clock.seconds(s.out_marks[2]))
+        grow = self.cfg.num_kv_cache - self.cfg.sink_frames - 1
+        if fps < self.cfg.target_fps and grow > s.frames_per_block:
+            log.info("stream %d: %.1f FPS < target %.1f: chunks grow to %d latent frames", s.id, fps,
+                     self.cfg.target_fps, grow)
+            self.scheduler.grow_chunks(s, grow)
+            if s.hidden is not None:
+                with self.lanes.on("dit"):
+                    s.hidden = s.hidden.repeat(1, grow // s.hidden.shape[1], 1, 1, 1)
 
     # ------------------------------------------------------------------ helpers
     def _randn(self, s: Stream, shape) -> torch.Tensor:

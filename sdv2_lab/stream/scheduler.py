@@ -65,6 +65,7 @@ class Stream:
     last_frame: Optional[torch.Tensor] = None    # last input frame [1, 3, 1, H, W] (the motion reference)
     flush_calls: int = 0                     # noise chunks still to push through the stream batch (flush)
     hide_next_output: bool = False
+    out_marks: list = field(default_factory=list)    # target_fps: when the first outputs appeared
     # single-wo: the reference's pass counter and a host mirror of the stream's KV row (which passes evict)
     passes_left: int = 0
     row_global_end: int = 0
