@@ -192,3 +192,38 @@ def test_target_fps_grows_chunks_once_measured_with_the_clock(caplog):
         out = torch.cat([pipe.push(synthetic_clip(1 + 4 * 14, H, W)[0]), pipe.flush()])
         assert s.frames_per_block == grown and pipe.frames_needed() == 4 * grown
         assert out.shape[0] >= 1 + 4 * 12 and torch.isfinite(out).all()
+
+
+def test_streams_with_their_own_steps_noise_scale_and_vae():
+    """One engine, streams of 1 and 3 steps (rows 1 + 3 of its pool), their own noise level and VAE: each
+    equals the same stream alone; a step count the engine does not have is refused clearly."""
+    def engine():
+        torch.manual_seed(0)
+        dit = load_backbone(WanDiTConfig(name="tiny", **TINY), "dummy", dtype=torch.float32, seed=0)
+        cfg = PipelineConfig(height=H, width=W, denoising_steps=[700, 500, 400], max_streams=2)
+        return StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), cfg, device="cpu", dtype=torch.float32).driver
+
+    clip = synthetic_clip(1 + 4 * 10, H, W)[0]
+
+    def alone(**kw):
+        d = engine()
+        s = d.open("p", seed=5, **kw)
+        return frames_of(d.push(s, clip) + d.flush(s), H, W, "cpu")
+
+    d = engine()
+    a = d.open("p", seed=5, steps=1)
+    b = d.open("p", seed=5, steps=3, noise_scale=0.6, vae=PoolVAE(seed=1))
+    assert len(a.rows) == 1 and len(b.rows) == 3
+    outs = {a.id: [], b.id: []}
+    d.feed(a, clip)
+    d.feed(b, clip)
+    while d.scheduler.ready(a) or d.scheduler.ready(b):
+        for o in d.step():
+            outs[o.stream].append(o)
+    outs[a.id] += d.flush(a)
+    outs[b.id] += d.flush(b)
+    torch.testing.assert_close(frames_of(outs[a.id], H, W, "cpu"), alone(steps=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frames_of(outs[b.id], H, W, "cpu"),
+                               alone(steps=3, noise_scale=0.6, vae=PoolVAE(seed=1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="steps=5"):
+        d.open("p", steps=5)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -85,10 +85,7 @@ class StreamDriver:
         self.schedule = executor.schedule
         self.generator = generator              # the default noise source of streams opened without a seed
         self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
-                                   cfg.position_refresh_frames, cfg.max_streams, cfg.t2v)
-        if executor.cache.num_rows < self.scheduler.num_rows:
-            raise ValueError(f"the executor's KV cache has {executor.cache.num_rows} rows; {cfg.max_streams} stream(s) "
-                             f"of mode {cfg.mode} need {self.scheduler.num_rows}")
+                                   cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows)
         self.lanes = Lanes(self.device, cfg.overlap)
         self.clock = Clock(self.device)
         self.listeners: list[Callable] = []
@@ -134,14 +131,26 @@ class StreamDriver:
         return any(getattr(m, "weights_are_dummy", False) for m in parts)
 
     @torch.no_grad()
-    def open(self, prompt: str, seed: Optional[int] = None) -> Stream:
+    def open(self, prompt: str, seed: Optional[int] = None, *, steps: Optional[int] = None,
+             noise_scale: Optional[float] = None, vae=None) -> Stream:
         """A new stream: fresh KV rows, positions, noise controller and VAE state; the prompt encoded.
-        ``seed``: this stream's own noise generator (its outputs then do not depend on other streams)."""
-        s = self.scheduler.open(prompt)
+        ``seed``: this stream's own noise generator (its outputs then do not depend on other streams);
+        ``steps`` (first entries of the config's denoising steps), ``noise_scale``, ``vae``: this stream's own."""
+        step_list = None
+        if steps is not None:
+            table = list(self.cfg.denoising_steps)
+            if not 1 <= steps <= len(table):
+                raise ValueError(f"steps={steps}: this engine has denoising steps {table} (1 to {len(table)})")
+            step_list = table[:steps] + ([0] if self.cfg.t2v else [])
+        s = self.scheduler.open(prompt, step_list)
         try:
-            s.controller = MotionNoiseController(self.cfg.noise, self.device)
+            noise = self.cfg.noise if noise_scale is None else replace(self.cfg.noise, noise_scale=noise_scale)
+            if not 0 < noise.noise_scale <= 1:
+                raise ValueError(f"noise_scale must be in (0, 1], got {noise.noise_scale}")
+            s.controller = MotionNoiseController(noise, self.device)
             s.t = torch.tensor(s.steps, dtype=torch.long, device=self.device)
-            s.vae_state = self.vae.new_state(1) if self.vae is not None else None
+            s.vae = vae if vae is not None else self.vae
+            s.vae_state = s.vae.new_state(1) if s.vae is not None else None
             if seed is not None:
                 s.generator = torch.Generator(device=self.device).manual_seed(seed)
             else:
@@ -265,7 +274,7 @@ class StreamDriver:
                 scale = s.controller.s0
             elif scale is None:
                 scale, step = s.controller.update(frames, s.last_frame)
-            latents = self.vae.encode(s.vae_state, frames).to(self.dtype)
+            latents = s.vae.encode(s.vae_state, frames).to(self.dtype)
             noisy = mix_noise(latents, self._randn(s, latents.shape), scale)
             s.last_frame = frames[:, :, -1:]
         if c.real:
@@ -298,12 +307,12 @@ class StreamDriver:
         if job.first and self.scheduler.rule.stream_batch:  # the stream batch starts: every row from row 0 (§2.6)
             s = job.streams[0]
             self.executor.copy_rows(s.rows[0], s.rows[1:])
-            s.hidden = torch.zeros(self.num_steps, s.frames_per_block, *x.shape[2:], device=self.device,
+            s.hidden = torch.zeros(len(s.steps), s.frames_per_block, *x.shape[2:], device=self.device,
                                    dtype=self.dtype)
         return list(x0.split(1))
 
     def _stream_batch(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
-        n = self.num_steps
+        n = len(job.rows) // len(job.streams)
         x = self._ring(job.streams)
         x.unflatten(0, (-1, n))[:, 0] = torch.cat([e.noisy for e in encoded])   # each stream's new chunk: slot 0
         t = torch.cat([s.t for s in job.streams]) if len(job.streams) > 1 else job.streams[0].t
@@ -324,7 +333,7 @@ class StreamDriver:
         """The streams' in-flight latents as one [R, ...] tensor: the last job's ring when these streams still
         hold consecutive views of it (the steady state: no copy), else joined once."""
         ids, ring = self._last_ring
-        n = self.num_steps
+        n = len(streams[0].steps)
         if ids == [s.id for s in streams] and all(
                 s.hidden.shape[0] == n and s.hidden.data_ptr() == ring[j * n].data_ptr() and s.hidden.shape == ring[:n].shape
                 for j, s in enumerate(streams)):
@@ -334,7 +343,7 @@ class StreamDriver:
     def decode(self, s: Stream, x0: torch.Tensor) -> ChunkOut:
         """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, and a ``ChunkOut`` event."""
         with self._stage("decode", [s], [FRAMES_PER_LATENT * x0.shape[1]], [self._dit_done]) as run:
-            frames = to_unit(self.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
+            frames = to_unit(s.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
         self.lanes.handoff(frames, "current")
         out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown)
         self._emit(out)
@@ -437,7 +446,7 @@ def stream_clip(pipe, frames: torch.Tensor | Iterable[torch.Tensor], prompt: str
         collect(driver.flush(s), 0)
     finally:
         driver.unsubscribe(timer)
-    n = driver.num_steps if driver.scheduler.rule.stream_batch else 1
+    n = len(s.steps) if driver.scheduler.rule.stream_batch else 1
     stats = timer.summary(warmup_chunks=1 + (n - 1), input_fps=input_fps, first_chunk_frames=first_chunk)
     stats.update(input_frames=in_frames - dropped, dropped_trailing_frames=dropped)
     video = torch.cat(outputs) if keep_output and outputs else None

@@ -48,6 +48,7 @@ class Stream:
     t: Optional[torch.Tensor] = None         # [n] device copy of the slot timesteps (slot 0 written on device)
     controller: Any = None                   # the motion-aware noise controller (its scale lives on the device)
     generator: Optional[torch.Generator] = None   # this stream's noise; None = the global generator
+    vae: Any = None                          # this stream's VAE (streams may use different ones)
     vae_state: Any = None
     hidden: Optional[torch.Tensor] = None    # [n, F, C, h, w] chunks in flight (stream batch), row 0 refilled per call
     starts: list[int] = field(default_factory=list)      # virtual start token of the chunk in each slot
@@ -115,7 +116,10 @@ class DiTJob:
 
 class Scheduler:
     def __init__(self, mode: str, step_list: list[int], kv: CacheSpec, frames_per_block: int = 1,
-                 position_refresh_frames: int = 50, max_streams: int = 1, t2v: bool = False):
+                 position_refresh_frames: int = 50, max_streams: int = 1, t2v: bool = False,
+                 num_rows: Optional[int] = None):
+        """``step_list``: the default timesteps of a stream's slots; ``num_rows``: KV-cache rows to share out
+        (default: ``max_streams`` streams of ``len(step_list)`` steps)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {sorted(MODES)}")
         self.rule = MODES[mode]
@@ -124,26 +128,28 @@ class Scheduler:
         self.frames_per_block, self.num_kv_cache = frames_per_block, kv.num_frames
         self.frame_tokens, self.refresh = kv.frame_tokens, position_refresh_frames
         self.t2v = t2v
-        self.rows_per_stream = len(self.step_list) if self.rule.stream_batch else 1
         self.max_streams = max_streams
-        self.free_rows = list(range(max_streams * self.rows_per_stream))
+        self.num_rows = num_rows or max_streams * self.rows_for(len(self.step_list))
+        self.free_rows = list(range(self.num_rows))
         self.streams: dict[int, Stream] = {}
         self._next_id = 0
 
-    @property
-    def num_rows(self) -> int:
-        return self.max_streams * self.rows_per_stream
+    def rows_for(self, steps: int) -> int:
+        """KV-cache rows a stream of ``steps`` steps owns: one per step with the stream batch, else one."""
+        return steps if self.rule.stream_batch else 1
 
     # ------------------------------------------------------------------ streams
-    def open(self, prompt: str) -> Stream:
-        """A new stream with fresh positions and the lowest free rows (consecutive when possible)."""
-        n = self.rows_per_stream
-        if len(self.free_rows) < n:
-            raise RuntimeError(f"all {self.max_streams} stream(s) are busy (max_streams={self.max_streams}): close one "
-                               f"first")
+    def open(self, prompt: str, step_list: Optional[list[int]] = None) -> Stream:
+        """A new stream with fresh positions and the lowest free rows (consecutive when possible).
+        ``step_list``: its own timesteps (default the scheduler's)."""
+        steps = list(step_list or self.step_list)
+        n = self.rows_for(len(steps))
+        if len(self.streams) >= self.max_streams or len(self.free_rows) < n:
+            raise RuntimeError(f"all {self.max_streams} stream(s) are busy (max_streams={self.max_streams}, "
+                               f"{len(self.free_rows)} of {self.num_rows} KV rows free, {n} needed): close one first")
         rows = self._take_rows(n)
-        s = Stream(id=self._next_id, prompt=prompt, rows=rows, steps=list(self.step_list),
-                   frames_per_block=self.frames_per_block, passes_left=len(self.step_list))
+        s = Stream(id=self._next_id, prompt=prompt, rows=rows, steps=steps,
+                   frames_per_block=self.frames_per_block, passes_left=len(steps))
         self._next_id += 1
         self.streams[s.id] = s
         return s
@@ -246,15 +252,15 @@ class Scheduler:
         the rest, one job for all streams (their chunks have one shape)."""
         jobs = [self._first_job(c) for c in chunks if c.first]
         rest = [c for c in chunks if not c.first]
-        by_shape: dict[int, list[Chunk]] = {}
+        by_shape: dict[tuple, list[Chunk]] = {}
         for c in rest:
-            by_shape.setdefault(c.latent_frames, []).append(c)
+            by_shape.setdefault((c.latent_frames, len(c.stream.steps)), []).append(c)
         for group in by_shape.values():
             jobs.append(self._batch_job(group) if self.rule.stream_batch else self._sequential_job(group))
         return jobs
 
     def _first_job(self, c: Chunk) -> DiTJob:
-        s, n = c.stream, len(self.step_list)
+        s, n = c.stream, len(c.stream.steps)
         start = self.take_position(s, c.latent_frames)
         if self.rule.stream_batch:
             s.starts = [s.next_start] * n       # empty slots sit at the next position until chunks arrive
@@ -265,7 +271,7 @@ class Scheduler:
                       stream_batch=False, first=True, emit=[True])
 
     def _sequential_job(self, chunks: list[Chunk]) -> DiTJob:
-        n = len(self.step_list)
+        n = len(chunks[0].stream.steps)
         streams = [c.stream for c in chunks]
         starts = [self.take_position(s, c.latent_frames) for s, c in zip(streams, chunks)]
         per_stream = [self._pass_pops(s, start, c.latent_frames) for s, c, start in zip(streams, chunks, starts)]
@@ -277,7 +283,7 @@ class Scheduler:
         """Which of a chunk's passes (all steps at one position, batch 1) rotate the eviction ring. The
         reference counts passes that evict and pops on every n-th (§1.7 step 2): the count runs on across
         chunks, so after the chunk where the cache becomes full the pop falls on a chunk's first pass."""
-        m, n, pops = frames * self.frame_tokens, len(self.step_list), []
+        m, n, pops = frames * self.frame_tokens, len(s.steps), []
         for _ in range(n):
             d = decide(self.kv, s.row_global_end, s.row_local_end, s.row_rolling, start, m, where=f"stream {s.id}")
             pop = False
