@@ -139,12 +139,18 @@ def _run_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-COMMANDS = {"run": _run_main}
+def _serve_main() -> None:
+    from .serve.main import main as serve_main   # the web UI (conf/serve.yaml); needs the `serve` extra
+    serve_main()
+
+
+COMMANDS = {"run": _run_main, "serve": _serve_main}
 HELP = """usage: sdv2 <command> [key=value ...]
 
 commands:
   run     stream one video (or a generated clip) through the pipeline: <output.dir>/output.mp4 + timings
   eval    the evaluation harness: every video of a dataset, speed and quality, results.csv / summary.json
+  serve   the web UI on http://127.0.0.1:7860: a live webcam restyled in the browser (conf/serve.yaml)
   help    this text (also: sdv2 --help). `sdv2 run --help` / `sdv2 eval --help`: Hydra's full config listing
 
 main options (Hydra overrides; an unknown choice is an error listing the valid ones):

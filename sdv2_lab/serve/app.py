@@ -1,0 +1,106 @@
+"""The ASGI app (FastAPI): the page, the WebSocket, MJPEG out and the two JSON endpoints.
+
+    GET /                         the page (static HTML/JS/CSS from this package; no build step, no CDN)
+    WS  /ws                       control messages (JSON) and frames (binary JPEG) in; frames and replies out
+    GET /api/stream/<token>.mjpg  a client's restyled frames as multipart/x-mixed-replace (MJPEG), newest only
+    GET /api/health               model, size, weights (dummy or real), streams in use
+    GET /api/metrics              per stream: FPS in/out, latency p50/p95/p99, dropped frames; engine step times
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from .engine import Engine
+from .hub import Hub
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+MJPEG_BOUNDARY = "frame"
+
+
+def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+    hub_box: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        hub = Hub(engine, settings)       # made on the server's event loop
+        app.state.hub = hub_box["hub"] = hub
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    app = FastAPI(title="sdv2 serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/health")
+    async def health():
+        return JSONResponse(hub_box["hub"].health())
+
+    @app.get("/api/metrics")
+    async def metrics():
+        return JSONResponse(hub_box["hub"].metrics())
+
+    @app.get("/api/stream/{token}.mjpg")
+    async def mjpeg(token: str):
+        hub: Hub = hub_box["hub"]
+        session = next((s for s in hub.sessions.values() if s.token == token), None)
+        if session is None:
+            return JSONResponse({"error": "no such stream (it ended, or the token is wrong)"}, status_code=404)
+        return StreamingResponse(_mjpeg_parts(session), media_type=f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.websocket("/ws")
+    async def ws_endpoint(ws: WebSocket):
+        hub: Hub = hub_box["hub"]
+        await ws.accept()
+        session = hub.connect(ws)
+        if session is None:
+            await ws.send_json({"type": "busy", "message": f"the server is busy: {settings.max_connections} "
+                                                           f"connections already (serve.max_connections)"})
+            await ws.close(code=1013)
+            return
+        sender = asyncio.get_running_loop().create_task(hub.send_loop(session))
+        try:
+            await session.send_json({"type": "hello", **hub.health()})
+            while not session.closed:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                await hub.on_message(session, msg.get("text"), msg.get("bytes"))
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            await hub.disconnect(session)
+            sender.cancel()
+
+    return app
+
+
+async def _mjpeg_parts(session):
+    """One multipart part per new frame; a slow viewer just skips frames (it always gets the newest)."""
+    while not session.closed:
+        event = session.new_jpeg
+        try:
+            await asyncio.wait_for(event.wait(), timeout=5.0)
+        except asyncio.TimeoutError:
+            continue
+        jpeg = session.jpeg
+        if session.closed or not jpeg:
+            break
+        yield (f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n").encode() \
+            + jpeg + b"\r\n"

@@ -1,0 +1,347 @@
+"""The asyncio side of the server: clients (``Session``), their messages, and the loop that hands the model the
+newest chunk of every client at once (``Engine.tick``) and routes the restyled frames back.
+
+Latency stays bounded whatever a client sends: frames beyond ``input_fps`` are dropped before decoding, the
+inbox keeps the newest ``inbox_frames``, each tick takes only the newest chunk of a client (older frames are
+stale), and the outbox keeps the newest ``outbox_frames``. Every drop is counted (``/api/metrics``).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Optional
+
+import numpy as np
+
+from .engine import Busy, Engine
+from .protocol import ProtocolError, StreamOptions, noise_scale_of, parse, prompt_of, start_options, steps_of, \
+    bool_of
+from .session import IDLE, PAUSED, RUNNING, STARTING, Session
+from .settings import ServeSettings
+from .stats import DROP_KINDS
+from .wire import FrameError, decode_jpeg, encode_jpeg, pack_output, split_tag
+
+log = logging.getLogger(__name__)
+
+STATS_EVERY_S = 1.0
+
+
+class Hub:
+    def __init__(self, engine: Engine, settings: ServeSettings):
+        self.engine, self.settings = engine, settings
+        self.info = engine.describe()
+        self.sessions: dict[int, Session] = {}
+        self._by_stream: dict[int, Session] = {}
+        self._next_id = 0
+        self._wake = asyncio.Event()
+        self._loop_task: Optional[asyncio.Task] = None
+        self.totals = {"connections": 0, "frames_in": 0, "frames_out": 0, "errors": 0, "busy_replies": 0,
+                       "dropped": {k: 0 for k in DROP_KINDS}}
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ life
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        for s in list(self.sessions.values()):
+            await self.disconnect(s)
+
+    @property
+    def active_streams(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.state != IDLE)
+
+    # ------------------------------------------------------------------ connections
+    def connect(self, ws) -> Optional[Session]:
+        if len(self.sessions) >= self.settings.max_connections:
+            self.totals["busy_replies"] += 1
+            return None
+        s = Session(self._next_id, ws, input_fps=self.settings.input_fps,
+                    inbox_frames=max(self.settings.inbox_frames, self.engine.first_chunk),
+                    outbox_frames=self.settings.outbox_frames)
+        self._next_id += 1
+        self.sessions[s.id] = s
+        self.totals["connections"] += 1
+        return s
+
+    async def disconnect(self, s: Session) -> None:
+        """The client is gone: its stream (KV rows) is freed as soon as the engine's current step ends."""
+        if self.sessions.pop(s.id, None) is None:
+            return
+        s.closed = True
+        s.out_ready.set()
+        s.publish(b"")
+        st = s.stats
+        self.totals["frames_in"] += st.received
+        self.totals["frames_out"] += st.sent
+        self.totals["errors"] += st.errors
+        for k, v in st.dropped.items():
+            self.totals["dropped"][k] += v
+        await asyncio.gather(*list(s.tasks), return_exceptions=True)   # a start in flight ends before the close
+        await self._close_stream(s)
+        log.info("session %d closed: %d frames in, %d out, dropped %s", s.id, st.received, st.sent, st.dropped)
+
+    async def _close_stream(self, s: Session) -> None:
+        stream, s.stream, s.state = s.stream, None, IDLE
+        s.inbox.clear()
+        s.pending.clear()
+        if stream is not None:
+            self._by_stream.pop(stream.id, None)
+            await self.engine.call(self.engine.close, stream)
+
+    # ------------------------------------------------------------------ messages
+    async def on_message(self, s: Session, text: Optional[str], data: Optional[bytes]) -> None:
+        size = len(data) if data is not None else len(text.encode("utf-8", "surrogatepass")) if text else 0
+        try:
+            if size > self.settings.max_message_bytes:
+                raise ProtocolError("oversize", f"message of {size} bytes is over serve.max_message_bytes="
+                                                f"{self.settings.max_message_bytes}; send smaller JPEGs")
+            if data is not None:
+                await self._on_frame(s, data)
+            else:
+                self._on_control(s, parse(text or ""))
+        except (ProtocolError, FrameError) as exc:
+            await s.send_json({"type": "error", "code": exc.code, "message": str(exc)})
+
+    async def _on_frame(self, s: Session, data: bytes) -> None:
+        now = time.perf_counter()
+        if s.state == IDLE:
+            raise ProtocolError("not_started", "a frame before the stream started: send {\"type\": \"start\"} first")
+        s.stats.received += 1
+        if s.state == PAUSED:
+            return
+        if not s.throttle.allow(now):
+            s.stats.drop("throttled")
+            return
+        tag, jpeg = split_tag(data, s.stats.received - 1)
+        frame, resized = await asyncio.to_thread(
+            decode_jpeg, jpeg, self.engine.height, self.engine.width, resize=self.settings.resize,
+            max_pixels=self.settings.max_frame_pixels)
+        if resized and not s.said_resized:
+            s.said_resized = True
+            await s.send_json({"type": "info", "message": f"frames are centre-cropped and resized to "
+                                                          f"{self.engine.width}x{self.engine.height} (the model's size)"})
+        if s.state in (RUNNING, STARTING):
+            s.queue_input(frame, tag, now)
+            s.stats.rate_in.add(1, now)
+            self._wake.set()
+
+    def _on_control(self, s: Session, msg: dict) -> None:
+        kind = msg["type"]
+        if kind == "start":
+            if s.state != IDLE:
+                raise ProtocolError("bad_state", "the stream is already started: send {\"type\": \"stop\"} first")
+            opts = start_options(msg, default_prompt=self.settings.default_prompt,
+                                 default_steps=self.engine.default_steps, default_noise=self.engine.default_noise,
+                                 max_steps=self.settings.max_steps)
+            if self.active_streams >= self.settings.max_streams:
+                self.totals["busy_replies"] += 1
+                s.spawn(s.send_json(self._busy_reply(f"all {self.settings.max_streams} streams are in use")))
+                return
+            s.state = STARTING
+            s.spawn(self._locked(s, self._start(s, opts)))
+            return
+        if s.state == IDLE:
+            raise ProtocolError("not_started", f"{kind!r} before the stream started: send {{\"type\": \"start\"}} first")
+        if kind == "prompt":
+            value = prompt_of(msg)
+            s.spawn(self._locked(s, self._set(s, "prompt", value)))
+        elif kind == "noise_scale":
+            value = noise_scale_of(msg.get("value"))
+            s.spawn(self._locked(s, self._set(s, "noise_scale", value)))
+        elif kind == "steps":
+            value = steps_of(msg.get("value"), self.settings.max_steps)
+            s.spawn(self._locked(s, self._set(s, "steps", value)))
+        elif kind == "taehv":
+            value = bool_of(msg.get("on"), "on")
+            s.spawn(self._locked(s, self._set(s, "taehv", value)))
+        elif kind in ("pause", "resume"):
+            s.spawn(self._locked(s, self._pause(s, kind == "pause")))
+        elif kind == "stop":
+            s.spawn(self._locked(s, self._stop(s)))
+
+    def _busy_reply(self, why: str) -> dict:
+        return {"type": "busy", "message": f"the server is busy: {why} (serve.max_streams="
+                                           f"{self.settings.max_streams}); try again when one ends",
+                "max_streams": self.settings.max_streams}
+
+    async def _locked(self, s: Session, coro) -> None:
+        """Controls of one client run in order, without holding up its frames."""
+        async with s.control_lock:
+            try:
+                await coro
+            except ProtocolError as exc:
+                await s.send_json(exc.reply())
+            except Exception as exc:  # a model-side failure of one client's control: that client hears of it
+                log.exception("session %d: control failed", s.id)
+                await s.send_json({"type": "error", "code": "engine", "message": f"{type(exc).__name__}: {exc}"})
+
+    async def _start(self, s: Session, opts: StreamOptions) -> None:
+        try:
+            stream = await self.engine.call(self.engine.open, opts)
+        except Busy as exc:
+            s.state = IDLE
+            self.totals["busy_replies"] += 1
+            await s.send_json(self._busy_reply(str(exc)))
+            return
+        except ValueError as exc:
+            s.state = IDLE
+            raise ProtocolError("bad_value", str(exc)) from None
+        except BaseException:
+            s.state = IDLE
+            raise
+        if s.closed:           # gone while the stream opened
+            await self.engine.call(self.engine.close, stream)
+            return
+        s.opts = opts
+        s.restarted(stream, self.engine.first_chunk)
+        self._by_stream[stream.id] = s
+        s.state = RUNNING
+        log.info("session %d: stream %d started (steps %d, noise %.2f, taehv %s, prompt %r)", s.id, stream.id,
+                 opts.steps, opts.noise_scale, opts.taehv, opts.prompt)
+        await s.send_json({"type": "started", "session": s.id, "stream": stream.id, **self.info,
+                           "prompt": opts.prompt, "steps": opts.steps, "noise_scale": opts.noise_scale,
+                           "taehv": opts.taehv, "output": opts.output, "input_fps": self.settings.input_fps,
+                           "mjpeg": f"/api/stream/{s.token}.mjpg"})
+        self._wake.set()
+
+    async def _set(self, s: Session, what: str, value) -> None:
+        if s.stream is None:
+            raise ProtocolError("not_started", f"{what!r}: the stream has stopped; start it again")
+        if what == "prompt":
+            await self.engine.call(self.engine.set_prompt, s.stream, value)
+            s.opts = replace(s.opts, prompt=value)
+            await s.send_json({"type": "ack", "control": what, "prompt": value})
+            return
+        if what == "noise_scale":
+            await self.engine.call(self.engine.set_noise_scale, s.stream, value)
+            s.opts = replace(s.opts, noise_scale=value)
+            await s.send_json({"type": "ack", "control": what, "noise_scale": value})
+            return
+        new = replace(s.opts, **{what: value})
+        if new == s.opts:
+            await s.send_json({"type": "ack", "control": what, what: value, "restarted": False})
+            return
+        old_stream = s.stream
+        self._by_stream.pop(old_stream.id, None)
+        try:
+            stream = await self.engine.call(self.engine.reopen, old_stream, new, s.opts)
+        except Exception as exc:
+            restored = getattr(exc, "restored", None)
+            if restored is None:            # not even the old settings could open again: the stream has ended
+                s.stream, s.state = None, IDLE
+                raise
+            s.restarted(restored, self.engine.first_chunk)
+            self._by_stream[restored.id] = s
+            code = "busy" if isinstance(exc, Busy) else "bad_value"
+            raise ProtocolError(code, f"{what}={value!r} could not be applied ({exc}); the stream restarted with "
+                                      f"the previous settings") from None
+        s.opts = new
+        s.restarted(stream, self.engine.first_chunk)
+        self._by_stream[stream.id] = s
+        log.info("session %d: %s=%s, stream restarted as %d", s.id, what, value, stream.id)
+        await s.send_json({"type": "ack", "control": what, what: value, "restarted": True, "stream": stream.id})
+        self._wake.set()
+
+    async def _pause(self, s: Session, pause: bool) -> None:
+        if s.state in (RUNNING, PAUSED):
+            s.state = PAUSED if pause else RUNNING
+            s.inbox.clear()
+        await s.send_json({"type": "ack", "control": "pause" if pause else "resume", "state": s.state})
+        self._wake.set()
+
+    async def _stop(self, s: Session) -> None:
+        await self._close_stream(s)
+        await s.send_json({"type": "stopped"})
+
+    # ------------------------------------------------------------------ the model loop
+    async def _run(self) -> None:
+        while True:
+            work = [(s, s.stream, s.take_chunk()) for s in self.sessions.values() if s.has_chunk()]
+            if not work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [(stream, np.stack(frames)) for _, stream, frames in work]
+            try:
+                result = await self.engine.call(self.engine.tick, batch)
+            except Exception as exc:
+                log.exception("the model step failed for streams %s", [st.id for _, st, _ in work])
+                for s, stream, _ in work:
+                    if s.stream is stream:
+                        s.spawn(self._locked(s, self._recover(s, exc)))
+                continue
+            for stream_id, frames in result.outputs:
+                s = self._by_stream.get(stream_id)
+                if s is not None and s.stream is not None and s.stream.id == stream_id:
+                    s.queue_output(frames)
+            for stream_id, needed in result.needed.items():
+                s = self._by_stream.get(stream_id)
+                if s is not None and s.stream is not None and s.stream.id == stream_id:
+                    s.needed = needed
+
+    async def _recover(self, s: Session, exc: Exception) -> None:
+        """After a failed step the stream's state is unknown: restart it with the same settings."""
+        await s.send_json({"type": "error", "code": "engine", "message": f"the model failed on this stream "
+                                                                         f"({type(exc).__name__}: {exc}); restarting it"})
+        if s.stream is not None:
+            self._by_stream.pop(s.stream.id, None)
+            stream = await self.engine.call(self.engine.reopen, s.stream, s.opts, s.opts)
+            s.restarted(stream, self.engine.first_chunk)
+            self._by_stream[stream.id] = s
+
+    # ------------------------------------------------------------------ frames out
+    async def send_loop(self, s: Session) -> None:
+        """JPEG-encode the client's restyled frames and send them (WebSocket) or publish them (MJPEG); a stats
+        message every second."""
+        quality, last_stats = self.settings.jpeg_quality, time.perf_counter()
+        while not s.closed:
+            try:
+                await asyncio.wait_for(s.out_ready.wait(), timeout=STATS_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
+            s.out_ready.clear()
+            while s.outbox and not s.closed:
+                frame, tag, arrival, index = s.outbox.popleft()
+                jpeg = await asyncio.to_thread(encode_jpeg, frame, quality)
+                now = time.perf_counter()
+                server_ms = 1e3 * (now - arrival)
+                s.publish(jpeg)
+                if s.opts is None or s.opts.output == "ws":
+                    if not await s.send_bytes(pack_output(jpeg, tag, index, server_ms)):
+                        return
+                s.stats.sent += 1
+                s.stats.rate_out.add(1, now)
+                s.stats.latencies_ms.append(server_ms)
+            if time.perf_counter() - last_stats >= STATS_EVERY_S and s.state != IDLE:
+                last_stats = time.perf_counter()
+                await s.send_json({"type": "stats", **s.describe()})
+
+    # ------------------------------------------------------------------ /api
+    def health(self) -> dict:
+        return {"status": "ok", **self.info, "streams": self.active_streams, "max_streams": self.settings.max_streams,
+                "connections": len(self.sessions), "input_fps": self.settings.input_fps,
+                "max_message_bytes": self.settings.max_message_bytes, "jpeg_quality": self.settings.jpeg_quality,
+                "default_prompt": self.settings.default_prompt, "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def metrics(self) -> dict:
+        streams = [s.describe() for s in self.sessions.values() if s.state != IDLE]
+        live = {"frames_in": sum(d["frames_in"] for d in streams), "frames_out": sum(d["frames_out"] for d in streams)}
+        totals = dict(self.totals, dropped=dict(self.totals["dropped"]))
+        for s in self.sessions.values():
+            totals["frames_in"] += s.stats.received
+            totals["frames_out"] += s.stats.sent
+            totals["errors"] += s.stats.errors
+            for k, v in s.stats.dropped.items():
+                totals["dropped"][k] += v
+        return {"weights": self.info["weights"], "streams": streams, "live": live, "totals": totals,
+                "engine": self.engine.stats(), "max_streams": self.settings.max_streams}

@@ -1,0 +1,60 @@
+"""The server's settings (``serve:`` in ``conf/serve.yaml``), validated before any model is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_streams: int = 4
+    max_steps: int = 4
+    max_connections: int = 32
+    input_fps: float = 16.0
+    inbox_frames: int = 12
+    outbox_frames: int = 16
+    max_message_bytes: int = 2_000_000
+    max_frame_pixels: int = 4096 * 1024
+    resize: bool = True
+    jpeg_quality: int = 80
+    default_prompt: str = "a watercolor painting, soft pastel colours"
+    taehv_vae: str = "taehv_tiny"
+    warmup: bool = True
+    log_level: str = "info"
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> "ServeSettings":
+        section = dict(section or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"serve: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**section).validate()
+
+    def validate(self) -> "ServeSettings":
+        def positive(name, integer=True):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int if integer else (int, float))) or v <= 0:
+                raise ValueError(f"serve.{name} must be a positive {'integer' if integer else 'number'}, got {v!r}")
+
+        for name in ("max_streams", "max_connections", "inbox_frames", "outbox_frames", "max_message_bytes",
+                     "max_frame_pixels"):
+            positive(name)
+        positive("input_fps", integer=False)
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"serve.port must be 0..65535 (0 = any free port), got {self.port!r}")
+        if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= 4:
+            raise ValueError(f"serve.max_steps must be 1..4, got {self.max_steps!r}")
+        if not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"serve.jpeg_quality must be 1..95, got {self.jpeg_quality!r}")
+        if not str(self.default_prompt).strip():
+            raise ValueError("serve.default_prompt is empty")
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK
