@@ -157,5 +157,7 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     if cfg.get("compile_kernels", False):
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype)
+    if device.type == "cuda" and hasattr(vae, "warmup"):  # kernel JIT and cuDNN tuning now, not in the first chunk
+        log.info("VAE warm-up at %dx%d: %.1f s", cfg.height, cfg.width, vae.warmup(cfg.height, cfg.width))
     text = build_text_encoder(cfg, device, dtype)
     return StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)
