@@ -11,6 +11,7 @@ backends that work on this machine.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -70,6 +71,8 @@ SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_A
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 SDPA_CUDA_ORDER = ("cudnn", "flash", "efficient", "math")
 SDPA_CAPTURE_ORDER = ("flash", "efficient", "math", "cudnn")  # torch's default; cuDNN last (never reached)
+if os.environ.get("SDV2_SDPA_CAPTURE") == "cudnn":  # for measuring: cuDNN inside graphs whose shapes ran eagerly first
+    SDPA_CAPTURE_ORDER = SDPA_CUDA_ORDER
 
 
 def sdpa_order(first: Optional[str] = None, base: tuple = SDPA_CUDA_ORDER) -> list[SDPBackend]:

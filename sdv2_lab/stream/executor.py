@@ -114,6 +114,7 @@ class CUDAGraphExecutor(DiTExecutor):
         super().__init__(dit, cache, schedule)
         self.graphs: OrderedDict = OrderedDict()
         self.plan_buffers: dict[tuple, torch.Tensor] = {}
+        self.seen: set = set()
         self.captures = self.replays = 0
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
@@ -130,6 +131,11 @@ class CUDAGraphExecutor(DiTExecutor):
             return DiTResult(*self.finish_step(job, v, x, t, noise))
         key = (key_rows, tuple(x.shape), x.dtype, plan.refresh_check, plan.max_len)
         g = self.graphs.get(key)
+        if g is None and key not in self.seen:  # a new shape runs eagerly once (lazy inits, kernel plans), then
+            self.seen.add(key)                   # its next call is captured
+            v = self.dit.step(x, t[:, None].expand(-1, x.shape[1]), self.cache, plan)
+            self.cache.commit(plan)
+            return DiTResult(*self.finish_step(job, v, x, t, noise))
         if g is None:
             g = self._capture(job, x, t, noise, plan)
             self.graphs[key] = g
