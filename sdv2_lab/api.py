@@ -172,7 +172,8 @@ class StreamDiffusionV2Pipeline:
         if self._prompt is not None:
             self.pipeline.start(self._prompt)
             changed.append("stream restarted")
-        cpu = "" if pipe.device.type == "cuda" else " (CUDA graphs need a GPU: eager on " + str(pipe.device) + ")"
+        cpu = "" if pipe.device.type == "cuda" or not (use_tensorrt or fast) else \
+            f" (the accelerated paths are CUDA graphs: eager on {pipe.device})"
         log.info("enable_acceleration: %s%s", "; ".join(changed) or "nothing to switch", cpu)
         return self
 

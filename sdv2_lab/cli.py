@@ -136,7 +136,11 @@ def format_stats(s: dict) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _run_main(cfg: DictConfig) -> None:
-    run(cfg)
+    from .preflight import user_errors
+    try:
+        run(cfg)
+    except user_errors() as exc:  # one line saying what to change, not a traceback
+        raise SystemExit(f"sdv2 run: error: {exc}") from None
 
 
 def _serve_main() -> None:

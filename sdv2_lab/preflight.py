@@ -10,6 +10,17 @@ from omegaconf import DictConfig
 from .seed_config import GENERATOR_FILE, T5_FILE, TAEHV_FILE, VAE_FILE, check_torch_file
 
 
+def user_errors() -> tuple[type, ...]:
+    """What a wrong setting, file or input raises: the command lines print these as one line, no traceback
+    (``SDV2_TRACEBACK=1`` shows it)."""
+    import os
+    if os.environ.get("SDV2_TRACEBACK"):
+        return ()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    return ValueError, TypeError, OSError, RuntimeError, HydraException, OmegaConfBaseException
+
+
 def check_config(cfg: DictConfig) -> None:
     """Sizes, steps, resolution, chunk and cache settings (``PipelineConfig.validate``), the backbone's
     shape, and the weight files that exist (a truncated one is named)."""

@@ -45,10 +45,11 @@ KEY_TO_FLAG = {"input.prompt_file": "--prompt_file_path", "input.prompt": "--pro
                "input.video": "--video_path", "input.frames": "--video_path",
                "weights.checkpoint": "--checkpoint_folder",
                "weights.wan_folder": "--wan_folder", "weights.taehv": "--taehv", "output.dir": "--output_folder",
-               "noise_scale": "--noise_scale", "target_fps": "--target_fps", "num_frames": "--num_frames",
+               "noise_scale": "--noise_scale", "target_fps": "--target_fps",
                "config_path": "--config_path", "checkpoint_folder": "--checkpoint_folder", "wan_folder": "--wan_folder",
                "model_type": "--model_type", "height": "--height", "width": "--width"}
-SETTING_TO_FLAG = {"steps": "--step", "seed": "--seed", "device": "--device", "fps": "--fps"}
+SETTING_TO_FLAG = {"steps": "--step", "seed": "--seed", "device": "--device", "fps": "--fps",
+                   "num_frames": "--num_frames"}
 
 
 def parse(argv):
@@ -149,16 +150,14 @@ def announce(a, cfg) -> None:
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from .build import compose_config
     from .cli import run
+    from .preflight import user_errors
     try:
         cfg = compose_config("config", to_overrides(a))
         announce(a, cfg)
         run(cfg)
-    except (ValueError, TypeError, OSError, RuntimeError, HydraException, OmegaConfBaseException) as exc:
+    except user_errors() as exc:
         raise SystemExit(f"run_v2v.sh: error: {name_flags(str(exc))}") from None
 
 

@@ -174,5 +174,5 @@ def test_the_readme_shows_the_seeds_usage_on_a_cpu_and_it_runs(tmp_path):
     res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert frames_of(tmp_path / "tiny" / "outputs" / "python_single.mp4") == 17
+    assert frames_of(tmp_path / "tiny" / "outputs" / "python_single.mp4") == 9
     assert "overrides=[" in section and "applied after the seed's arguments" in section

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sdv2_lab.eval.results import ResultsWriter, compact_table, gather_results, write_atomic
-from sdv2_lab.io.synthetic import synthetic_clip, write_synthetic_clip
+from sdv2_lab.io.synthetic import write_synthetic_clip
 from sdv2_lab.io.video import VideoWriter, export_video, load_video
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -202,12 +202,13 @@ def test_skipped_videos_are_shown_with_their_reason(capsys, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- one whole run
 def test_an_evaluation_run_says_each_thing_once(tmp_path, umask):
-    """sdv2 eval on a folder with one good and one too-short clip: one DUMMY line, each missing metric once,
-    no W&B or Lightning noise, the skipped clip with its reason, files with the umask's mode."""
+    """sdv2 eval on a folder with a clip and a still image: one DUMMY line, each missing metric once, no W&B or
+    Lightning noise, the skipped image with its reason, files with the umask's mode."""
+    import cv2
     clips = tmp_path / "clips"
     write_synthetic_clip(clips / "good.mp4", frames=9, height=32, width=48)
-    write_synthetic_clip(clips / "short.mp4", frames=3, height=32, width=48)
-    (clips / "prompts.csv").write_text("path,prompt\ngood.mp4,a painting\nshort.mp4,a painting\n")
+    cv2.imwrite(str(clips / "still.png"), np.zeros((32, 48, 3), np.uint8))
+    (clips / "prompts.csv").write_text("path,prompt\ngood.mp4,a painting\nstill.png,a painting\n")
     res = subprocess.run([sys.executable, "-m", "sdv2_lab.eval", "dataset=folder", f"dataset.root={clips}",
                           "dataset.prompts_file=prompts.csv", "dataset.on_error=skip", "height=32", "width=48",
                           "eval.warmup=false", "eval.save_videos=1", "hydra.run.dir=run"],
@@ -217,7 +218,7 @@ def test_an_evaluation_run_says_each_thing_once(tmp_path, umask):
     assert console.count("DUMMY") == 1
     assert console.count("metrics.clip.weights=") == 1 and console.count("metrics.lpips.backbone_weights=") == 1
     assert "anonymous" not in console and "Tip:" not in console
-    assert "skipped short.mp4: " in res.stdout and "has 3 frame(s); the first chunk needs 5" in res.stdout
+    assert "skipped still.png: " in res.stdout and "is a single image (png), not a video" in res.stdout
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert "seed" not in summary and "frames" not in summary and summary["skipped"] == 1

@@ -219,9 +219,8 @@ class FolderDataset(_Source):
     Files are probed here; frames are decoded and resized to ``height`` × ``width`` when first used."""
 
     def __init__(self, root: str | Path, prompts_file: str | Path, height: int, width: int,
-                 max_frames: Optional[int] = None, on_error: str = "raise", min_frames: int = 1):
+                 max_frames: Optional[int] = None, on_error: str = "raise"):
         super().__init__()
-        self.min_frames = min_frames
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.root = Path(root)
@@ -258,10 +257,9 @@ class FolderDataset(_Source):
             info = probe_video(video_path)
         except Exception as exc:  # PyAV raises many types; all mean "cannot use this file"
             return self._fail(item_id, f"{label}: unreadable video {video_path}: {exc}", ValueError, exc)
-        try:  # a still image, or fewer frames than the first chunk: said now, not when the loop reaches it
-            info.check_length(self.min_frames, label)
-        except ValueError as exc:
-            return self._fail(item_id, str(exc))
+        if info.is_image:  # said now, by name, not as a short clip when the loop reaches it
+            return self._fail(item_id, f"{label}: {video_path} is a single image ({info.codec or info.container}), "
+                                       f"not a video")
         meta = dict(entry.extra, source_height=info.height, source_width=info.width, source_frames=info.frames)
         loader = functools.partial(_load_file, str(video_path), self.height, self.width, self.max_frames)
         return VideoItem(id=item_id, prompt=entry.prompt.strip(), path=str(video_path), fps=info.fps, meta=meta,
@@ -318,9 +316,8 @@ def _build_synthetic(height: int, width: int, *, n: int = 2, frames: int = 17, f
 
 @register_dataset("folder")
 def _build_folder(height: int, width: int, *, root: str, prompts_file: str, max_frames: Optional[int] = None,
-                  on_error: str = "raise", min_frames: int = 1) -> FolderDataset:
-    return FolderDataset(root, prompts_file, height, width, max_frames=max_frames, on_error=on_error,
-                         min_frames=min_frames)
+                  on_error: str = "raise") -> FolderDataset:
+    return FolderDataset(root, prompts_file, height, width, max_frames=max_frames, on_error=on_error)
 
 
 CONTEXT = ("min_frames",)  # builder keywords set by the run (not conf/dataset options)
@@ -328,7 +325,7 @@ CONTEXT = ("min_frames",)  # builder keywords set by the run (not conf/dataset o
 
 def build_dataset(cfg: Mapping, height: int, width: int, min_frames: int = 1):
     """A source from a ``conf/dataset`` mapping: ``name`` picks the builder, the other keys are its options.
-    ``min_frames``: the first chunk's frames; builders that take it refuse shorter clips and still images."""
+    ``min_frames``: the first chunk's frames; builders that take it refuse fewer (the synthetic source)."""
     options = _plain(cfg)
     if not isinstance(options, Mapping):
         raise TypeError(f"dataset config must be a mapping with a 'name', got {type(cfg).__name__}")
