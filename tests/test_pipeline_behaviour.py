@@ -122,10 +122,12 @@ def test_bad_input_is_a_clear_error(clip, tmp_path):
         make("height=30")
     with pytest.raises(ValueError, match="steps=5"):
         make("steps=5")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        if torch.cuda.is_available():
-            raise RuntimeError("CUDA is not available (skipped: this machine has a GPU)")
-        make("device=cuda")
+    if torch.cuda.is_available():  # a GPU machine: a device index past the last GPU is the clear error
+        with pytest.raises(RuntimeError, match="GPU\\(s\\) visible"):
+            make(f"device=cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            make("device=cuda")
     pipe = make()
     with pytest.raises(RuntimeError, match="start\\(prompt\\)"):
         pipe.push(clip)

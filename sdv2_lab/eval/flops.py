@@ -28,9 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence, Union
 
-FRAMES_PER_LATENT = 4   # Wan VAE temporal stride
-VAE_SPATIAL_STRIDE = 8
-PATCH = 2               # DiT patch 1×2×2
+from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT as VAE_SPATIAL_STRIDE, tokens_per_latent_frame
 
 # Dense bf16 matmul peaks in TFLOP/s, used only when the harness gives no measured peak (measure it:
 # ``measure_peak_tflops``). Keys match as case-insensitive substrings of the device name, longest key first.
@@ -44,13 +42,7 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
 
 
 # ---------------------------------------------------------------------------------------------------- DiT
-def tokens_per_frame(height: int, width: int, vae_stride: int = VAE_SPATIAL_STRIDE, patch: int = PATCH) -> int:
-    """DiT tokens per latent frame: 480×832 → 30·52 = 1560; 512×512 → 1024."""
-    cell = vae_stride * patch
-    if height % cell or width % cell:
-        raise ValueError(f"height and width must be multiples of {cell} (VAE /{vae_stride}, patch {patch}), "
-                         f"got {height}x{width}")
-    return (height // cell) * (width // cell)
+tokens_per_frame = tokens_per_latent_frame   # 480x832 -> 30*52 = 1560; 512x512 -> 1024 (sdv2_lab/units.py)
 
 
 @dataclass(frozen=True)

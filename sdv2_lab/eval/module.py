@@ -35,6 +35,7 @@ from .datasets import VideoItem
 from .flops import flops_per_output_frame, mfu, peak_bf16_tflops
 from .results import ResultsWriter, read_jsonl, run_metadata, write_atomic
 from ..stream.clips import stream_clips
+from ..units import to_unit
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def config_columns(cfg: DictConfig) -> dict:
 
 def to_unit_frames(video: torch.Tensor) -> torch.Tensor:
     """[3, T, H, W] in [-1, 1] -> [T, 3, H, W] in [0, 1] (the metrics' layout)."""
-    return ((video.float() + 1) / 2).clamp(0, 1).transpose(0, 1)
+    return to_unit(video).transpose(0, 1)
 
 
 class StreamingEvalModule(pl.LightningModule):
