@@ -111,6 +111,9 @@ class Hub:
                 self._on_control(s, parse(text or ""))
         except (ProtocolError, FrameError) as exc:
             await s.send_json({"type": "error", "code": exc.code, "message": str(exc)})
+        except Exception as exc:  # a bug must not end the connection (nor touch the other clients)
+            log.exception("session %d: message failed", s.id)
+            await s.send_json({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
 
     async def _on_frame(self, s: Session, data: bytes) -> None:
         now = time.perf_counter()

@@ -33,7 +33,7 @@ def serve(cfg: DictConfig) -> None:
                     "(serve.host=127.0.0.1 keeps it local)", settings.host, settings.port)
     engine = Engine(cfg, settings)
     info = engine.describe()
-    if settings.warmup:
+    if settings.warmup is True or (settings.warmup == "auto" and engine.pipe.device.type == "cuda"):
         engine.warmup()
     weights = "DUMMY weights: the output is noise, timings are real" if engine.weights_are_dummy else "real weights"
     log.info("sdv2 serve: %s / vae %s / %s / %d step(s) by default / %dx%d on %s (%s); up to %d streams; %s",

@@ -23,11 +23,11 @@ IDLE, STARTING, RUNNING, PAUSED = "idle", "starting", "running", "paused"
 
 
 class Throttle:
-    """A token bucket: ``rate`` frames per second on average, bursts of ``burst`` (network jitter)."""
+    """A token bucket: ``rate`` frames per second on average, bursts of 1/8 s of frames, at least 2 (jitter)."""
 
-    def __init__(self, rate: float, burst: float = 2.0):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.last = burst, time.perf_counter()
+    def __init__(self, rate: float, burst: float | None = None):
+        self.rate, self.burst = rate, max(2.0, rate / 8) if burst is None else burst
+        self.tokens, self.last = self.burst, time.perf_counter()
 
     def allow(self, now: Optional[float] = None) -> bool:
         now = time.perf_counter() if now is None else now

@@ -23,7 +23,7 @@ class ServeSettings:
     jpeg_quality: int = 80
     default_prompt: str = "a watercolor painting, soft pastel colours"
     taehv_vae: str = "taehv_tiny"
-    warmup: bool = True
+    warmup: Any = "auto"        # auto (on CUDA) | true | false
     log_level: str = "info"
 
     @classmethod
@@ -51,6 +51,8 @@ class ServeSettings:
             raise ValueError(f"serve.max_steps must be 1..4, got {self.max_steps!r}")
         if not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 95:
             raise ValueError(f"serve.jpeg_quality must be 1..95, got {self.jpeg_quality!r}")
+        if self.warmup not in ("auto", True, False):
+            raise ValueError(f"serve.warmup must be auto, true or false, got {self.warmup!r}")
         if not str(self.default_prompt).strip():
             raise ValueError("serve.default_prompt is empty")
         return self
