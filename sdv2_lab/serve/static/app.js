@@ -48,14 +48,18 @@ function sizeViews(width, height) {
   for (const el of [ui.output, ui.mjpeg, ui.input]) el.style.aspectRatio = `${width} / ${height}`;
 }
 
+function showHealth(h) {
+  ui.info.textContent = `${h.model} · VAE ${h.vae} · ${h.width}×${h.height} on ${h.device} · ` +
+    `weights ${h.weights} · streams in use ${h.streams}/${h.max_streams}`;
+  ui.dummy.hidden = !h.weights_dummy;
+}
+
 async function loadHealth() {
   try {
     const h = await (await fetch("/api/health")).json();
     app.health = h;
     app.inputFps = h.input_fps;
-    ui.info.textContent = `${h.model} · VAE ${h.vae} · ${h.width}×${h.height} on ${h.device} · ` +
-      `weights ${h.weights} · streams ${h.streams}/${h.max_streams}`;
-    ui.dummy.hidden = !h.weights_dummy;
+    showHealth(h);
     ui.steps.innerHTML = "";
     for (let k = 1; k <= h.max_steps; k++) ui.steps.add(new Option(String(k), String(k), false, k === h.default_steps));
     ui.noise.value = h.default_noise_scale;
@@ -276,3 +280,4 @@ ui.file.onchange = () => { if (app.state !== "idle") openInput().catch((e) => sa
 
 setState("idle");
 loadHealth();
+setInterval(() => fetch("/api/health").then((r) => r.json()).then(showHealth).catch(() => {}), 3000);
