@@ -50,14 +50,17 @@ class ClientResult:
     first_output_s: Optional[float] = None             # from the first frame sent
 
     def summary(self, warmup_s: float = 0.0) -> dict:
-        t = [a for a in self.arrivals if a >= (self.arrivals[0] + warmup_s if self.arrivals else 0)]
+        """Numbers over the outputs after the first ``warmup_s`` seconds of output (FPS and latency)."""
+        keep = [i for i, a in enumerate(self.arrivals) if a >= self.arrivals[0] + warmup_s]
+        t = [self.arrivals[i] for i in keep]
         fps = (len(t) - 1) / (t[-1] - t[0]) if len(t) >= 2 and t[-1] > t[0] else 0.0
-        lat = self.latencies_ms
+        lat = [self.latencies_ms[i] for i in keep]
         dropped = self.server_stats.get("dropped", {})
         return {"client": self.name, "started": self.started, "busy": self.busy, "sent": self.sent,
                 "received": self.received, "fps_out": round(fps, 2),
                 "latency_p50_ms": round(percentile(lat, 50), 1) if lat else None,
                 "latency_p95_ms": round(percentile(lat, 95), 1) if lat else None,
+                "latency_p99_ms": round(percentile(lat, 99), 1) if lat else None,
                 "latency_max_ms": round(max(lat), 1) if lat else None,
                 "first_output_s": None if self.first_output_s is None else round(self.first_output_s, 2),
                 "dropped": dropped, "dropped_total": sum(dropped.values()) if dropped else 0,

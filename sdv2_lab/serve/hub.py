@@ -269,28 +269,37 @@ class Hub:
     # ------------------------------------------------------------------ the model loop
     async def _run(self) -> None:
         while True:
-            work = [(s, s.stream, s.take_chunk()) for s in self.sessions.values() if s.has_chunk()]
-            if not work:
+            if not await self._step():
                 self._wake.clear()
                 await self._wake.wait()
-                continue
-            batch = [(stream, np.stack(frames)) for _, stream, frames in work]
-            try:
-                result = await self.engine.call(self.engine.tick, batch)
-            except Exception as exc:
-                log.exception("the model step failed for streams %s", [st.id for _, st, _ in work])
-                for s, stream, _ in work:
-                    if s.stream is stream:
-                        s.spawn(self._locked(s, self._recover(s, exc)))
-                continue
-            for stream_id, frames in result.outputs:
-                s = self._by_stream.get(stream_id)
-                if s is not None and s.stream is not None and s.stream.id == stream_id:
-                    s.queue_output(frames)
-            for stream_id, needed in result.needed.items():
-                s = self._by_stream.get(stream_id)
-                if s is not None and s.stream is not None and s.stream.id == stream_id:
-                    s.needed = needed
+
+    async def _step(self) -> bool:
+        """One engine tick for every client with a chunk ready (its newest frames); False when none has one.
+        (A method of its own, so that nothing of a tick stays referenced while the loop waits.)"""
+        if not any(s.has_chunk() for s in self.sessions.values()):
+            return False
+        if self.settings.batch_wait_ms > 0 and any(s.state == RUNNING and s.inbox and not s.has_chunk()
+                                                   for s in self.sessions.values()):
+            await asyncio.sleep(self.settings.batch_wait_ms / 1e3)   # once: let nearly ready clients join this step
+        work = [(s, s.stream, s.take_chunk()) for s in self.sessions.values() if s.has_chunk()]
+        batch = [(stream, np.stack(frames)) for _, stream, frames in work]
+        try:
+            result = await self.engine.call(self.engine.tick, batch)
+        except Exception as exc:
+            log.exception("the model step failed for streams %s", [st.id for _, st, _ in work])
+            for s, stream, _ in work:
+                if s.stream is stream:
+                    s.spawn(self._locked(s, self._recover(s, exc)))
+            return True
+        for stream_id, frames in result.outputs:
+            s = self._by_stream.get(stream_id)
+            if s is not None and s.stream is not None and s.stream.id == stream_id:
+                s.queue_output(frames)
+        for stream_id, needed in result.needed.items():
+            s = self._by_stream.get(stream_id)
+            if s is not None and s.stream is not None and s.stream.id == stream_id:
+                s.needed = needed
+        return True
 
     async def _recover(self, s: Session, exc: Exception) -> None:
         """After a failed step the stream's state is unknown: restart it with the same settings."""

@@ -17,6 +17,7 @@ class ServeSettings:
     input_fps: float = 16.0
     inbox_frames: int = 12
     outbox_frames: int = 16
+    batch_wait_ms: float = 0.0
     max_message_bytes: int = 2_000_000
     max_frame_pixels: int = 4096 * 1024
     resize: bool = True
@@ -45,6 +46,9 @@ class ServeSettings:
                      "max_frame_pixels"):
             positive(name)
         positive("input_fps", integer=False)
+        if isinstance(self.batch_wait_ms, bool) or not isinstance(self.batch_wait_ms, (int, float)) \
+                or not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"serve.batch_wait_ms must be 0..1000, got {self.batch_wait_ms!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"serve.port must be 0..65535 (0 = any free port), got {self.port!r}")
         if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= 4:
