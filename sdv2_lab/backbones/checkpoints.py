@@ -149,15 +149,37 @@ def resolve_weight_files(weights: str | Path) -> tuple[list[Path], Optional[dict
 
 def read_state_dict(weights: str | Path) -> tuple[dict[str, torch.Tensor], str, Optional[dict]]:
     """Read and normalise a checkpoint's keys to the original Wan names. Returns (state dict, source, config)."""
+    sd, source, config, _ = read_selected(weights)
+    return sd, source, config
+
+
+def read_selected(weights: str | Path, keys: Optional[set[str]] = None
+                  ) -> tuple[dict[str, torch.Tensor], str, Optional[dict], list[str]]:
+    """``read_state_dict`` for some tensors: (state dict, source, config, every key of the file in Wan names).
+    ``keys``: read only these tensors (Wan names); the others are listed, not read (safetensors lazily per key,
+    ``model.pt`` memory-mapped: a pipe stage reads only its own blocks)."""
     files, config = resolve_weight_files(weights)
-    sd: dict[str, torch.Tensor] = {}
+    lazy: dict[str, tuple] = {}   # file key -> (reader, file)
     for f in files:
-        sd.update(_read_tensor_file(f))
-    if sd and all(k.startswith("model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items()}
-    if is_diffusers_layout(sd):
-        sd = convert_diffusers_keys(sd)
-    return sd, ", ".join(str(f) for f in files), config
+        lazy.update(_lazy_tensors(f))
+    names = {k: k for k in lazy}
+    if names and all(k.startswith("model.") for k in names):
+        names = {k: k[len("model."):] for k in names}
+    if is_diffusers_layout(names.values()):
+        names = dict(zip(names, convert_diffusers_keys(dict.fromkeys(names.values())).keys()))
+    sd = {wan: lazy[key]() for key, wan in names.items() if keys is None or wan in keys}
+    return sd, ", ".join(str(f) for f in files), config, list(names.values())
+
+
+def _lazy_tensors(path: Path) -> dict[str, "callable"]:
+    """key -> a function reading that tensor (safetensors: per key from the file; torch files: a memory-mapped
+    state dict, so an unread tensor costs no memory)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        return {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
+    sd = _read_tensor_file(path)
+    return {k: (lambda v=v: v) for k, v in sd.items()}
 
 
 def check_config(cfg: WanDiTConfig, config: Optional[dict], source: str) -> None:
@@ -173,10 +195,14 @@ def check_config(cfg: WanDiTConfig, config: Optional[dict], source: str) -> None
                                       f"expects {ours}={getattr(cfg, ours)}; pick the backbone that fits the file")
 
 
-def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str,
+                     file_keys: Optional[list[str]] = None) -> None:
+    """Strict: the file's keys are exactly the model's and every tensor read has the model's shape.
+    ``file_keys``: every key of the file when ``sd`` holds only the tensors read (a pipe stage)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
+    keys = set(sd if file_keys is None else file_keys)
+    missing = [k for k in expected if k not in keys]
+    unexpected = [k for k in (sd if file_keys is None else file_keys) if k not in expected]
     shapes = [(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in expected
               if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
@@ -193,26 +219,56 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sou
 
 
 # ---------------------------------------------------------------------------------------------- building
+def stage_parts(num_layers: int, first: int, end: int, *, embed: bool, head: bool) -> list[str]:
+    """The parts a ``pipe`` stage holds: blocks [first, end), plus the embeddings (patch, time, text) on the
+    first stage and the head on the last."""
+    if not 0 <= first < end <= num_layers:
+        raise ValueError(f"block range [{first}, {end}) is not inside the model's {num_layers} blocks")
+    parts = ["patch_embedding", "text_embedding", "time_embedding", "time_projection"] if embed else []
+    return parts + [f"blocks.{i}" for i in range(first, end)] + (["head"] if head else [])
+
+
 def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu", dtype=torch.bfloat16,
-                  seed: int = 0) -> CausalWanDiT:
-    """Build the DiT of ``cfg`` on ``device``/``dtype`` with ``weights`` (a path, or ``"dummy"``/None)."""
+                  seed: int = 0, parts: Optional[list[str]] = None) -> CausalWanDiT:
+    """Build the DiT of ``cfg`` on ``device``/``dtype`` with ``weights`` (a path, or ``"dummy"``/None).
+
+    ``parts`` (``stage_parts``): build only these parts (a ``pipe`` stage); the others stay on the meta device,
+    cost no memory and are not read from the file. The file is still checked strictly against the whole model
+    (every key present, none unexpected), and the tensors read are checked for shape. Dummy weights are drawn
+    per part (``CausalWanDiT.init_weights(seed=...)``), so a stage's share equals the full model's."""
     device = torch.device(device)
     with torch.device("meta"):
         model = CausalWanDiT(cfg)
+    held = model.part_names() if parts is None else list(parts)
+    unknown = [p for p in held if p not in model.part_names()]
+    if unknown:
+        raise ValueError(f"unknown model parts {unknown}; the parts are {model.part_names()[:5]} ... 'head'")
     if weights is None or str(weights) == "dummy":
-        model.to_empty(device=device)
-        model.to(dtype)
-        g = torch.Generator(device=device).manual_seed(seed)
-        model.init_weights(g)
+        _materialize(model, held, device, dtype)
+        model.init_weights(seed=seed, parts=held)
         model.weights_are_dummy = True
         model.fuse_qkv()
         log.warning("DiT %s uses DUMMY (random) weights: outputs are noise; use them for throughput only", cfg.name)
         return model.eval().requires_grad_(False)
-    sd, source, config = read_state_dict(weights)
+    wanted = {k for name in held for k in _part_keys(model, name)}
+    sd, source, config, file_keys = read_selected(weights, keys=wanted)
     check_config(cfg, config, source)
-    check_state_dict(model, sd, source)
+    check_state_dict(model, sd, source, file_keys)   # on the meta model: nothing allocated yet
+    _materialize(model, held, device, dtype)
     # Cast/move one tensor at a time so peak memory is one target-dtype copy.
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
-    del sd
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        params.update(dict(model.named_buffers()))
+        for k in sorted(wanted):
+            params[k].copy_(sd.pop(k).to(device=device, dtype=params[k].dtype))
     model.fuse_qkv()
     return model.eval().requires_grad_(False)
+
+
+def _materialize(model: CausalWanDiT, parts: list[str], device: torch.device, dtype: torch.dtype) -> None:
+    for name in parts:
+        model.get_submodule(name).to_empty(device=device).to(dtype)
+
+
+def _part_keys(model: CausalWanDiT, name: str) -> list[str]:
+    return [f"{name}.{k}" for k in model.get_submodule(name).state_dict()]

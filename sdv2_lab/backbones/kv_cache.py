@@ -32,7 +32,7 @@ arises when a refresh fires on several passes of every chunk in ``single-wo``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -91,6 +91,23 @@ class StepPlan:
     pop_mask: torch.Tensor                 # [B] bool on device
     register_val: torch.Tensor             # [B] int64 on device, 0 = nothing to register
     new_rolling: list[Optional[int]] = field(default_factory=list)
+
+    def select(self, rows: slice) -> "StepPlan":
+        """The part of this plan for some of its batch rows (a slice of the call's batch, e.g. ``slice(i, None, n)``:
+        stream-batch slot i of every stream). Attention keeps the whole call's key length and per-row lengths, so
+        each row attends exactly as it does in the whole call (a ``pipe`` stage runs a job's rows in parts)."""
+        def part(values):
+            return values[rows]
+        picked = part(self.rows)
+        consecutive = bool(picked) and picked == list(range(picked[0], picked[0] + len(picked)))
+        return replace(self, rows=picked, starts=part(self.starts), evict=part(self.evict),
+                       new_local_end=part(self.new_local_end),
+                       row_range=(picked[0], picked[0] + len(picked)) if consecutive else None,
+                       kv_lens=None if self.kv_lens is None else part(self.kv_lens),
+                       row_index=part(self.row_index), start_frames=part(self.start_frames),
+                       append_start=part(self.append_start), evict_mask=part(self.evict_mask),
+                       pop_mask=part(self.pop_mask), register_val=part(self.register_val),
+                       new_rolling=part(self.new_rolling))
 
 
 @dataclass(frozen=True)
@@ -240,6 +257,38 @@ class StreamKVCache:
         head, n = int(self.q_head[i, row]), int(self.q_len[i, row])
         cap = self.spec.capacity
         return [int(self.queue[i, row, (head + j) % cap]) for j in range(n)]
+
+    # ------------------------------------------------------------------ layers (a pipe stage hands some over)
+    LAYER_STATE = ("k", "v", "queue", "q_head", "q_len", "cross_k", "cross_v")
+
+    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Everything this pool holds for one layer, every row: keys, values, the eviction queues (head, length,
+        contents) and the cross-attention K/V. The host mirrors are per row, the same for every layer."""
+        i = self.local(layer)
+        return {name: getattr(self, name)[i] for name in self.LAYER_STATE if getattr(self, name) is not None}
+
+    def empty_layer_state(self) -> dict[str, torch.Tensor]:
+        """Buffers shaped like ``layer_state`` (to receive a layer into)."""
+        return {name: torch.empty_like(getattr(self, name)[0]) for name in self.LAYER_STATE
+                if getattr(self, name) is not None}
+
+    def set_layers(self, first: int, end: int, incoming: Optional[dict[int, dict[str, torch.Tensor]]] = None) -> None:
+        """Serve layers [first, end) from now on: layers kept are copied over, layers new to this pool come from
+        ``incoming`` ({layer: layer_state}), layers outside the range are dropped. Rows and mirrors are unchanged."""
+        incoming = incoming or {}
+        if not 0 <= first < end <= self.spec.num_layers:
+            raise ValueError(f"layer range [{first}, {end}) outside [0, {self.spec.num_layers})")
+        missing = [l for l in range(first, end) if not self.first_layer <= l < self.end_layer and l not in incoming]
+        if missing:
+            raise ValueError(f"set_layers({first}, {end}): layers {missing} are neither held nor handed over")
+        for name in self.LAYER_STATE:
+            old = getattr(self, name)
+            if old is None:
+                continue
+            parts = [old[l - self.first_layer] if self.first_layer <= l < self.end_layer else incoming[l][name]
+                     for l in range(first, end)]
+            setattr(self, name, torch.stack(parts))
+        self.first_layer, self.end_layer = first, end
 
     # ------------------------------------------------------------------ per-call protocol
     def plan(self, starts: Sequence[int], num_tokens: int, rows: Optional[Sequence[int]] = None,

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..units import PIXELS_PER_LATENT, check_resolution
 from .attention import get_attention
 from .kv_cache import CacheSpec, StepPlan, StreamKVCache
 
@@ -263,9 +264,27 @@ class CausalWanDiT(nn.Module):
                 m.kernels = kernels
 
     def fuse_qkv(self) -> None:
-        """One GEMM for q/k/v in every block (see ``SelfAttention.fuse_qkv``)."""
+        """One GEMM for q/k/v in every block this model holds (see ``SelfAttention.fuse_qkv``)."""
         for blk in self.blocks:
-            blk.self_attn.fuse_qkv()
+            if not blk.self_attn.q.weight.is_meta:
+                blk.self_attn.fuse_qkv()
+
+    # ------------------------------------------------------------------ parts (a pipe stage holds some of them)
+    def part_names(self) -> list[str]:
+        """The model's parts in order: the embeddings, each block, the head. Dummy weights are drawn per part."""
+        return ["patch_embedding", "text_embedding", "time_embedding", "time_projection",
+                *[f"blocks.{i}" for i in range(self.cfg.num_layers)], "head"]
+
+    def held_parts(self) -> list[str]:
+        """The parts whose weights this model holds (all, unless it is a ``pipe`` stage built on the meta device)."""
+        return [n for n in self.part_names() if not next(self.get_submodule(n).parameters()).is_meta]
+
+    def held_parameter(self) -> torch.Tensor:
+        """A parameter this model holds (its device and dtype are the model's)."""
+        for p in self.parameters():
+            if not p.is_meta:
+                return p
+        raise RuntimeError(f"backbone {self.cfg.name}: no part is held (every parameter is on the meta device)")
 
     def set_attention(self, name: str) -> None:
         self.attention_backend = get_attention(name)
@@ -278,19 +297,17 @@ class CausalWanDiT(nn.Module):
                          sink_frames=sink_frames, refresh_threshold=refresh_threshold)
 
     def frame_tokens(self, height: int, width: int) -> int:
-        """Tokens per latent frame for a pixel resolution (VAE stride 8, patch 2)."""
-        if height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width} "
-                             f"(nearest valid: {round(height / 16) * 16}x{round(width / 16) * 16})")
+        """Tokens per latent frame for a pixel resolution (VAE stride 8, this model's patch)."""
+        check_resolution(height, width)
         ph, pw = self.cfg.patch_size[1:]
-        return (height // 8 // ph) * (width // 8 // pw)
+        return (height // PIXELS_PER_LATENT // ph) * (width // PIXELS_PER_LATENT // pw)
 
     def new_cache(self, rows: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
                   refresh_threshold: float = -1.0, dtype=None, device=None,
                   layers: Optional[tuple[int, int]] = None) -> StreamKVCache:
         """A KV cache of ``rows`` histories (a stream's stream-batch slots, or several streams' rows) for the
         layers ``layers`` (default all)."""
-        p = self.patch_embedding.weight
+        p = self.held_parameter()
         spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold)
         return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers)
 
@@ -299,12 +316,22 @@ class CausalWanDiT(nn.Module):
     def set_prompt(self, cache: StreamKVCache, context: torch.Tensor, rows: Optional[Sequence[int]] = None) -> None:
         """Compute the cross-attention K/V of a prompt embedding [1, text_len, text_dim] for the cache's layers
         and store them in ``rows`` (default: every row of the cache)."""
+        self.set_context(cache, self.prompt_context(context), rows)
+
+    @torch.no_grad()
+    def prompt_context(self, context: torch.Tensor) -> torch.Tensor:
+        """A prompt embedding [1, L, text_dim] -> the blocks' cross-attention context [1, text_len, D]."""
         if context.dim() != 3 or context.shape[0] != 1 or context.shape[-1] != self.cfg.text_dim:
             raise ValueError(f"prompt embedding must be [1, L, {self.cfg.text_dim}], got {tuple(context.shape)}")
         if context.shape[1] < self.cfg.text_len:  # the reference pads to text_len with zeros
             context = F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1]))
-        p = self.patch_embedding.weight
-        ctx = self.text_embedding(context.to(p.device, p.dtype))
+        p = self.text_embedding[0].weight
+        return self.text_embedding(context.to(p.device, p.dtype))
+
+    @torch.no_grad()
+    def set_context(self, cache: StreamKVCache, ctx: torch.Tensor, rows: Optional[Sequence[int]] = None) -> None:
+        """Store the cross-attention K/V of a context [1, text_len, D] (``prompt_context``) for the cache's layers
+        into ``rows`` (default: every row). A ``pipe`` stage gets the context from the first stage."""
         kv = [self.blocks[i].cross_attn.context_kv(ctx) for i in range(cache.first_layer, cache.end_layer)]
         # Stored as [L, R, H, Ltxt, dh] (contiguous in SDPA's layout) with one copy per row, so attention
         # never meets a stride-0 batch or a transposed copy; memory: 2*L*R*Ltxt*D elements.
@@ -335,11 +362,19 @@ class CausalWanDiT(nn.Module):
 
     def embed(self, x: torch.Tensor, t: torch.Tensor):
         """x [B, F, C, h, w] latents, t [B, F] -> tokens [B, F*S, D], e [B, F, D], e0 [B, F, 6, D]."""
+        tokens = self.patchify(x)
+        return (tokens, *self.time_embed(t, tokens.dtype))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, F, C, h, w] latents -> tokens [B, F*S, D] (the patch embedding)."""
         tokens = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))
-        tokens = tokens.flatten(2).transpose(1, 2)
-        e = self.time_embedding(sinusoid(t.reshape(-1), self.cfg.freq_dim).to(tokens.dtype))
+        return tokens.flatten(2).transpose(1, 2)
+
+    def time_embed(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B, F] timesteps -> e [B, F, D] (the head's), e0 [B, F, 6, D] (the blocks' modulation)."""
+        e = self.time_embedding(sinusoid(t.reshape(-1), self.cfg.freq_dim).to(dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
-        return tokens, e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
+        return e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
 
     def run_blocks(self, tokens, e0, rope, cache: StreamKVCache, plan: StepPlan, start: int = 0,
                    end: Optional[int] = None):
@@ -402,8 +437,22 @@ class CausalWanDiT(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
-        """Wan's init (xavier linears, small embeddings); used for dummy weights and tests."""
+    def init_weights(self, generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
+                     parts: Optional[Sequence[str]] = None) -> None:
+        """Wan's init (xavier linears, small embeddings); used for dummy weights and tests.
+
+        With ``seed``, each part (``part_names``: the embeddings, every block, the head) draws from its own
+        generator seeded by (seed, part name), on the part's device: a part's weights do not depend on which other
+        parts exist, so a ``pipe`` stage makes exactly its own share of the full model's weights. ``parts``: the
+        parts to initialise (default all)."""
+        if seed is not None:
+            for name in self.part_names():
+                if parts is not None and name not in parts:
+                    continue
+                module = self.get_submodule(name)
+                g = torch.Generator(device=next(module.parameters()).device).manual_seed(part_seed(seed, name))
+                self._init_part(name, module, g)
+            return
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight, generator=generator)
@@ -421,3 +470,28 @@ class CausalWanDiT(nn.Module):
         for blk in self.blocks:
             blk.modulation.normal_(generator=generator).div_(self.cfg.dim ** 0.5)
         self.head.modulation.normal_(generator=generator).div_(self.cfg.dim ** 0.5)
+
+    def _init_part(self, name: str, module: nn.Module, g: torch.Generator) -> None:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=g)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        if name == "patch_embedding":
+            nn.init.xavier_uniform_(module.weight.view(self.cfg.dim, -1), generator=g)
+            nn.init.zeros_(module.bias)
+        elif name in ("text_embedding", "time_embedding"):
+            for m in module:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02, generator=g)
+        elif name.startswith("blocks.") or name == "head":
+            module.modulation.normal_(generator=g).div_(self.cfg.dim ** 0.5)
+
+
+def part_seed(seed: int, name: str) -> int:
+    """A generator seed for one part of the model, stable across runs and processes."""
+    import zlib
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2 ** 63)
