@@ -81,6 +81,11 @@ class StreamDriver:
         cfg.validate()
         self.executor, self.vae, self.text_encoder, self.cfg = executor, vae, text_encoder, cfg
         self.device, self.dtype = executor.device, dtype
+        # A ``pipe`` stage runs only its own part of a chunk's path (sdv2_lab/parallel): the first stage encodes,
+        # the last decodes. Latents a stage does not own are meta tensors there (shapes only: no memory, no work).
+        self.encodes = getattr(executor, "encodes", True)
+        self.decodes = getattr(executor, "decodes", True)
+        self.latent_device = self.device if self.encodes else torch.device("meta")
         self.schedule = executor.schedule
         self.generator = generator              # the default noise source of streams opened without a seed
         self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
@@ -175,10 +180,12 @@ class StreamDriver:
             self.executor.set_prompt(s.rows, emb)
         s.prompt = prompt
 
-    def _embed(self, prompt: str) -> torch.Tensor:
+    def _embed(self, prompt: str) -> Optional[torch.Tensor]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("the prompt is empty: give a text describing the target style")
         te = self.text_encoder
+        if te is None:   # a pipe stage without the text encoder: the first stage sends the prompt's context
+            return None
         emb = te.encode(prompt) if hasattr(te, "encode") else te(prompt)
         return emb.to(self.device, self.dtype)
 
@@ -261,8 +268,12 @@ class StreamDriver:
         """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller, unless
         ``scale``/``step`` are given (the staged API's explicit previous noise scale)."""
         s = c.stream
+        shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
+        if not self.encodes:  # a pipe stage after the first: the chunk's shape is all it needs
+            if c.real:
+                s.scales.append(None)
+            return Encoded(c, torch.empty(shape, device="meta", dtype=self.dtype))
         if c.frames is None:  # text-to-video or flush: a chunk of pure noise
-            shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
             with self._stage("noise", [s], [0]) as run:
                 noisy = self._randn(s, shape)
             self.lanes.handoff(noisy, "dit")
@@ -306,7 +317,7 @@ class StreamDriver:
         if job.first and self.scheduler.rule.stream_batch:  # the stream batch starts: every row from row 0 (§2.6)
             s = job.streams[0]
             self.executor.copy_rows(s.rows[0], s.rows[1:])
-            s.hidden = torch.zeros(len(s.steps), s.frames_per_block, *x.shape[2:], device=self.device,
+            s.hidden = torch.zeros(len(s.steps), s.frames_per_block, *x.shape[2:], device=self.latent_device,
                                    dtype=self.dtype)
         return list(x0.split(1))
 
@@ -341,6 +352,11 @@ class StreamDriver:
 
     def decode(self, s: Stream, x0: torch.Tensor) -> ChunkOut:
         """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, and a ``ChunkOut`` event."""
+        if not self.decodes:  # a pipe stage before the last: the last stage decodes (no frames here)
+            out = ChunkOut(s.id, torch.empty(0, self.cfg.height, self.cfg.width, 3), self.clock.host(),
+                           s.scales.popleft() if s.scales else None, s.shown)
+            self._emit(out)
+            return out
         with self._stage("decode", [s], [FRAMES_PER_LATENT * x0.shape[1]], [self._dit_done]) as run:
             frames = to_unit(s.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
         self.lanes.handoff(frames, "current")
@@ -369,6 +385,8 @@ class StreamDriver:
 
     # ------------------------------------------------------------------ helpers
     def _randn(self, s: Stream, shape) -> torch.Tensor:
+        if self.latent_device.type == "meta":
+            return torch.empty(shape, device="meta", dtype=self.dtype)
         return torch.randn(shape, generator=s.generator, device=self.device, dtype=self.dtype)
 
     def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -378,6 +396,8 @@ class StreamDriver:
         if tuple(frames.shape[2:]) != (self.cfg.height, self.cfg.width):
             raise ValueError(f"frames are {frames.shape[2]}x{frames.shape[3]} but the pipeline runs at "
                              f"{self.cfg.height}x{self.cfg.width}; resize them (sdv2_lab.io.video.load_video does)")
+        if not self.encodes:  # only the first pipe stage reads the frames; the others follow their shapes
+            return frames.to("meta")
         if frames.device.type == "cpu" and self.device.type == "cuda":
             frames = frames.pin_memory()
         with self.lanes.on("encode"):
