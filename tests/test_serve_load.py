@@ -40,6 +40,11 @@ CLIENTS, SECONDS = 4, 12.0
 RATES = [16, 16, 16, 24]          # the last client sends faster than serve.input_fps=16
 
 
+def sessions_alive() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Session)
+
+
 async def one_round(ws_url: str, frames: list[bytes]) -> list:
     return await asyncio.gather(*[
         run_client(ws_url, seconds=SECONDS, fps=RATES[i], height=H, width=W, name=f"client{i}@{RATES[i]}fps",
@@ -60,11 +65,10 @@ def test_four_clients_at_once_are_served_with_bounded_latency_and_flat_memory():
             results = asyncio.run(one_round(ws_url, frames))
             rounds.append((time.monotonic() - t0, results))
             deadline = time.monotonic() + 30
-            while (h := httpx.get(base + "/api/health").json())["streams"] or h["connections"]:
-                assert time.monotonic() < deadline, "streams still open after the clients left"
+            while (h := httpx.get(base + "/api/health").json())["streams"] or h["connections"] \
+                    or httpx.get(base + "/api/metrics").json()["engine"]["streams_open"] or sessions_alive():
+                assert time.monotonic() < deadline, f"streams or sessions still there after the clients left: {h}"
                 time.sleep(0.05)
-            gc.collect()
-            assert not [o for o in gc.get_objects() if type(o) is Session], "a client's session is still alive"
             rss.append(proc.memory_info().rss / 2 ** 20)
         metrics = httpx.get(base + "/api/metrics").json()
     assert not engine.driver.scheduler.streams, "the engine still holds streams"
@@ -82,8 +86,10 @@ def test_four_clients_at_once_are_served_with_bounded_latency_and_flat_memory():
             third = max(1, len(lat) // 3)
             mid, last = sorted(lat[third:2 * third]), sorted(lat[2 * third:])
             # bounded: no queue builds up while the model is slower than the input
-            assert last[int(0.95 * (len(last) - 1))] <= 1.5 * mid[int(0.95 * (len(mid) - 1))] + 1000, s
-            assert max(lat) < 15_000, s
+            # (a FIFO of every frame would reach (sent - received) / 16 FPS, about 9 s, by the end)
+            assert last[int(0.95 * (len(last) - 1))] <= 2 * mid[int(0.95 * (len(mid) - 1))] + 1500, s
+            # in the model: a frame waits for its chunk to fill, for the step under way, and 2 steps (2-step batch)
+            assert max(lat) < max(0.5 * SECONDS * 1e3, 4 * metrics["engine"]["step_ms_p95"] + 1000), s
     fast = [row for row in rows if row["client"].endswith("@24fps")]
     assert all(row["dropped"].get("throttled", 0) > 0 for row in fast), fast      # the throttle works
     assert rss[1] - rss[0] < 64, f"RSS grew {rss[1] - rss[0]:.0f} MiB between two rounds ({rss})"
