@@ -454,3 +454,43 @@ def test_mjpeg_output(engine):
         assert not c.frames                                  # MJPEG out: no frames on the socket
         assert stream_info(base, s["session"])["frames_out"] >= 2
         c.close()
+
+
+def test_a_frame_of_another_size_is_refused_when_resize_is_off(engine):
+    with serve_in_thread(engine, settings(resize=False)) as base:
+        c = Client(base)
+        s = c.start()
+        c.send_frame(wire.encode_jpeg(np.zeros((120, 160, 3), np.uint8), 80))
+        assert "160x120 but this server takes 48x32 exactly" in c.error("bad_size")["message"]
+        feed_chunk(c, s["session"], chunks()[0])          # frames of the right size still go through
+        c.wait_frames(5)
+        c.close()
+
+
+def test_a_failed_model_step_restarts_that_stream_and_the_server_goes_on(engine, monkeypatch):
+    real, calls = engine.tick, {"n": 0}
+
+    def flaky(work):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device error")
+        return real(work)
+
+    monkeypatch.setattr(engine, "tick", flaky)
+    with serve_in_thread(engine, settings()) as base:
+        c = Client(base)
+        s = c.start()
+        parts = chunks()
+        feed_chunk(c, s["session"], parts[0])
+        c.wait_frames(5)
+        for f in parts[1]:
+            c.send_frame(f)
+        assert "simulated device error" in c.error("engine")["message"]
+        deadline = time.monotonic() + 30
+        while stream_info(base, s["session"])["stream"] == s["stream"]:
+            assert time.monotonic() < deadline, "the stream was not restarted"
+            time.sleep(0.05)
+        assert len(engine.driver.scheduler.streams) == 1        # the old stream's rows were freed
+        feed_chunk(c, s["session"], parts[0])                   # a first chunk again, served
+        c.wait_frames(10)
+        c.close()

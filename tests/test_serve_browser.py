@@ -1,7 +1,8 @@
 """The page in a real browser: `sdv2 serve` started as the command a user runs, Debian's chromium driven by
 Playwright (never `playwright install`), its fake camera playing a Y4M file this test writes. The page loads and
 says the weights are dummy, the camera starts, restyled frames arrive and change, a prompt change is applied
-mid-stream, FPS / latency / dropped frames are shown, a refused camera and a busy server are said clearly.
+mid-stream, FPS / latency / dropped frames are shown, a refused camera and a busy server are said clearly, and a
+local video file works as the input too.
 A screenshot is kept: outputs/test-artifacts/serve_browser.png (git-ignored)."""
 from __future__ import annotations
 
@@ -48,6 +49,23 @@ def write_y4m(path: Path, width: int = 160, height: int = 120, frames: int = 48,
             f.write(b"FRAME\n")
             for plane in (y, u, v):
                 f.write(plane.astype(np.uint8).tobytes())
+    return path
+
+
+def write_webm(path: Path, width: int = 160, height: int = 120, frames: int = 32, fps: int = 16) -> Path:
+    """A short VP8 clip (the "Video file" input)."""
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libvpx", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            img = np.zeros((height, width, 3), np.uint8)
+            img[..., 1] = 8 * k
+            img[:, (5 * k) % width:(5 * k) % width + 16] = 255
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
     return path
 
 
@@ -165,6 +183,17 @@ def test_page_in_chromium_with_a_fake_camera(server, tmp_path):
             while httpx.get(base + "/api/health").json()["streams"]:
                 assert time.monotonic() < deadline, "stop did not free the stream"
                 time.sleep(0.1)
+            # a local video file as the input instead of the camera
+            clip = write_webm(tmp_path / "clip.webm")
+            page.select_option("#source", "file")
+            page.set_input_files("#file", str(clip))
+            page.wait_for_function("window.sdv2.state === 'idle'")
+            n = page.evaluate("window.sdv2.received")
+            page.click("#start")
+            page.wait_for_function("window.sdv2.state === 'running'", timeout=120_000)
+            page.wait_for_function(f"window.sdv2.received >= {n + 9}", timeout=120_000)
+            assert page.evaluate("document.getElementById('input').currentSrc").startswith("blob:")
+            page.click("#stop")
             assert not errors, errors
         finally:
             browser.close()
