@@ -207,7 +207,8 @@ class StreamKVCache:
         tensors = [self.k, self.v, self.queue, self.q_head, self.q_len]
         tensors += [t for t in (self.cross_k, self.cross_v) if t is not None]
         for t in tensors:
-            t.index_copy_(1, idx, t[:, src:src + 1].expand(-1, len(dst), *t.shape[2:]).contiguous())
+            # repeat (a copy): with one layer, a contiguous() view of the source row would alias the destination
+            t.index_copy_(1, idx, t[:, src:src + 1].repeat(1, len(dst), *[1] * (t.dim() - 2)))
         for r in dst:
             self.global_end[r], self.local_end[r] = self.global_end[src], self.local_end[src]
             self.rolling[r] = list(self.rolling[src])
