@@ -149,9 +149,12 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     pcfg = pipeline_config(cfg).validate()  # every setting checked before any model is built
-    if pcfg.mode == "pipe":
-        raise NotImplementedError("parallel=pipe (DiT blocks split across GPUs) is not implemented in this version; "
-                                  "use parallel=single or parallel=single_wo")
+    if pcfg.mode == "pipe":  # this process's stage of the pipeline (sdv2_lab/parallel)
+        from .parallel.build import build_stage_pipeline
+        return build_stage_pipeline(cfg)
+    if (cfg.get("num_gpus") or 1) != 1:
+        raise ValueError(f"parallel={pcfg.mode} runs on one GPU, num_gpus={cfg.num_gpus} was given; several GPUs "
+                         f"per stream is parallel=pipe (e.g. sdv2 eval -m parallel=pipe num_gpus=1,2,4)")
     dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed)
     dit = apply_dit_precision(dit, cfg.get("dit_precision", "bf16"))  # after loading: names stay loadable
     if cfg.get("compile_kernels", False):

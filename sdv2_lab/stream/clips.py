@@ -121,6 +121,11 @@ def stream_clips(pipe, clips: Sequence, prompts: Sequence[str], *, seeds: Option
         per_stream.append(stats)
     n = len(driver.cfg.step_list) if driver.scheduler.rule.stream_batch else 1
     summary = total.summary(warmup_chunks=n * len(streams), input_fps=input_fps, first_chunk_frames=max(first))
+    stage_stats = getattr(driver.executor, "clip_stats", None)
+    if stage_stats is not None:   # a pipe stage: every rank's stage times and the bubble (all ranks call it)
+        extra = stage_stats()
+        for stats in (*per_stream, summary):
+            stats.update(extra)
     videos = [torch.cat(outputs[s.id]) if keep_output and outputs[s.id] else None for s in streams]
     return ClipsResult(per_stream, summary, videos)
 

@@ -55,6 +55,8 @@ class PipelineConfig:
             raise ValueError(f"noise_scale must be in (0, 1], got {self.noise.noise_scale}")
         if self.target_fps is not None and not self.target_fps > 0:
             raise ValueError(f"target_fps must be positive or null, got {self.target_fps}")
+        if self.target_fps is not None and self.mode == "pipe":
+            raise ValueError("target_fps (chunks that grow mid-stream) runs in single mode, not parallel=pipe")
         if not isinstance(self.max_streams, int) or self.max_streams < 1:
             raise ValueError(f"max_streams must be a positive integer, got {self.max_streams!r}")
         refresh, grow = self.position_refresh_frames, self.max_frames_per_chunk

@@ -25,7 +25,7 @@ import torch
 from ..backbones.kv_cache import StreamKVCache
 from .config import PipelineConfig
 from .driver import Encoded, StreamDriver, frames_of, wait
-from .executor import build_executor
+from .executor import DiTExecutor, build_executor
 from .noise_controller import NoiseControllerConfig  # noqa: F401  (part of the config's public surface)
 from .schedule import FlowMatchSchedule
 from .scheduler import MODES, Stream
@@ -36,17 +36,21 @@ __all__ = ["PipelineConfig", "StreamPipeline", "MODES"]
 class StreamPipeline:
     def __init__(self, dit, vae, text_encoder, cfg: PipelineConfig, *, device=None, dtype=torch.bfloat16,
                  schedule: Optional[FlowMatchSchedule] = None, generator: Optional[torch.Generator] = None,
-                 executor: Optional[str] = None):
+                 executor: Optional[str | DiTExecutor] = None):
+        """``executor``: a registered name, or a built executor holding its own cache (a ``pipe`` stage)."""
         cfg.rope_positions = dit.cfg.rope_max_positions
         cfg.validate()
         self.cfg = cfg
-        self.device = torch.device(device) if device is not None else next(dit.parameters()).device
+        self.device = torch.device(device) if device is not None else dit.held_parameter().device
         self.dtype = dtype
-        rows = cfg.max_streams * (len(cfg.step_list) if MODES[cfg.mode].stream_batch else 1)
-        cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
-                              cfg.adapt_sink_threshold, dtype=dtype, device=self.device)
-        name = executor or ("cuda_graph" if cfg.cuda_graph and self.device.type == "cuda" else "eager")
-        self.executor = build_executor(name, dit, cache, schedule)
+        if isinstance(executor, DiTExecutor):
+            self.executor = executor
+        else:
+            rows = cfg.max_streams * (len(cfg.step_list) if MODES[cfg.mode].stream_batch else 1)
+            cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
+                                  cfg.adapt_sink_threshold, dtype=dtype, device=self.device)
+            name = executor or ("cuda_graph" if cfg.cuda_graph and self.device.type == "cuda" else "eager")
+            self.executor = build_executor(name, dit, cache, schedule)
         self.driver = StreamDriver(self.executor, vae, text_encoder, cfg, dtype=dtype, generator=generator)
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.stream: Optional[Stream] = None

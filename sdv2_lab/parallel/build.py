@@ -1,0 +1,145 @@
+"""Config -> this rank's ``pipe`` stage: its blocks (only those read from the weights), its share of the KV
+cache, the VAE where it is used (first and last stage), the text encoder on the first, and the driver."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import balance
+from .context import current
+from .stage import PipeOptions, PipeStage
+
+log = logging.getLogger(__name__)
+
+
+def pipe_world(cfg: DictConfig) -> int:
+    """Stages asked for: ``parallel.gpu_ids`` (their count), else ``num_gpus`` (top level), else
+    ``parallel.num_gpus``."""
+    ids = cfg.parallel.get("gpu_ids")
+    if ids:
+        return len(list(ids))
+    n = cfg.get("num_gpus") or cfg.parallel.get("num_gpus") or 1
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_gpus={n!r}: expected a positive integer (pipeline stages)")
+    return n
+
+
+def pipe_devices(cfg: DictConfig) -> list[str]:
+    """One device per stage: cuda:<id> for each GPU id (or 0..N-1), or cpu N times (gloo, for tests)."""
+    world = pipe_world(cfg)
+    device = str(cfg.device)
+    if not device.startswith("cuda"):
+        return ["cpu"] * world
+    ids = list(cfg.parallel.get("gpu_ids") or [])
+    if not ids:
+        base = int(device.split(":")[1]) if ":" in device else 0
+        ids = list(range(base, base + world))
+    if torch.cuda.is_available() and max(ids) >= torch.cuda.device_count():
+        raise RuntimeError(f"parallel=pipe needs GPUs {ids}, this machine has {torch.cuda.device_count()} "
+                           f"(num_gpus / parallel.gpu_ids)")
+    return [f"cuda:{i}" for i in ids]
+
+
+def options(cfg: DictConfig) -> PipeOptions:
+    p = cfg.parallel
+    debug = p.get("debug")
+    debug = OmegaConf.to_container(debug, resolve=True) if OmegaConf.is_config(debug) else dict(debug or {})
+    return PipeOptions(schedule_block=bool(p.get("schedule_block", False)), tolerance=float(p.get("tolerance", 0.05)),
+                       balance_every=int(p.get("balance_every", 8)), max_ahead=int(p.get("max_ahead", 3)),
+                       depth=int(p.get("depth", 2)),
+                       rebalance_at={int(k): list(v) for k, v in (debug.get("rebalance_at") or {}).items()},
+                       fail=debug.get("fail"), slow=debug.get("slow"))
+
+
+def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
+    """The VAE's encode and decode time per chunk in block-times (for the first split): from
+    ``parallel.vae_blocks``, or estimated from the FLOP model (the VAE runs at about half the DiT's FLOP rate:
+    measured on H100/H200, ~20% vs ~45% of peak). The block scheduler corrects it from measurements."""
+    given = cfg.parallel.get("vae_blocks", "auto")
+    if given not in (None, "auto"):
+        enc, dec = (float(v) for v in given)
+        return enc, dec
+    from ..build import backbone_config
+    from ..eval.flops import flops_per_output_frame
+    bcfg = backbone_config(cfg)
+    try:
+        f = flops_per_output_frame(bcfg, cfg.height, cfg.width, steps, int(cfg.num_kv_cache),
+                                   vae=OmegaConf.to_container(cfg.vae, resolve=True))
+    except (ValueError, TypeError):
+        return 0.0, 0.0
+    per_block = f.dit / bcfg.num_layers
+    return 2.0 * f.vae_encode / per_block, 2.0 * f.vae_decode / per_block
+
+
+def initial_ranges(cfg: DictConfig, world: int, num_layers: int, steps: int) -> balance.Ranges:
+    split = cfg.parallel.get("split")
+    if split:
+        counts = list(split)
+        if len(counts) != world:
+            raise ValueError(f"parallel.split={counts} has {len(counts)} entries for {world} stages")
+        return balance.check_ranges(balance.ranges_of(counts), num_layers)
+    enc, dec = vae_blocks(cfg, steps)
+    return balance.default_split(num_layers, world, enc, dec)
+
+
+def build_stage_pipeline(cfg: DictConfig):
+    """This rank's stage (inside a launched pipe rank), or a one-stage pipeline when one stage is asked for."""
+    from ..backbones.checkpoints import load_backbone, stage_parts
+    from ..build import (backbone_config, build_text_encoder, build_vae, dit_weights, pipeline_config,
+                         resolve_device, resolve_dtype)
+    from ..stream.pipeline import StreamPipeline
+
+    ctx = current()
+    world = pipe_world(cfg)
+    if ctx is None and world > 1:
+        raise RuntimeError(
+            f"parallel=pipe with {world} stages runs one process per GPU: `sdv2 run` / `sdv2 eval` / "
+            f"run_video_to_video(mode='pipe') / ./run_v2v.sh pipe launch them, or run under torchrun: "
+            f"python -m torch.distributed.run --nproc_per_node={world} -m sdv2_lab.parallel run <overrides>. "
+            f"build_pipeline itself builds one stage, inside a launched rank (num_gpus=1: the whole model)")
+    if ctx is not None and ctx.world != world:
+        log.info("pipe: the job has %d ranks (num_gpus says %d): %d stages", ctx.world, world, ctx.world)
+        world = ctx.world
+    rank = ctx.rank if ctx is not None else 0
+    device = ctx.device if ctx is not None else resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+    pcfg = pipeline_config(cfg).validate()
+    if cfg.get("dit_precision", "bf16") != "bf16":
+        raise ValueError(f"parallel=pipe runs dit_precision=bf16 (the model dtype); {cfg.dit_precision} is not "
+                         f"supported with pipe yet")
+    bcfg = backbone_config(cfg)
+    if world > bcfg.num_layers:
+        raise ValueError(f"parallel=pipe with {world} stages needs at least {world} blocks; backbone "
+                         f"{bcfg.name} has {bcfg.num_layers}")
+    ranges = initial_ranges(cfg, world, bcfg.num_layers, len(pcfg.step_list))
+    first, end = ranges[rank]
+    is_first, is_last = rank == 0, rank == world - 1
+    dit = load_backbone(bcfg, dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
+                        parts=stage_parts(bcfg.num_layers, first, end, embed=is_first, head=is_last))
+    if cfg.get("compile_kernels", False):
+        dit.use_compiled_kernels(True)
+    vae = build_vae(cfg, device, dtype) if (is_first or is_last) else None
+    if vae is not None and device.type == "cuda" and hasattr(vae, "warmup"):
+        log.info("VAE warm-up at %dx%d: %.1f s", cfg.height, cfg.width, vae.warmup(cfg.height, cfg.width))
+    text = build_text_encoder(cfg, device, dtype) if is_first else None
+    rows = pcfg.max_streams * len(pcfg.step_list)
+    cache = dit.new_cache(rows, pcfg.height, pcfg.width, pcfg.num_kv_cache, pcfg.sink_frames,
+                          pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=(first, end))
+    stage = PipeStage(dit, cache, ctx=ctx, ranges=ranges, options=options(cfg))
+    if ctx is not None:
+        ctx.health.role = stage.role
+    if cfg.get("cuda_graph", False) and device.type == "cuda":
+        log.info("pipe: stages run eagerly (cuda_graph applies to single mode)")
+    log.info("pipe stage %d/%d on %s: %s (split %s)", rank, world, device, stage.role, balance.counts_of(ranges))
+    pipe = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype, executor=stage)
+    stage.attach(pipe.driver)
+    return pipe
+
+
+def stage_of(pipe) -> Optional[PipeStage]:
+    ex = getattr(pipe, "executor", None)
+    return ex if isinstance(ex, PipeStage) else None

@@ -1,0 +1,106 @@
+"""The process-group side of a ``pipe`` run: who this rank is, its device, its groups and its health.
+
+One ``PipeContext`` per worker process, made by the launcher (``launch.py``: spawned processes or torchrun)
+before anything is built; ``build_pipeline`` asks ``current()`` which stage to build. Groups:
+
+* ``world`` (NCCL on CUDA, gloo on CPU): forward activations r -> r+1, prompt broadcasts, block moves;
+* ``ret`` (same backend, ranks {0, W-1}): re-noised latents from the last stage back to the first;
+* ``ctl`` (gloo, every rank): small host-side values (stage times for the block scheduler, run statistics),
+  so that they never queue behind activations on a GPU stream.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .health import Health
+
+log = logging.getLogger(__name__)
+
+_CURRENT: Optional["PipeContext"] = None
+
+
+@dataclass
+class PipeContext:
+    rank: int
+    world: int
+    device: torch.device
+    health: Health
+    world_group: object = None
+    ret_group: object = None
+    ctl_group: object = None
+    backend: str = "gloo"
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self.closers.append(fn)
+
+    def close(self) -> None:
+        """A finished rank: drain what is in flight, meet the others, tear the groups down (no hang at exit)."""
+        global _CURRENT
+        self.health.doing("finishing (draining sends and receives)")
+        for fn in reversed(self.closers):
+            fn()
+        self.closers.clear()
+        if dist.is_initialized():
+            self.health.doing("finishing (barrier with every rank)")
+            work = dist.barrier(group=self.ctl_group, async_op=True)
+            from .comm import Op, wait_work
+            wait_work(Op(work, True), self.health, (self.rank + 1) % self.world, "for every rank at the end")
+            dist.destroy_process_group()
+        self.health.close(finished=True)
+        _CURRENT = None
+
+
+def current() -> Optional[PipeContext]:
+    """This process's pipe context, or None outside a pipe worker."""
+    return _CURRENT
+
+
+def init(rank: int, world: int, device: str | torch.device, store, *, timeout_s: float = 60.0, role: str = "",
+         health_store=None) -> PipeContext:
+    """Join the job: process groups over ``store`` (a TCPStore client), the health monitor, the device."""
+    global _CURRENT
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    health = Health(health_store, rank, world, role or f"rank {rank}", timeout_s)
+    timeout = datetime.timedelta(seconds=max(timeout_s, 1.0) * 2)   # our own checks come first
+    health.doing("joining the process group")
+    kwargs = dict(device_id=device) if device.type == "cuda" else {}
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                            timeout=timeout, **kwargs)
+    ret = dist.new_group([0, world - 1], backend=backend) if world > 1 else None
+    ctl = dist.new_group(list(range(world)), backend="gloo") if backend != "gloo" else dist.group.WORLD
+    _CURRENT = PipeContext(rank, world, device, health, dist.group.WORLD, ret, ctl, backend)
+    health.doing("building its stage")
+    return _CURRENT
+
+
+def init_from_env(timeout_s: float = 60.0) -> PipeContext:
+    """Under torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    gpus = os.environ.get("SDV2_PIPE_DEVICES")
+    if gpus:
+        device = gpus.split(",")[local]
+    else:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=300))
+    return init(rank, world, device, store, timeout_s=timeout_s, health_store=dist.PrefixStore("sdv2", store))
