@@ -108,7 +108,7 @@ class StreamDiffusionV2Pipeline:
 
         if mode not in ("single", "single-wo"):
             raise ValueError(f"StreamDiffusionV2Pipeline runs 'single' or 'single-wo', not {mode!r} "
-                             f"(pipe mode: run_video_to_video(mode='pipe', ...) under torchrun)")
+                             f"(pipe mode: run_video_to_video(mode='pipe', ...) or ./run_v2v.sh pipe)")
         if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 4:
             raise ValueError(f"step must be an integer from 1 to 4, got {step!r}")
         self._seed_args = dict(checkpoint_folder=checkpoint_folder, mode=mode, config_path=config_path,
@@ -267,11 +267,14 @@ def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_pat
     from .io.files import check_output_file
     from .io.video import probe_video
 
-    if mode == "pipe":
-        n = num_gpus or (len(gpu_ids) if gpu_ids else 2)
-        have = torch.cuda.device_count()
-        raise RuntimeError(f"pipe mode needs {n} GPUs under torchrun (this process sees {have}); it is not "
-                           f"available in this version: use mode='single' or 'single-wo'")
+    if mode == "pipe":  # the DiT's blocks over num_gpus GPUs, one process each (sdv2_lab/parallel/launch.py)
+        from .parallel.launch import video_to_video
+        return video_to_video(checkpoint_folder=checkpoint_folder, video_path=video_path, prompt=prompt,
+                              output_path=output_path, gpu_ids=gpu_ids, num_gpus=num_gpus, device=device,
+                              schedule_block=schedule_block, overrides=overrides, config_path=config_path,
+                              noise_scale=noise_scale, height=height, width=width, fps=fps, step=step, seed=seed,
+                              model_type=model_type, use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast,
+                              wan_folder=wan_folder, taehv=taehv)
     if num_gpus not in (None, 1) or (gpu_ids is not None and len(gpu_ids) != 1):
         raise ValueError(f"mode {mode!r} runs on one GPU; got gpu_ids={gpu_ids}, num_gpus={num_gpus}")
     if gpu_ids:

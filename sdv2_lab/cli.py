@@ -88,6 +88,10 @@ def run(cfg: DictConfig) -> dict:
     from .preflight import check_config
     from .stream.driver import stream_clip
 
+    from .parallel.launch import launches
+    if launches(cfg):  # parallel=pipe on several GPUs: one process per stage (sdv2_lab/parallel/launch.py)
+        from .parallel.launch import run as run_pipe
+        return run_pipe(cfg)
     check_config(cfg)
     prompt = read_prompt(cfg)
     out_dir = Path(cfg.output.dir)

@@ -36,6 +36,7 @@ FLAGS = {
     "num_frames": ("NUM_FRAMES", "81", int), "target_fps": ("TARGET_FPS", None, float),
     "gpu_id": ("GPU_ID", None, int), "device": ("DEVICE", None, str), "wan_folder": ("SDV2_WAN_ROOT", None, str),
     "taehv": ("SDV2_TAEHV", None, str),
+    "num_gpus": ("NPROC_PER_NODE", None, int), "gpu_ids": ("GPU_IDS", None, str),   # pipe mode
 }
 SWITCHES = {"use_taehv": "USE_TAEHV", "use_tensorrt": "USE_TENSORRT", "fast": "FAST", "profile": "PROFILE",
             "t2v": "T2V", "fixed_noise_scale": "FIXED_NOISE_SCALE", "schedule_block": "SCHEDULE_BLOCK"}
@@ -96,14 +97,12 @@ def to_overrides(a) -> list[str]:
     """The overrides of a parsed command line (model arguments through ``seed_overrides``)."""
     from .seed_config import quote, seed_overrides
     mode = MODES[a.mode]
-    if mode == "pipe":
-        raise SystemExit("run_v2v.sh pipe: pipe mode (DiT blocks split across GPUs) is not available in this "
-                         "version; use single or single-wo")
     device = device_of(a)
     height, width, _ = size_of(a, device)
     noise_scale = a.noise_scale if a.noise_scale is not None else (0.7 if mode == "single-wo" else 0.8)
     ov = seed_overrides(
-        checkpoint_folder=caller_path(a.checkpoint_folder) if a.checkpoint_folder else None, mode=mode,
+        checkpoint_folder=caller_path(a.checkpoint_folder) if a.checkpoint_folder else None,
+        mode="single" if mode == "pipe" else mode,
         model_type=a.model_type, step=a.step, height=height, width=width, fps=a.fps, seed=a.seed,
         noise_scale=noise_scale, device=device, use_taehv=a.use_taehv, use_tensorrt=a.use_tensorrt, fast=a.fast,
         config_path=caller_path(a.config_path) if a.config_path else None,
@@ -120,6 +119,16 @@ def to_overrides(a) -> list[str]:
         ov.append("fixed_noise=true")
     if a.target_fps:
         ov.append(f"target_fps={a.target_fps}")
+    if mode == "pipe":  # the DiT's blocks over --num_gpus GPUs (or --gpu_ids), one process each
+        ov = [o for o in ov if not o.startswith("parallel=")] + ["parallel=pipe"]
+        ids = [int(i) for i in str(a.gpu_ids).split(",") if i.strip()] if a.gpu_ids else []
+        if ids and a.num_gpus and a.num_gpus != len(ids):
+            raise SystemExit(f"run_v2v.sh pipe: --num_gpus {a.num_gpus} but --gpu_ids {a.gpu_ids} names {len(ids)}")
+        ov.append(f"num_gpus={len(ids) or a.num_gpus or 2}")
+        if ids:
+            ov.append(f"parallel.gpu_ids=[{','.join(map(str, ids))}]")
+        if a.schedule_block:
+            ov.append("parallel.schedule_block=true")
     return ov + list(a.overrides)
 
 

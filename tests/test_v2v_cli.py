@@ -31,9 +31,13 @@ def test_checkpoint_selects_real_weights_umt5_and_device(tiny_root):
     assert f"weights.wan_folder='{tiny_root / 'wan_models/Wan2.1-T2V-1.3B'}'" in ov
 
 
-def test_pipe_and_bad_flags_are_refused():
-    with pytest.raises(SystemExit, match="pipe mode"):
-        to_overrides(parse(["pipe"]))
+def test_pipe_maps_to_stages_and_bad_flags_are_refused():
+    ov = to_overrides(parse(["pipe", "--num_gpus", "3", "--schedule_block", "--device", "cpu"]))
+    assert {"parallel=pipe", "num_gpus=3", "parallel.schedule_block=true"} <= set(ov)
+    assert "parallel=single" not in ov
+    assert "parallel.gpu_ids=[2,3]" in to_overrides(parse(["pipe", "--gpu_ids", "2,3"]))
+    with pytest.raises(SystemExit, match="--num_gpus 3 but --gpu_ids"):
+        to_overrides(parse(["pipe", "--num_gpus", "3", "--gpu_ids", "0,1"]))
     with pytest.raises(SystemExit):
         parse(["single", "--no_such_flag"])
 

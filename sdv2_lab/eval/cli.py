@@ -62,6 +62,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     from .module import StreamingEvalModule
 
     run_dir = Path(run_dir)
+    from ..parallel.launch import launches
+    if launches(cfg):  # parallel=pipe on several GPUs: one process per stage, all on the same videos in lockstep
+        from ..parallel.launch import evaluate as evaluate_pipe
+        return evaluate_pipe(cfg, run_dir, overrides)
     check_config(cfg)  # settings and weight files, then the dataset: all before any model is built
     dataset = build_dataset(cfg.dataset, cfg.height, cfg.width, min_frames=1 + 4 * int(cfg.frames_per_block))
     data = EvalDataModule(dataset, num_workers=int(cfg.eval.num_workers))

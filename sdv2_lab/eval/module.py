@@ -52,13 +52,22 @@ def config_choice(group: str, default: str) -> str:
 def config_columns(cfg: DictConfig) -> dict:
     """The configuration every row carries (what a sweep varies), as flat columns."""
     return {"backbone": cfg.backbone.name, "vae": cfg.vae.name, "vae_config": config_choice("vae", cfg.vae.name),
-            "attention": cfg.attention.name, "mode": cfg.parallel.mode, "steps": int(cfg.steps),
+            "attention": cfg.attention.name, "mode": cfg.parallel.mode, "num_gpus": gpus_per_stream(cfg),
+            "steps": int(cfg.steps),
             "streams": int(cfg.get("streams", 1)), "overlap": bool(cfg.get("overlap", False)),
             "height": int(cfg.height), "width": int(cfg.width), "num_kv_cache": int(cfg.num_kv_cache),
             "sink_frames": int(cfg.sink_frames), "adapt_sink_threshold": float(cfg.adapt_sink_threshold),
             "noise_scale": float(cfg.noise_scale), "fixed_noise": bool(cfg.fixed_noise),
             "cuda_graph": bool(cfg.cuda_graph), "compile_kernels": bool(cfg.get("compile_kernels", False)),
             "weights": cfg.weights.kind, "dataset": cfg.dataset.name}
+
+
+def gpus_per_stream(cfg: DictConfig) -> int:
+    """GPUs one stream runs on: the pipe stages (parallel=pipe), else 1."""
+    if cfg.parallel.mode != "pipe":
+        return 1
+    from ..parallel.build import pipe_world
+    return pipe_world(cfg)
 
 
 def to_unit_frames(video: torch.Tensor) -> torch.Tensor:
