@@ -494,3 +494,18 @@ def test_a_failed_model_step_restarts_that_stream_and_the_server_goes_on(engine,
         feed_chunk(c, s["session"], parts[0])                   # a first chunk again, served
         c.wait_frames(10)
         c.close()
+
+
+def test_websockets_from_other_origins_are_refused(engine):
+    with serve_in_thread(engine, settings()) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        with pytest.raises(Exception, match="403"):
+            websockets_sync.connect(url, origin="http://evil.example", open_timeout=10).__enter__()
+        ws = websockets_sync.connect(url, origin=base, open_timeout=10).__enter__()   # the server's own page
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        ws.close()
+    with serve_in_thread(engine, settings(allowed_origins=["http://evil.example"])) as base:
+        ws = websockets_sync.connect(base.replace("http://", "ws://") + "/ws", origin="http://evil.example",
+                                     open_timeout=10).__enter__()
+        assert json.loads(ws.recv(timeout=10))["type"] == "hello"
+        ws.close()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -27,13 +28,16 @@ STATIC = Path(__file__).resolve().parent / "static"
 MJPEG_BOUNDARY = "frame"
 
 
-def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
-    hub_box: dict = {}
+def same_origin(origin: str, host: str | None, allowed: list[str]) -> bool:
+    """A browser's WebSocket may come from any page it has open: only the server's own page (or an origin in
+    ``serve.allowed_origins``, "*" for any) may use the model. Clients that send no Origin (scripts) are allowed."""
+    return "*" in allowed or origin in allowed or (host is not None and urlsplit(origin).netloc == host)
 
+
+def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        hub = Hub(engine, settings)       # made on the server's event loop
-        app.state.hub = hub_box["hub"] = hub
+        hub = app.state.hub = Hub(engine, settings)       # made on the server's event loop
         await hub.start()
         try:
             yield
@@ -49,15 +53,15 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/api/health")
     async def health():
-        return JSONResponse(hub_box["hub"].health())
+        return JSONResponse(app.state.hub.health())
 
     @app.get("/api/metrics")
     async def metrics():
-        return JSONResponse(hub_box["hub"].metrics())
+        return JSONResponse(app.state.hub.metrics())
 
     @app.get("/api/stream/{token}.mjpg")
     async def mjpeg(token: str):
-        hub: Hub = hub_box["hub"]
+        hub: Hub = app.state.hub
         session = next((s for s in hub.sessions.values() if s.token == token), None)
         if session is None:
             return JSONResponse({"error": "no such stream (it ended, or the token is wrong)"}, status_code=404)
@@ -66,7 +70,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.websocket("/ws")
     async def ws_endpoint(ws: WebSocket):
-        hub: Hub = hub_box["hub"]
+        hub: Hub = app.state.hub
+        origin = ws.headers.get("origin")
+        if origin and not same_origin(origin, ws.headers.get("host"), settings.allowed_origins):
+            log.warning("refused a WebSocket from origin %s (not this server's page; serve.allowed_origins)", origin)
+            await ws.close(code=1008)       # before accept: the handshake is refused (HTTP 403)
+            return
         await ws.accept()
         session = hub.connect(ws)
         if session is None:

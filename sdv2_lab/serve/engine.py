@@ -32,6 +32,14 @@ class Busy(RuntimeError):
     """No stream (or not enough KV-cache rows) is free."""
 
 
+class ReopenFailed(RuntimeError):
+    """A stream could not restart with new settings (``cause``); it runs on with the previous ones (``restored``)."""
+
+    def __init__(self, cause: Exception, restored: Stream):
+        super().__init__(str(cause))
+        self.cause, self.restored = cause, restored
+
+
 @dataclass
 class TickResult:
     outputs: list = field(default_factory=list)     # (stream id, frames uint8 [T, H, W, 3])
@@ -117,15 +125,13 @@ class Engine:
             self.driver.close(s)
 
     def reopen(self, s: Stream, opts: StreamOptions, previous: StreamOptions) -> Stream:
-        """The stream restarted with ``opts`` (steps, VAE); if that cannot open, with ``previous`` again and the
-        reason raised."""
+        """The stream restarted with ``opts`` (steps, VAE). If that cannot open: ``ReopenFailed`` with the stream
+        restarted with ``previous``; if not even that opens, that error (the stream has ended)."""
         self.close(s)
         try:
             return self.open(opts)
         except Exception as exc:
-            restored = self.open(previous)
-            exc.restored = restored  # type: ignore[attr-defined]
-            raise
+            raise ReopenFailed(exc, self.open(previous)) from exc
 
     def set_prompt(self, s: Stream, prompt: str) -> None:
         self.driver.set_prompt(s, prompt)

@@ -15,9 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-from .engine import Busy, Engine
-from .protocol import ProtocolError, StreamOptions, noise_scale_of, parse, prompt_of, start_options, steps_of, \
-    bool_of
+from .engine import Busy, Engine, ReopenFailed
+from .protocol import (ProtocolError, StreamOptions, bool_of, noise_scale_of, parse, prompt_of, start_options,
+                       steps_of)
 from .session import IDLE, PAUSED, RUNNING, STARTING, Session
 from .settings import ServeSettings
 from .stats import DROP_KINDS
@@ -234,26 +234,35 @@ class Hub:
         if new == s.opts:
             await s.send_json({"type": "ack", "control": what, what: value, "restarted": False})
             return
-        old_stream = s.stream
-        self._by_stream.pop(old_stream.id, None)
         try:
-            stream = await self.engine.call(self.engine.reopen, old_stream, new, s.opts)
-        except Exception as exc:
-            restored = getattr(exc, "restored", None)
-            if restored is None:            # not even the old settings could open again: the stream has ended
-                s.stream, s.state = None, IDLE
-                raise
-            s.restarted(restored, self.engine.first_chunk)
-            self._by_stream[restored.id] = s
-            code = "busy" if isinstance(exc, Busy) else "bad_value"
+            stream = await self._reopen(s, new)
+        except ReopenFailed as exc:
+            code = "busy" if isinstance(exc.cause, Busy) else "bad_value"
             raise ProtocolError(code, f"{what}={value!r} could not be applied ({exc}); the stream restarted with "
                                       f"the previous settings") from None
-        s.opts = new
-        s.restarted(stream, self.engine.first_chunk)
-        self._by_stream[stream.id] = s
         log.info("session %d: %s=%s, stream restarted as %d", s.id, what, value, stream.id)
         await s.send_json({"type": "ack", "control": what, what: value, "restarted": True, "stream": stream.id})
-        self._wake.set()
+
+    async def _reopen(self, s: Session, opts: StreamOptions):
+        """Restart the client's stream with ``opts`` (on ``ReopenFailed``: with its previous options)."""
+        old = s.stream
+        self._by_stream.pop(old.id, None)
+        try:
+            stream = await self.engine.call(self.engine.reopen, old, opts, s.opts)
+        except ReopenFailed as exc:
+            stream = exc.restored
+            raise
+        except BaseException:               # not even the previous options opened: the stream has ended
+            s.stream, s.state = None, IDLE
+            raise
+        else:
+            s.opts = opts
+        finally:
+            if s.stream is old:
+                s.restarted(stream, self.engine.first_chunk)
+                self._by_stream[stream.id] = s
+                self._wake.set()
+        return stream
 
     async def _pause(self, s: Session, pause: bool) -> None:
         if s.state in (RUNNING, PAUSED):
@@ -306,10 +315,7 @@ class Hub:
         await s.send_json({"type": "error", "code": "engine", "message": f"the model failed on this stream "
                                                                          f"({type(exc).__name__}: {exc}); restarting it"})
         if s.stream is not None:
-            self._by_stream.pop(s.stream.id, None)
-            stream = await self.engine.call(self.engine.reopen, s.stream, s.opts, s.opts)
-            s.restarted(stream, self.engine.first_chunk)
-            self._by_stream[stream.id] = s
+            await self._reopen(s, s.opts)
 
     # ------------------------------------------------------------------ frames out
     async def send_loop(self, s: Session) -> None:

@@ -1,7 +1,7 @@
 """The server's settings (``serve:`` in ``conf/serve.yaml``), validated before any model is built."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -26,10 +26,11 @@ class ServeSettings:
     taehv_vae: str = "taehv_tiny"
     warmup: Any = "auto"        # auto (on CUDA) | true | false
     log_level: str = "info"
+    allowed_origins: list = field(default_factory=list)
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> "ServeSettings":
-        section = dict(section or {})
+        section = {k: (list(v) if k == "allowed_origins" and v is not None else v) for k, v in dict(section or {}).items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
@@ -57,6 +58,9 @@ class ServeSettings:
             raise ValueError(f"serve.jpeg_quality must be 1..95, got {self.jpeg_quality!r}")
         if self.warmup not in ("auto", True, False):
             raise ValueError(f"serve.warmup must be auto, true or false, got {self.warmup!r}")
+        if not isinstance(self.allowed_origins, list) or not all(isinstance(o, str) for o in self.allowed_origins):
+            raise ValueError(f"serve.allowed_origins must be a list of origins (e.g. [https://my.host]), got "
+                             f"{self.allowed_origins!r}")
         if not str(self.default_prompt).strip():
             raise ValueError("serve.default_prompt is empty")
         return self
