@@ -63,7 +63,8 @@ def main():
                 pipe = build_pipeline(cfg)
                 clips = [synthetic_clip(a.frames, a.height, a.width, seed=i)[0].to(pipe.device) for i in range(streams)]
                 prompts = [f"a watercolor street {i}" for i in range(streams)]
-                stream_clips(pipe, [c[:, :21] for c in clips], prompts, seeds=list(range(streams)))  # warm-up
+                warm = 1 + 4 * (cfg.num_kv_cache + int(steps) + 4)  # fills the KV cache: both graphs captured
+                stream_clips(pipe, [c[:, :warm] for c in clips], prompts, seeds=list(range(streams)))  # warm-up
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()

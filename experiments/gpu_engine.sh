@@ -6,7 +6,7 @@
 # itself. Weights are DUMMY (random) throughout: timings are real, outputs are noise.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-BUDGET=${ENGINE_BUDGET:-420}
+BUDGET=${ENGINE_BUDGET:-440}
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:experiments HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -24,6 +24,8 @@ step engine_overlap 130 python3 experiments/bench_pipeline.py --configs wan_1_3b
   --frames 65 --overlap both --dit-alone --json "$OUT/engine_overlap.json"
 step engine_streams 80 python3 experiments/bench_pipeline.py --configs wan_1_3b:1 --frames 65 --streams 1,2,4,8 \
   --overlap on --dit-alone --json "$OUT/engine_streams.json"
-[ -f experiments/bench_pipe.py ] && step bench_pipe 50 python3 experiments/bench_pipe.py --json "$OUT/bench_pipe.json"
-[ -f experiments/bench_serve.py ] && step bench_serve 60 python3 experiments/bench_serve.py --json "$OUT/bench_serve.json"
+[ -n "${WITH_PIPE:-}" ] && [ -f experiments/bench_pipe.py ] && step bench_pipe 50 python3 experiments/bench_pipe.py --json "$OUT/bench_pipe.json"
+[ -f experiments/bench_serve.py ] && step bench_serve 100 python3 experiments/bench_serve.py --clients 1,2,4,8 \
+  --seconds 10 --warmup 2 --out "$OUT/bench_serve.json" -- backbone=wan_1_3b device=cuda height=480 width=832 steps=1 \
+  cuda_graph=true overlap=true
 echo "=== done [${SECONDS}s]"

@@ -227,3 +227,27 @@ def test_streams_with_their_own_steps_noise_scale_and_vae():
                                alone(steps=3, noise_scale=0.6, vae=PoolVAE(seed=1)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="steps=5"):
         d.open("p", steps=5)
+
+
+def test_static_plans_attend_over_the_whole_cache_with_the_unwritten_part_masked():
+    """The CUDA-graph executor's plans while the cache fills (one shape for every call) give the same velocity
+    as the exact-length plans, over a stream with eviction (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    dit = load_backbone(WanDiTConfig(name="tiny", **TINY), "dummy", dtype=torch.float32, seed=0)
+    caches = [dit.new_cache(2, H, W, 6, 3, 0.2) for _ in range(2)]
+    emb = torch.randn(1, 512, 4096)
+    S = caches[0].spec.frame_tokens
+    for c in caches:
+        dit.set_prompt(c, emb)
+    g = torch.Generator().manual_seed(1)
+    for k in range(12):
+        f, starts = (2, [0, 0]) if k == 0 else (1, [(k + 1) * S, k * S])
+        x = torch.randn(2, f, 16, H // 8, W // 8, generator=g)
+        t = torch.full((2, f), 700)
+        outs = []
+        for c, static in zip(caches, (False, True)):
+            plan = dit.plan(x, c, starts, static=static)
+            assert plan.max_len == (c.spec.size if static else max(plan.new_local_end))
+            outs.append(dit.step(x, t, c, plan))
+            c.commit(plan)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

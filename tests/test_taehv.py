@@ -190,7 +190,7 @@ def test_bad_input(ckpt, tmp_path, ours):
 def test_accelerate_falls_back_with_a_logged_reason_on_cpu(ours, caplog):
     from sdv2_lab.vae.accel import accelerate_vae
     vae = TAEHVVAE(ours)
-    with caplog.at_level(logging.WARNING, logger="sdv2_lab.vae.accel"):
+    with caplog.at_level(logging.INFO, logger="sdv2_lab.vae.accel"):
         accelerate_vae(vae, "cuda_graph")
     assert "needs a CUDA device" in caplog.text
     with pytest.raises(ValueError, match="valid"):

@@ -293,10 +293,13 @@ class StreamKVCache:
 
     # ------------------------------------------------------------------ per-call protocol
     def plan(self, starts: Sequence[int], num_tokens: int, rows: Optional[Sequence[int]] = None,
-             pop: Optional[Sequence[bool]] = None, out: Optional[torch.Tensor] = None) -> StepPlan:
+             pop: Optional[Sequence[bool]] = None, out: Optional[torch.Tensor] = None,
+             static: bool = False) -> StepPlan:
         """Decide, on the host, what this call does to each row. ``starts``: virtual start token per row;
         ``rows``: pool rows (default 0..B-1); ``pop``: whether an evicting row rotates its ring (default yes);
-        ``out``: a [7, B] int64 device buffer to hold the plan (a captured CUDA graph reads it from there)."""
+        ``out``: a [7, B] int64 device buffer to hold the plan (a captured CUDA graph reads it from there);
+        ``static``: while the cache fills, attend over the whole cache with per-row lengths masking what is not
+        written yet (one shape for every call, so a CUDA graph can replay the filling calls too)."""
         spec, m = self.spec, num_tokens
         rows = list(range(len(starts))) if rows is None else [int(r) for r in rows]
         pop = [True] * len(rows) if pop is None else [bool(p) for p in pop]
@@ -315,7 +318,7 @@ class StreamKVCache:
             append_start.append(d.append_start)
             register.append(d.register or 0)
             new_rolling.append(d.register)
-        max_len = max(new_local)
+        max_len = spec.size if static else max(new_local)
         frames = [int(c) // spec.frame_tokens for c in starts]
         pops = [int(e and p) for e, p in zip(evict, pop)]
         # One small host->device copy per call, from pinned memory so it does not block the host, into a

@@ -117,7 +117,7 @@ class StreamingEvalModule(pl.LightningModule):
         """One short clip through the pipeline, discarded: first-call costs (cuDNN autotuning, CUDA-graph
         capture, compilation) must not land in the first video's TTFF."""
         from ..io.synthetic import synthetic_clip
-        frames = 1 + 4 * (self.pipe.num_steps + 2)
+        frames = 1 + 4 * (self.pipe.cfg.num_kv_cache + self.pipe.num_steps + 4)  # fills the cache: graphs captured
         clip, _ = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)
         streams = self.pipe.cfg.max_streams
         stream_clips(self.pipe, [clip.to(self.pipe.device)] * streams, ["warm-up"] * streams)

@@ -35,6 +35,7 @@ from .timing import ChunkIn, ChunkOut, Clock, StageRun
 log = logging.getLogger(__name__)
 
 STAGES = ("encode", "dit", "decode")
+LANE_OF = {"noise": "encode", "text": "dit"}   # stages that share another stage's CUDA stream
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Lanes:
             else None
 
     def stream(self, name: str) -> Optional[torch.cuda.Stream]:
-        return None if self.streams is None else self.streams[name]
+        return None if self.streams is None else self.streams[LANE_OF.get(name, name)]
 
     @contextlib.contextmanager
     def on(self, name: str, after: Iterable[Optional[torch.cuda.Event]] = ()):

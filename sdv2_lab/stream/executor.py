@@ -5,10 +5,11 @@
     result = executor.run(job, x, t, noise)         # one job: velocity -> x0 and re-noising included
 
 * ``eager``: plain calls.
-* ``cuda_graph``: a stream-batch job in steady state (cache full: every row evicts, one static shape) is
-  replayed from a CUDA graph that holds the whole step: the DiT, velocity -> x0, re-noising and the slot shift.
-  Its inputs and outputs live in static buffers; the re-noised ring stays in the graph's input buffer, so the
-  next call only writes each stream's new chunk into its row 0. Calls while the cache fills run eagerly.
+* ``cuda_graph``: a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
+  velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised ring
+  stays in the graph's input buffer, so the next call only writes each stream's new chunk into its row 0. Shapes
+  are static (while the cache fills, attention spans the whole cache with the unwritten part masked): one graph
+  while the cache fills, one once it is full, each captured after one eager call of its shape.
 * ``pipe`` stages (a contiguous layer range and its part of the cache on each GPU) implement the same
   interface (``sdv2_lab/parallel``).
 
@@ -108,7 +109,7 @@ class DiTExecutor:
 class CUDAGraphExecutor(DiTExecutor):
     """Steady-state stream-batch jobs replayed from CUDA graphs (one per row set and shape, a few kept)."""
     name = "cuda_graph"
-    max_graphs = 3
+    max_graphs = 4
 
     def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None):
         super().__init__(dit, cache, schedule)
@@ -124,12 +125,10 @@ class CUDAGraphExecutor(DiTExecutor):
         buf = self.plan_buffers.get(key_rows)
         if buf is None:
             buf = self.plan_buffers[key_rows] = torch.zeros(7, len(job.rows), dtype=torch.long, device=x.device)
-        plan = self.dit.plan(x, self.cache, job.starts, job.rows, job.pops[0], out=buf)
-        if plan.kv_lens is not None or not all(plan.evict):  # the cache still fills: shapes change per call
-            v = self.dit.step(x, t[:, None].expand(-1, x.shape[1]), self.cache, plan)
-            self.cache.commit(plan)
-            return DiTResult(*self.finish_step(job, v, x, t, noise))
-        key = (key_rows, tuple(x.shape), x.dtype, plan.refresh_check, plan.max_len)
+        # static shapes: while the cache fills, attention spans the whole cache and masks the unwritten part, so
+        # the filling calls share one graph and the full cache another
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, job.pops[0], out=buf, static=True)
+        key = (key_rows, tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None)
         g = self.graphs.get(key)
         if g is None and key not in self.seen:  # a new shape runs eagerly once (lazy inits, kernel plans), then
             self.seen.add(key)                   # its next call is captured

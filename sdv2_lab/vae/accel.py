@@ -119,7 +119,7 @@ def accelerate_vae(vae, mode: str = "none", backend: str = "inductor", compile_m
         raise ValueError(f"unknown accelerate mode {mode!r}; valid: {list(MODES)}")
     device = next(vae.parameters()).device
     if mode == "cuda_graph" and device.type != "cuda":
-        log.info("VAE accelerate=cuda_graph is for CUDA devices; on %s the VAE runs eager", device)
+        log.info("VAE accelerate=cuda_graph needs a CUDA device; on %s the VAE runs eager", device)
         return vae
     for name, fn in list(vae._steps.items()):
         if mode == "compile":
