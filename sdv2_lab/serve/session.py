@@ -23,10 +23,11 @@ IDLE, STARTING, RUNNING, PAUSED = "idle", "starting", "running", "paused"
 
 
 class Throttle:
-    """A token bucket: ``rate`` frames per second on average, bursts of 1/8 s of frames, at least 2 (jitter)."""
+    """A token bucket: ``rate`` frames per second on average, bursts of 1/4 s of frames, at least 4 (a client that
+    lagged and catches up, network jitter)."""
 
     def __init__(self, rate: float, burst: float | None = None):
-        self.rate, self.burst = rate, max(2.0, rate / 8) if burst is None else burst
+        self.rate, self.burst = rate, max(4.0, rate / 4) if burst is None else burst
         self.tokens, self.last = self.burst, time.perf_counter()
 
     def allow(self, now: Optional[float] = None) -> bool:
