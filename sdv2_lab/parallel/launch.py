@@ -44,7 +44,7 @@ def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: flo
     tmp = Path(tempfile.mkdtemp(prefix="sdv2-pipe-"))
     if threads is None and all(d == "cpu" for d in devices):
         threads = max(1, (os.cpu_count() or 1) // world)
-    mp = torch.multiprocessing.get_context("spawn")
+    mp = _mp_context()
     procs = [mp.Process(target=_spawned, name=f"sdv2-pipe-rank{r}",
                         args=(r, world, store.port, devices[r], timeout_s, threads, fn, args, str(tmp / f"{r}.pt")))
              for r in range(world)]
@@ -59,6 +59,17 @@ def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: flo
     finally:
         _stop(procs, 0.0)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mp_context():
+    """forkserver: one clean server process imports torch and this package once, and every rank of every launch
+    from this process is forked from it (no threads there, so forking is safe); spawn where it is missing."""
+    import multiprocessing
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return torch.multiprocessing.get_context("spawn")
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "sdv2_lab.parallel.launch", "sdv2_lab.parallel.stage"])
+    return ctx
 
 
 def _watch(procs, health) -> Optional[str]:
