@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -112,11 +112,9 @@ class Engine:
 
     # ------------------------------------------------------------------ streams (worker thread only)
     def open(self, opts: StreamOptions) -> Stream:
-        sched = self.driver.scheduler
-        rows = sched.rows_for(opts.steps)
-        if len(sched.streams) >= sched.max_streams or len(sched.free_rows) < rows:
-            raise Busy(f"all {sched.max_streams} stream(s) are in use ({len(sched.free_rows)} of {sched.num_rows} "
-                       f"KV rows free, {rows} needed for steps={opts.steps}); try again when one ends")
+        busy = self.driver.capacity(opts.steps)
+        if busy is not None:
+            raise Busy(f"{busy} for steps={opts.steps}; try again when one ends")
         return self.driver.open(opts.prompt, seed=opts.seed, steps=opts.steps, noise_scale=opts.noise_scale,
                                 vae=self.vae_for(opts.taehv))
 
@@ -137,11 +135,8 @@ class Engine:
         self.driver.set_prompt(s, prompt)
 
     def set_noise_scale(self, s: Stream, value: float) -> None:
-        """Mid-stream: the noise controller's target s0 from the next chunk on (the driver has no setter for it:
-        its controller's config and s0 are replaced in place; the scale moves there through the controller's EMA)."""
-        ctl = s.controller
-        ctl.cfg = replace(ctl.cfg, noise_scale=value)
-        ctl.s0.fill_(value)
+        """Mid-stream: the noise controller's target s0 from the next chunk on."""
+        self.driver.set_noise_scale(s, value)
 
     def frames_needed(self, s: Stream) -> int:
         return self.driver.frames_needed(s)

@@ -169,6 +169,24 @@ class StreamDriver:
             raise
         return s
 
+    def capacity(self, steps: Optional[int] = None) -> Optional[str]:
+        """None when a stream of ``steps`` steps (default: the config's) can open now, else why not."""
+        sch = self.scheduler
+        rows = sch.rows_for(steps or len(self.cfg.denoising_steps))
+        if len(sch.streams) >= sch.max_streams or len(sch.free_rows) < rows:
+            return (f"all {sch.max_streams} stream(s) are in use ({len(sch.free_rows)} of {sch.num_rows} KV rows "
+                    f"free, {rows} needed)")
+        return None
+
+    def set_noise_scale(self, s: Stream, noise_scale: float) -> None:
+        """Change a stream's noise level s0 from its next chunk on (the controller's EMA moves towards it)."""
+        if not 0 < noise_scale <= 1:
+            raise ValueError(f"noise_scale must be in (0, 1], got {noise_scale}")
+        ctl = s.controller
+        ctl.cfg = replace(ctl.cfg, noise_scale=noise_scale)
+        with self.lanes.on("encode"):   # the controller runs on the encode lane
+            ctl.s0.fill_(noise_scale)
+
     def close(self, s: Stream) -> None:
         """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
         self.scheduler.close(s)
