@@ -12,9 +12,9 @@ NCCL stream after the current one), so no host sync is needed. On CPU (gloo) a w
 ``Health`` so that a failed or silent peer ends the job within the timeout with a message naming it.
 
 Message order is what matches sends to receives (NCCL ignores tags): both ends of a link issue their
-operations in the same order, which the lockstep schedule guarantees. Forward activations go on the default
-group, the way back (last stage -> first) on a group of its own, so that the two directions never queue behind
-each other on one NCCL stream.
+operations in the same order, which the lockstep schedule guarantees. Every link has a process group of its
+own (r -> r+1, and the way back from the last stage to the first), so that operations on different links
+never queue behind each other on one NCCL stream.
 """
 from __future__ import annotations
 

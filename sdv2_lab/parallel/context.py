@@ -3,7 +3,9 @@
 One ``PipeContext`` per worker process, made by the launcher (``launch.py``: spawned processes or torchrun)
 before anything is built; ``build_pipeline`` asks ``current()`` which stage to build. Groups:
 
-* ``world`` (NCCL on CUDA, gloo on CPU): forward activations r -> r+1, prompt broadcasts, block moves;
+* ``world`` (NCCL on CUDA, gloo on CPU): prompt broadcasts, block moves;
+* ``links[r]`` (same backend, ranks {r, r+1}): activations r -> r+1; a group per link, so that a receive
+  posted ahead from r-1 never holds up a send to r+1 on one NCCL stream;
 * ``ret`` (same backend, ranks {0, W-1}): re-noised latents from the last stage back to the first;
 * ``ctl`` (gloo, every rank): small host-side values (stage times for the block scheduler, run statistics),
   so that they never queue behind activations on a GPU stream.
@@ -33,6 +35,7 @@ class PipeContext:
     device: torch.device
     health: Health
     world_group: object = None
+    link_groups: list = field(default_factory=list)
     ret_group: object = None
     ctl_group: object = None
     backend: str = "gloo"
@@ -85,9 +88,10 @@ def init(rank: int, world: int, device: str | torch.device, store, *, timeout_s:
     kwargs = dict(device_id=device) if device.type == "cuda" else {}
     dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
                             timeout=timeout, **kwargs)
+    links = [dist.new_group([r, r + 1], backend=backend) for r in range(world - 1)]   # every rank makes each
     ret = dist.new_group([0, world - 1], backend=backend) if world > 1 else None
     ctl = dist.new_group(list(range(world)), backend="gloo") if backend != "gloo" else dist.group.WORLD
-    _CURRENT = PipeContext(rank, world, device, health, dist.group.WORLD, ret, ctl, backend)
+    _CURRENT = PipeContext(rank, world, device, health, dist.group.WORLD, links, ret, ctl, backend)
     health.doing("building its stage")
     return _CURRENT
 

@@ -99,8 +99,10 @@ class PipeStage(DiTExecutor):
             pool = BufferPool(cache.device)
             mk = lambda peer, group, tag, name: Link(peer, group, tag, cache.device, self.health, name,  # noqa: E731
                                                      self.opts.depth, pool)
-            self.fwd_in = mk(self.rank - 1, ctx.world_group, TAG_FWD, "activations in") if self.rank > 0 else None
-            self.fwd_out = mk(self.rank + 1, ctx.world_group, TAG_FWD, "activations out") if not self.decodes else None
+            self.fwd_in = mk(self.rank - 1, ctx.link_groups[self.rank - 1], TAG_FWD, "activations in") \
+                if self.rank > 0 else None
+            self.fwd_out = mk(self.rank + 1, ctx.link_groups[self.rank], TAG_FWD, "activations out") \
+                if not self.decodes else None
             self.ret_out = mk(0, ctx.ret_group, TAG_RET, "latents back") if self.decodes else None
             self.ret_in = mk(self.world - 1, ctx.ret_group, TAG_RET, "latents back") if self.encodes else None
             self.links = [lk for lk in (self.fwd_in, self.fwd_out, self.ret_in, self.ret_out) if lk is not None]
@@ -360,10 +362,11 @@ class PipeStage(DiTExecutor):
         stage = [float(v[0]) for v in allv]
         blocks = [float(v[1]) for v in allv]
         new = balance.propose(self.ranges, stage, blocks, tolerance=self.opts.tolerance)
-        if new is not None:
+        if new is not None and self.rank == 0:
             log.info("block scheduler at job %d: stage ms %s (%.1f%% above the mean): blocks %s -> %s", self.jobs,
                      [round(s, 2) for s in stage], 100 * balance.imbalance(stage), balance.counts_of(self.ranges),
                      balance.counts_of(new))
+        if new is not None:
             self._move(new)
 
     def _move(self, new: balance.Ranges) -> None:
@@ -393,8 +396,10 @@ class PipeStage(DiTExecutor):
                 incoming[layer] = state
         if ops:
             host = self.device.type == "cpu"
+            peers = sorted({op.peer for op in ops})
             for w in dist.batch_isend_irecv(ops):
-                wait_work(Op(w, host), self.health, -1, "for blocks handed over (block scheduler)")
+                wait_work(Op(w, host), self.health, peers[0], f"for blocks handed over with rank(s) {peers} "
+                          f"(block scheduler)")
         for layer in incoming:
             self.dit.blocks[layer].self_attn.fuse_qkv()
         first, end = new[self.rank]
