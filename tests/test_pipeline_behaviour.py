@@ -142,8 +142,9 @@ def test_bad_input_is_a_clear_error(clip, tmp_path):
     with pytest.raises(ValueError, match="before the first chunk"):
         pipe.flush()
     from sdv2_lab.api import run_video_to_video
-    with pytest.raises(RuntimeError, match="pipe mode needs 2 GPUs"):
-        run_video_to_video(video_path="x.mp4", prompt="p", output_path="y.mp4", mode="pipe")
+    with pytest.raises(FileNotFoundError, match="video not found"):   # checked before any process is started
+        run_video_to_video(video_path=str(tmp_path / "x.mp4"), prompt="p", output_path=str(tmp_path / "y.mp4"),
+                           mode="pipe", num_gpus=2)
 
 
 def test_video_files_round_trip_and_atomic_writes(tmp_path, clip):
