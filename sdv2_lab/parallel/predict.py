@@ -63,7 +63,6 @@ def predict(m: OneGPU, gpus: int) -> Prediction:
     overhead[-1] += m.head_ms + m.decode_ms
     counts = counts_of(split(m.layers, overhead, [m.block_ms] * gpus))
     stage = [o + c * m.block_ms for o, c in zip(overhead, counts)]
-    units = n * m.streams if m.streams > 1 else n     # rows per job; units per job = n (slots)
     hop_ms = m.link_latency_us / 1e3 + m.act_bytes * max(1, m.streams) / (m.link_gbps * 1e9) * 1e3
     link_ms = n * hop_ms                              # a stage sends n units per job
     period, bound = max(stage), f"stage {stage.index(max(stage))}"
@@ -76,7 +75,6 @@ def predict(m: OneGPU, gpus: int) -> Prediction:
         cycle = sum(per_unit) + gpus * hop_ms       # W - 1 forward hops and the way back
         if n / (n + 1) * cycle > period:
             period, bound = n / (n + 1) * cycle, "dependency cycle (n + 1 < stages)"
-    del units
     bubble = 1 - sum(stage) / (gpus * period)
     return Prediction(gpus, counts, stage, period, m.frames_per_chunk * m.streams / period * 1e3, bubble, bound)
 

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from ..stream.executor import DiTExecutor, DiTResult
 from ..stream.scheduler import DiTJob
-from ..stream.timing import Clock, StageRun
+from ..stream.timing import Clock
 from . import balance
 from .comm import TAG_FWD, TAG_MOVE, TAG_RET, BufferPool, Link, Op, wait_work
 from .context import PipeContext
@@ -350,7 +350,7 @@ class PipeStage(DiTExecutor):
             return
         lag = k if self.device.type == "cuda" else 0        # GPU: the window before last, long finished
         lo, hi = self.jobs - 1 - k - lag, self.jobs - 1 - lag
-        if lo < self._measured_from:
+        if lo < max(1, self._measured_from):   # jobs count from 1; a window measured before a move says nothing
             return
         stage_ms, block_ms = self.meter.window(lo, hi)
         mine = torch.tensor([stage_ms, block_ms], dtype=torch.float64)
