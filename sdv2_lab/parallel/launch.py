@@ -171,6 +171,31 @@ def _container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def _hydra_state() -> Optional[dict]:
+    """The running Hydra app's own config (its choices name the config files a results row reports), or None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return OmegaConf.to_container(HydraConfig.get(), resolve=True)
+    except Exception:  # noqa: BLE001 -- composed outside a Hydra app
+        return None
+
+
+def _restore_hydra(state: Optional[dict]) -> None:
+    """In a rank: the launcher's Hydra config, so that code asking Hydra (config choices) sees the same."""
+    if not state:
+        return
+    try:
+        from hydra.conf import HydraConf
+        from hydra.core.hydra_config import HydraConfig
+        node = OmegaConf.structured(HydraConf)
+        OmegaConf.set_struct(node, False)   # keys of plugins and newer Hydra versions than the dataclass knows
+        node = OmegaConf.merge(node, state)
+        HydraConfig.instance().set_config(OmegaConf.create({"hydra": node}))
+    except Exception as exc:  # noqa: BLE001 -- only labels depend on it
+        log.warning("pipe: could not give this rank the launcher's Hydra config (%s): config choices in results "
+                    "rows fall back to the config names", exc)
+
+
 def _settings(cfg: DictConfig) -> dict:
     from .build import pipe_devices
     p = cfg.parallel
@@ -249,14 +274,15 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Optional[list[str]
 
     from ..eval.results import read_jsonl
     run_dir = Path(run_dir)
-    launch(eval_rank, (_container(cfg), str(run_dir), list(overrides or [])), **_settings(cfg))
+    launch(eval_rank, (_container(cfg), str(run_dir), list(overrides or []), _hydra_state()), **_settings(cfg))
     path = run_dir / "results.jsonl"
     return pd.DataFrame(read_jsonl(path)) if path.exists() else None
 
 
-def eval_rank(container: dict, run_dir: str, overrides: list[str]) -> None:
+def eval_rank(container: dict, run_dir: str, overrides: list[str], hydra: Optional[dict] = None) -> None:
     from ..eval.cli import evaluate as evaluate_here
     from .context import current
+    _restore_hydra(hydra)
     ctx = current()
     cfg = OmegaConf.create(container)
     cfg.device = str(ctx.device)
