@@ -67,12 +67,18 @@ class StageMeter:
         return out
 
     def window(self, lo: int, hi: int) -> tuple[float, float]:
-        """Mean (stage ms, blocks ms) per job over jobs [lo, hi); NaN when some are not finished yet."""
+        """Median (stage ms, blocks ms) per job over jobs [lo, hi) (a median: one slow job, e.g. a stream's first,
+        does not move blocks); NaN when some are not finished yet."""
         got = [self.times(j) for j in range(lo, hi)]
         if not got or any(g is None for g in got):
             return math.nan, math.nan
-        stage = sum(g["blocks"] + g["dit"] + g["encode"] + g["decode"] for g in got) / len(got)
-        return 1e3 * stage, 1e3 * sum(g["blocks"] for g in got) / len(got)
+
+        def median(values):
+            v = sorted(values)
+            return 0.5 * (v[(len(v) - 1) // 2] + v[len(v) // 2])
+
+        stage = median([g["blocks"] + g["dit"] + g["encode"] + g["decode"] for g in got])
+        return 1e3 * stage, 1e3 * median([g["blocks"] for g in got])
 
     def summary(self, skip: int = 0) -> dict:
         """Per job means (ms) over the jobs since the last summary after the first ``skip``, and the bubble
