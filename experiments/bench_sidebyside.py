@@ -106,7 +106,9 @@ def main():
     DEVICE, EXTRA = a.device, [x for x in a.extra.split(",") if x]
     torch.backends.cudnn.benchmark = True
     gpu = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # SDV2_COMMIT: set by whoever sends the tree to the GPU machine (its copy may carry stale git metadata)
+    commit = os.environ.get("SDV2_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                             capture_output=True, text=True).stdout.strip()
     tag = gpu.replace("NVIDIA ", "").split()[0].lower()
     out_json = Path(a.out) / f"sidebyside_{tag}.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -5,20 +5,8 @@
 # Every step has its own time limit and writes its file as it goes: a step that fails or runs long costs only
 # itself. Weights are DUMMY (random) throughout: timings are real, outputs are noise.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET=${ENGINE_BUDGET:-440}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:.:experiments HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-step() {  # step NAME SECONDS command...: skipped when the budget cannot hold it
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS - 5))
-  [ "$left" -lt 20 ] && { echo "=== $name: skipped (budget)"; return; }
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== $name [${SECONDS}s, limit ${limit}s]"
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; echo "exit $?" >> "$OUT/$name.txt"
-  grep -E '^\||PASS|FAIL|^exit|Error' "$OUT/$name.txt" | tail -40
-}
+source experiments/gpu_common.sh
 step check_engine 100 python3 experiments/check_engine.py --frames 33
 step engine_overlap 130 python3 experiments/bench_pipeline.py --configs wan_1_3b:1,wan_1_3b:4,wan_14b:1 \
   --frames 65 --overlap both --dit-alone --json "$OUT/engine_overlap.json"
