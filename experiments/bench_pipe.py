@@ -15,9 +15,9 @@ order: blocks of the first model, vae, equality, blocks of the other models, gpu
    cut to 2 and to 6 blocks of the real width: per block = (T6 - T2) / 4, embed + head + x0 = T2 - 2 per block;
    activation bytes per unit = F x S x D x 2. Also the whole n-row job (what one stage runs when W = 1).
 2. **vae**: steady-state encode and decode of one 4-frame chunk (the configured VAE, its production path).
-3. **equality**: the whole pipeline streamed, ``parallel=pipe num_gpus=1`` against ``parallel=single`` with the
+3. **equality**: the whole pipeline streamed, ``mode=pipe num_gpus=1`` against ``mode=single`` with the
    same settings (eager DiT, no overlap), twice each, alternating; mean steady-state FPS; PASS within 5%.
-4. **gpus** (when that many GPUs are visible): ``parallel=pipe num_gpus=N`` streamed (one process per GPU,
+4. **gpus** (when that many GPUs are visible): ``mode=pipe num_gpus=N`` streamed (one process per GPU,
    NCCL), measured FPS, per-rank stage times, bubble, split; link bandwidth measured GPU 0 -> 1.
 
 Then the predictor's table (sdv2_lab/parallel/predict.py) from these numbers, beside what was measured.
@@ -139,7 +139,7 @@ def bench_equality(a) -> dict:
             f"width={a.width}", f"vae={a.vae}", "cuda_graph=false", "overlap=false"]
     keys = ("steady_fps", "e2e_fps", "dit_fps", "encode_fps", "decode_fps", "ttff_s")
     runs = {"single": [], "pipe_1": []}
-    for name, ov in (("single", ["parallel=single"]), ("pipe_1", ["parallel=pipe", "num_gpus=1"])) * 2:
+    for name, ov in (("single", ["mode=single"]), ("pipe_1", ["mode=pipe", "num_gpus=1"])) * 2:
         s = stream(base + ov, a)
         runs[name].append({k: round(v, 3) for k, v in s.items() if isinstance(v, float) and k in keys})
     out = {name: {k: round(sum(r[k] for r in rs) / len(rs), 3) for k in rs[0]} for name, rs in runs.items()}
@@ -185,10 +185,10 @@ def bench_gpus(model: str, gpus: int, a, vae_blocks=None) -> dict:
     from omegaconf import OmegaConf
     from sdv2_lab.parallel.launch import launch
     ov = [f"backbone={MODELS[model]}", f"steps={a.steps}", "device=cuda", f"height={a.height}", f"width={a.width}",
-          f"vae={a.vae}", "parallel=pipe", f"num_gpus={gpus}", f"parallel.schedule_block={str(a.schedule_block).lower()}",
+          f"vae={a.vae}", "mode=pipe", f"num_gpus={gpus}", f"mode.schedule_block={str(a.schedule_block).lower()}",
           "output.dir=/tmp"]
     if vae_blocks:
-        ov.append(f"parallel.vae_blocks=[{vae_blocks[0]:.3f},{vae_blocks[1]:.3f}]")
+        ov.append(f"mode.vae_blocks=[{vae_blocks[0]:.3f},{vae_blocks[1]:.3f}]")
     cfg = compose_config("config", ov)
     stats = launch(pipe_rank, (OmegaConf.to_container(cfg, resolve=True), a.frames),
                    devices=[f"cuda:{i}" for i in range(gpus)], timeout_s=120)[-1]

@@ -243,8 +243,8 @@ def provenance(rows: pd.DataFrame) -> list[str]:
 
 PAPER_SOURCES = {
     "fps": [f"paper: {paper.FPS_H100_SOURCE}; reference wheel: {paper.REFERENCE_WHEEL_SOURCE}",
-            "the paper's 2-4 GPU series use pipeline parallelism (`pipe` mode), which this project does not have "
-            "yet: listed for reference, not swept"],
+            "the paper's 2-4 GPU series use pipeline parallelism (`pipe` mode: add `mode=pipe num_gpus=N` on a "
+            "machine with N GPUs); listed for reference, not swept here"],
     "ttff": [f"paper: {paper.TTFF_SOURCE}"],
     "quality": [f"paper: {paper.QUALITY_SOURCE}"],
     "ablation": [f"paper: {paper.ABLATION_SOURCE}"],

@@ -74,7 +74,7 @@ def denoising_steps(cfg: DictConfig) -> list[int]:
 
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
-        height=cfg.height, width=cfg.width, mode=cfg.parallel.mode, denoising_steps=denoising_steps(cfg),
+        height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
         num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
         frames_per_block=cfg.frames_per_block,
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
@@ -153,8 +153,8 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
         from .parallel.build import build_stage_pipeline
         return build_stage_pipeline(cfg)
     if (cfg.get("num_gpus") or 1) != 1:
-        raise ValueError(f"parallel={pcfg.mode} runs on one GPU, num_gpus={cfg.num_gpus} was given; several GPUs "
-                         f"per stream is parallel=pipe (e.g. sdv2 eval -m parallel=pipe num_gpus=1,2,4)")
+        raise ValueError(f"mode={pcfg.mode} runs on one GPU, num_gpus={cfg.num_gpus} was given; several GPUs "
+                         f"per stream is mode=pipe (e.g. sdv2 eval -m mode=pipe num_gpus=1,2,4)")
     dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed)
     dit = apply_dit_precision(dit, cfg.get("dit_precision", "bf16"))  # after loading: names stay loadable
     if cfg.get("compile_kernels", False):

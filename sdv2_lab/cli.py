@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     from .stream.driver import stream_clip
 
     from .parallel.launch import launches
-    if launches(cfg):  # parallel=pipe on several GPUs: one process per stage (sdv2_lab/parallel/launch.py)
+    if launches(cfg):  # mode=pipe on several GPUs: one process per stage (sdv2_lab/parallel/launch.py)
         from .parallel.launch import run as run_pipe
         return run_pipe(cfg)
     check_config(cfg)
@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict:
     frames, in_fps, desc, count = input_frames(cfg)
     pipe = build_pipeline(cfg)
     dummy = pipe.weights_are_dummy
-    print(f"sdv2 run: {cfg.backbone.name} / vae {cfg.vae.name} / {cfg.parallel.mode} / {cfg.steps} step(s) / "
+    print(f"sdv2 run: {cfg.backbone.name} / vae {cfg.vae.name} / {cfg.mode.name} / {cfg.steps} step(s) / "
           f"{cfg.height}x{cfg.width} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}); input: {desc}")
     total = count if cfg.t2v else expected_output_frames(count, cfg)
     with VideoWriter(out_path, fps=cfg.fps) as writer, \

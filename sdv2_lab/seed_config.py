@@ -251,7 +251,7 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
     use_tensorrt = use_tensorrt or fast
     use_taehv = use_taehv or use_tensorrt
     device = str(device or default_device())
-    ov = [f"parallel={MODES[mode]}", f"steps={step}", f"height={height}", f"width={width}", f"fps={fps}",
+    ov = [f"mode={MODES[mode]}", f"steps={step}", f"height={height}", f"width={width}", f"fps={fps}",
           f"seed={seed}", f"noise_scale={noise_scale}", f"device={device}"]
     if checkpoint_folder is not None:
         layout = resolve_checkpoint_folder(checkpoint_folder, model_type, wan_folder=wan_folder, taehv=taehv,

@@ -120,15 +120,15 @@ def to_overrides(a) -> list[str]:
     if a.target_fps:
         ov.append(f"target_fps={a.target_fps}")
     if mode == "pipe":  # the DiT's blocks over --num_gpus GPUs (or --gpu_ids), one process each
-        ov = [o for o in ov if not o.startswith("parallel=")] + ["parallel=pipe"]
+        ov = [o for o in ov if not o.startswith("mode=")] + ["mode=pipe"]
         ids = [int(i) for i in str(a.gpu_ids).split(",") if i.strip()] if a.gpu_ids else []
         if ids and a.num_gpus and a.num_gpus != len(ids):
             raise SystemExit(f"run_v2v.sh pipe: --num_gpus {a.num_gpus} but --gpu_ids {a.gpu_ids} names {len(ids)}")
         ov.append(f"num_gpus={len(ids) or a.num_gpus or 2}")
         if ids:
-            ov.append(f"parallel.gpu_ids=[{','.join(map(str, ids))}]")
+            ov.append(f"mode.gpu_ids=[{','.join(map(str, ids))}]")
         if a.schedule_block:
-            ov.append("parallel.schedule_block=true")
+            ov.append("mode.schedule_block=true")
     return ov + list(a.overrides)
 
 

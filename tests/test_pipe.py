@@ -209,14 +209,14 @@ def test_sdv2_run_and_an_eval_sweep_over_single_and_pipe(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     small = ["height=32", "width=48"]
     sdv2 = str(Path(sys.executable).parent / "sdv2")
-    run = subprocess.run([sdv2, "run", "parallel=pipe", "num_gpus=2", *small,
+    run = subprocess.run([sdv2, "run", "mode=pipe", "num_gpus=2", *small,
                           "input.frames=21", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
                          timeout=300, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pipe: 2 stage(s), blocks [1, 1]" in run.stdout and "rank 1:" in run.stdout
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     assert timings["output_frames"] == 21 and timings["pipe_ranks"] == 2
-    sweep = subprocess.run([sdv2, "eval", "-m", "parallel=single,pipe", *small,
+    sweep = subprocess.run([sdv2, "eval", "-m", "mode=single,pipe", *small,
                             "logger=none", "metrics=none", "dataset.n=1", "eval.save_videos=0",
                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=600,
                            env=env, cwd=ROOT)

@@ -191,7 +191,7 @@ def test_cli_run_writes_video_and_timings(tmp_path):
 def test_pipe_mode_is_a_clear_error_not_a_silent_single_gpu_run():
     """Several stages need their processes (the front ends launch them): building one here says so."""
     from sdv2_lab.build import build_pipeline, compose_config
-    with pytest.raises(RuntimeError, match="parallel=pipe with 2 stages runs one process per GPU"):
-        build_pipeline(compose_config("config", ["parallel=pipe"]))
-    with pytest.raises(ValueError, match="parallel=single runs on one GPU"):
+    with pytest.raises(RuntimeError, match="mode=pipe with 2 stages runs one process per GPU"):
+        build_pipeline(compose_config("config", ["mode=pipe"]))
+    with pytest.raises(ValueError, match="mode=single runs on one GPU"):
         build_pipeline(compose_config("config", ["num_gpus=2"]))

@@ -130,6 +130,6 @@ def test_the_api_and_run_v2v_build_the_same_configuration(tiny_root):
     cli = compose_config("config", to_overrides(parse([
         "single-wo", "--checkpoint_folder", args["checkpoint_folder"], "--step", "1", "--height", "32",
         "--width", "48", "--device", "cpu", "--use_taehv"])))
-    for key in ("backbone", "vae", "text_encoder", "weights", "parallel", "steps", "height", "width",
+    for key in ("backbone", "vae", "text_encoder", "weights", "mode", "steps", "height", "width",
                 "noise_scale", "num_kv_cache", "sink_frames", "device"):
         assert api[key] == cli[key], key

@@ -16,7 +16,7 @@ def test_flags_and_env_become_overrides(monkeypatch, tmp_path):
                    "denoising_step_list: [700, 500, 400, 200, 0]\nlr: 0.1\n")
     ov = to_overrides(parse(["single-wo", "--height", "32", "--fps", "30", "--config_path", str(cfg),
                              "--prompt_file_path", "p.txt", "--device", "cpu", "seed=3"]))
-    assert "parallel=single_wo" in ov and "steps=3" in ov and "height=32" in ov and "fps=30" in ov
+    assert "mode=single_wo" in ov and "steps=3" in ov and "height=32" in ov and "fps=30" in ov
     assert f"output.dir='{tmp_path / 'o'}'" in ov and "output.name=output_000.mp4" in ov
     assert f"input.prompt_file='{Path.cwd() / 'p.txt'}'" in ov   # the caller's path, made absolute
     assert "noise_scale=0.7" in ov  # the reference's single-wo default
@@ -33,9 +33,9 @@ def test_checkpoint_selects_real_weights_umt5_and_device(tiny_root):
 
 def test_pipe_maps_to_stages_and_bad_flags_are_refused():
     ov = to_overrides(parse(["pipe", "--num_gpus", "3", "--schedule_block", "--device", "cpu"]))
-    assert {"parallel=pipe", "num_gpus=3", "parallel.schedule_block=true"} <= set(ov)
-    assert "parallel=single" not in ov
-    assert "parallel.gpu_ids=[2,3]" in to_overrides(parse(["pipe", "--gpu_ids", "2,3"]))
+    assert {"mode=pipe", "num_gpus=3", "mode.schedule_block=true"} <= set(ov)
+    assert "mode=single" not in ov
+    assert "mode.gpu_ids=[2,3]" in to_overrides(parse(["pipe", "--gpu_ids", "2,3"]))
     with pytest.raises(SystemExit, match="--num_gpus 3 but --gpu_ids"):
         to_overrides(parse(["pipe", "--num_gpus", "3", "--gpu_ids", "0,1"]))
     with pytest.raises(SystemExit):

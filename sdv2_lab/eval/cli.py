@@ -63,7 +63,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
 
     run_dir = Path(run_dir)
     from ..parallel.launch import launches
-    if launches(cfg):  # parallel=pipe on several GPUs: one process per stage, all on the same videos in lockstep
+    if launches(cfg):  # mode=pipe on several GPUs: one process per stage, all on the same videos in lockstep
         from ..parallel.launch import evaluate as evaluate_pipe
         return evaluate_pipe(cfg, run_dir, overrides)
     check_config(cfg)  # settings and weight files, then the dataset: all before any model is built

@@ -52,7 +52,7 @@ def config_choice(group: str, default: str) -> str:
 def config_columns(cfg: DictConfig) -> dict:
     """The configuration every row carries (what a sweep varies), as flat columns."""
     return {"backbone": cfg.backbone.name, "vae": cfg.vae.name, "vae_config": config_choice("vae", cfg.vae.name),
-            "attention": cfg.attention.name, "mode": cfg.parallel.mode, "num_gpus": gpus_per_stream(cfg),
+            "attention": cfg.attention.name, "mode": cfg.mode.name, "num_gpus": gpus_per_stream(cfg),
             "steps": int(cfg.steps),
             "streams": int(cfg.get("streams", 1)), "overlap": bool(cfg.get("overlap", False)),
             "height": int(cfg.height), "width": int(cfg.width), "num_kv_cache": int(cfg.num_kv_cache),
@@ -63,8 +63,8 @@ def config_columns(cfg: DictConfig) -> dict:
 
 
 def gpus_per_stream(cfg: DictConfig) -> int:
-    """GPUs one stream runs on: the pipe stages (parallel=pipe), else 1."""
-    if cfg.parallel.mode != "pipe":
+    """GPUs one stream runs on: the pipe stages (mode=pipe), else 1."""
+    if cfg.mode.name != "pipe":
         return 1
     from ..parallel.build import pipe_world
     return pipe_world(cfg)

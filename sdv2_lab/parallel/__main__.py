@@ -1,8 +1,8 @@
 """Ranks of a ``pipe`` job under torchrun (one process per GPU; torchrun sets RANK, WORLD_SIZE, MASTER_ADDR...):
 
-    python -m torch.distributed.run --nproc_per_node=2 -m sdv2_lab.parallel run parallel=pipe device=cuda \\
+    python -m torch.distributed.run --nproc_per_node=2 -m sdv2_lab.parallel run mode=pipe device=cuda \\
         input=file input.video=in.mp4 input.prompt="a watercolor painting" output.dir=out
-    python -m torch.distributed.run --nproc_per_node=2 -m sdv2_lab.parallel eval parallel=pipe device=cuda
+    python -m torch.distributed.run --nproc_per_node=2 -m sdv2_lab.parallel eval mode=pipe device=cuda
 
 ``SDV2_PIPE_DEVICES=cuda:2,cuda:3`` picks the devices (default cuda:<LOCAL_RANK>). ``eval`` writes to
 ``outputs/pipe/<torchrun's run id>`` unless ``SDV2_RUN_DIR`` names a folder.
@@ -23,19 +23,19 @@ def main(argv=None) -> None:
     from .launch import eval_rank, rank_main, run_rank
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     default_dir = os.path.join("outputs", "pipe", run_id)
-    if not any(o.startswith("parallel=") for o in overrides):
-        overrides = ["parallel=pipe"] + overrides
+    if not any(o.startswith("mode=") for o in overrides):
+        overrides = ["mode=pipe"] + overrides
     if command == "run" and not any(o.startswith("output.dir=") for o in overrides):
         overrides.append(f"output.dir={default_dir}")
     cfg = compose_config("config" if command == "run" else "eval", overrides)
     from omegaconf import OmegaConf
     container = OmegaConf.to_container(cfg, resolve=True)
-    timeout = float(cfg.parallel.get("timeout_s", 60))
+    timeout = float(cfg.mode.get("timeout_s", 60))
     if command == "run":
         fn, args = run_rank, (container,)
     else:
         fn, args = eval_rank, (container, os.environ.get("SDV2_RUN_DIR", default_dir), overrides)
-    rank_main(lambda: context.init_from_env(timeout), fn, args, None, cfg.parallel.get("threads"))
+    rank_main(lambda: context.init_from_env(timeout), fn, args, None, cfg.mode.get("threads"))
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def pipe_world(cfg: DictConfig) -> int:
-    """Stages asked for: ``parallel.gpu_ids`` (their count), else ``num_gpus`` (top level), else
-    ``parallel.num_gpus``."""
-    ids = cfg.parallel.get("gpu_ids")
+    """Stages asked for: ``mode.gpu_ids`` (their count), else ``num_gpus`` (top level), else
+    ``mode.num_gpus``."""
+    ids = cfg.mode.get("gpu_ids")
     if ids:
         return len(list(ids))
-    n = cfg.get("num_gpus") or cfg.parallel.get("num_gpus") or 1
+    n = cfg.get("num_gpus") or cfg.mode.get("num_gpus") or 1
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_gpus={n!r}: expected a positive integer (pipeline stages)")
     return n
@@ -33,18 +33,18 @@ def pipe_devices(cfg: DictConfig) -> list[str]:
     device = str(cfg.device)
     if not device.startswith("cuda"):
         return ["cpu"] * world
-    ids = list(cfg.parallel.get("gpu_ids") or [])
+    ids = list(cfg.mode.get("gpu_ids") or [])
     if not ids:
         base = int(device.split(":")[1]) if ":" in device else 0
         ids = list(range(base, base + world))
     if torch.cuda.is_available() and max(ids) >= torch.cuda.device_count():
-        raise RuntimeError(f"parallel=pipe needs GPUs {ids}, this machine has {torch.cuda.device_count()} "
-                           f"(num_gpus / parallel.gpu_ids)")
+        raise RuntimeError(f"mode=pipe needs GPUs {ids}, this machine has {torch.cuda.device_count()} "
+                           f"(num_gpus / mode.gpu_ids)")
     return [f"cuda:{i}" for i in ids]
 
 
 def options(cfg: DictConfig) -> PipeOptions:
-    p = cfg.parallel
+    p = cfg.mode
     debug = p.get("debug")
     debug = OmegaConf.to_container(debug, resolve=True) if OmegaConf.is_config(debug) else dict(debug or {})
     return PipeOptions(schedule_block=bool(p.get("schedule_block", False)), tolerance=float(p.get("tolerance", 0.05)),
@@ -56,9 +56,9 @@ def options(cfg: DictConfig) -> PipeOptions:
 
 def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
     """The VAE's encode and decode time per chunk in block-times (for the first split): from
-    ``parallel.vae_blocks``, or estimated from the FLOP model (the VAE runs at about half the DiT's FLOP rate:
+    ``mode.vae_blocks``, or estimated from the FLOP model (the VAE runs at about half the DiT's FLOP rate:
     measured on H100/H200, ~20% vs ~45% of peak). The block scheduler corrects it from measurements."""
-    given = cfg.parallel.get("vae_blocks", "auto")
+    given = cfg.mode.get("vae_blocks", "auto")
     if given not in (None, "auto"):
         enc, dec = (float(v) for v in given)
         return enc, dec
@@ -75,11 +75,11 @@ def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
 
 
 def initial_ranges(cfg: DictConfig, world: int, num_layers: int, steps: int) -> balance.Ranges:
-    split = cfg.parallel.get("split")
+    split = cfg.mode.get("split")
     if split:
         counts = list(split)
         if len(counts) != world:
-            raise ValueError(f"parallel.split={counts} has {len(counts)} entries for {world} stages")
+            raise ValueError(f"mode.split={counts} has {len(counts)} entries for {world} stages")
         return balance.check_ranges(balance.ranges_of(counts), num_layers)
     enc, dec = vae_blocks(cfg, steps)
     return balance.default_split(num_layers, world, enc, dec)
@@ -96,7 +96,7 @@ def build_stage_pipeline(cfg: DictConfig):
     world = pipe_world(cfg)
     if ctx is None and world > 1:
         raise RuntimeError(
-            f"parallel=pipe with {world} stages runs one process per GPU: `sdv2 run` / `sdv2 eval` / "
+            f"mode=pipe with {world} stages runs one process per GPU: `sdv2 run` / `sdv2 eval` / "
             f"run_video_to_video(mode='pipe') / ./run_v2v.sh pipe launch them, or run under torchrun: "
             f"python -m torch.distributed.run --nproc_per_node={world} -m sdv2_lab.parallel run <overrides>. "
             f"build_pipeline itself builds one stage, inside a launched rank (num_gpus=1: the whole model)")
@@ -109,11 +109,11 @@ def build_stage_pipeline(cfg: DictConfig):
     torch.manual_seed(cfg.seed)
     pcfg = pipeline_config(cfg).validate()
     if cfg.get("dit_precision", "bf16") != "bf16":
-        raise ValueError(f"parallel=pipe runs dit_precision=bf16 (the model dtype); {cfg.dit_precision} is not "
+        raise ValueError(f"mode=pipe runs dit_precision=bf16 (the model dtype); {cfg.dit_precision} is not "
                          f"supported with pipe yet")
     bcfg = backbone_config(cfg)
     if world > bcfg.num_layers:
-        raise ValueError(f"parallel=pipe with {world} stages needs at least {world} blocks; backbone "
+        raise ValueError(f"mode=pipe with {world} stages needs at least {world} blocks; backbone "
                          f"{bcfg.name} has {bcfg.num_layers}")
     ranges = initial_ranges(cfg, world, bcfg.num_layers, len(pcfg.step_list))
     first, end = ranges[rank]

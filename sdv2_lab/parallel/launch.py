@@ -160,11 +160,11 @@ def _rank_logging(rank: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- front ends
 def launches(cfg: DictConfig) -> bool:
-    """Whether this config needs pipe ranks launched from here: parallel=pipe on more than one stage, and this
+    """Whether this config needs pipe ranks launched from here: mode=pipe on more than one stage, and this
     process is not already one of them (one stage runs in process)."""
     from .build import pipe_world
     from .context import current
-    return cfg.parallel.mode == "pipe" and current() is None and pipe_world(cfg) > 1
+    return cfg.mode.name == "pipe" and current() is None and pipe_world(cfg) > 1
 
 
 def _container(cfg: DictConfig) -> dict:
@@ -198,12 +198,12 @@ def _restore_hydra(state: Optional[dict]) -> None:
 
 def _settings(cfg: DictConfig) -> dict:
     from .build import pipe_devices
-    p = cfg.parallel
+    p = cfg.mode
     return dict(devices=pipe_devices(cfg), timeout_s=float(p.get("timeout_s", 60)), threads=p.get("threads"))
 
 
 def run(cfg: DictConfig) -> dict:
-    """``sdv2 run parallel=pipe``: settings, files, input and output checked here, then one process per stage;
+    """``sdv2 run mode=pipe``: settings, files, input and output checked here, then one process per stage;
     returns the last rank's timings (with every rank's stage times)."""
     from ..cli import input_frames, read_prompt
     from ..io.files import check_output_file
@@ -268,7 +268,7 @@ def format_pipe(s: dict) -> str:
 
 
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Optional[list[str]] = None):
-    """``sdv2 eval parallel=pipe``: every rank evaluates the same videos in lockstep; the last records the rows
+    """``sdv2 eval mode=pipe``: every rank evaluates the same videos in lockstep; the last records the rows
     (with every rank's stage times and the bubble fraction) in ``run_dir``. Returns the rows."""
     import pandas as pd
 
@@ -305,14 +305,14 @@ def video_to_video(*, video_path, prompt, output_path, gpu_ids=None, num_gpus=No
     n = len(gpu_ids) if gpu_ids else (num_gpus or 2)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    ov = [o for o in seed_overrides(mode="single", device=device, **seed_args) if not o.startswith("parallel=")]
+    ov = [o for o in seed_overrides(mode="single", device=device, **seed_args) if not o.startswith("mode=")]
     out = Path(output_path).expanduser().absolute()
-    ov += ["parallel=pipe", f"num_gpus={n}", f"parallel.schedule_block={str(bool(schedule_block)).lower()}",
+    ov += ["mode=pipe", f"num_gpus={n}", f"mode.schedule_block={str(bool(schedule_block)).lower()}",
            "input=file", f"input.video={quote(Path(video_path).expanduser().absolute())}",
            f"input.prompt={quote(prompt)}", f"output.dir={quote(out.parent)}", f"output.name={quote(out.name)}",
            "output.timings=null"]
     if gpu_ids:
-        ov.append(f"parallel.gpu_ids=[{','.join(str(int(i)) for i in gpu_ids)}]")
+        ov.append(f"mode.gpu_ids=[{','.join(str(int(i)) for i in gpu_ids)}]")
     cfg = compose_config("config", ov + list(overrides or []))
     run(cfg)
     return str(out)

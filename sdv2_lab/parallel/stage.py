@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PipeOptions:
-    """``conf/parallel/pipe.yaml``, as the stage uses it."""
+    """``conf/mode/pipe.yaml``, as the stage uses it."""
     schedule_block: bool = False          # the block scheduler: measure stage times, move blocks between neighbours
     tolerance: float = 0.05               # ... until the slowest stage is within this of the mean
     balance_every: int = 8                # jobs per measurement window

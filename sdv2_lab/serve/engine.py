@@ -94,7 +94,7 @@ class Engine:
 
     def describe(self) -> dict:
         c = self.cfg
-        return {"model": c.backbone.name, "vae": c.vae.name, "mode": c.parallel.mode,
+        return {"model": c.backbone.name, "vae": c.vae.name, "mode": c.mode.name,
                 "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).replace("torch.", ""),
                 "height": self.height, "width": self.width, "first_chunk_frames": self.first_chunk,
                 "chunk_frames": 4 * self.pipe.cfg.frames_per_block,

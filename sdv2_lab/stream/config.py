@@ -56,7 +56,7 @@ class PipelineConfig:
         if self.target_fps is not None and not self.target_fps > 0:
             raise ValueError(f"target_fps must be positive or null, got {self.target_fps}")
         if self.target_fps is not None and self.mode == "pipe":
-            raise ValueError("target_fps (chunks that grow mid-stream) runs in single mode, not parallel=pipe")
+            raise ValueError("target_fps (chunks that grow mid-stream) runs in single mode, not mode=pipe")
         if not isinstance(self.max_streams, int) or self.max_streams < 1:
             raise ValueError(f"max_streams must be a positive integer, got {self.max_streams!r}")
         refresh, grow = self.position_refresh_frames, self.max_frames_per_chunk
