@@ -32,9 +32,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .units import FRAMES_PER_LATENT, tokens_per_latent_frame
+
 log = logging.getLogger(__name__)
 
-CHUNK = 4
 
 
 def _vae_label(cfg) -> str:
@@ -121,7 +122,7 @@ class StreamDiffusionV2Pipeline:
         self.mode, self.device, self.fps = mode, self.pipeline.device, fps
         self.height, self.width = height, width
         self.noise_scale = noise_scale
-        self.chunk_size = CHUNK * int(self.cfg.frames_per_block)
+        self.chunk_size = FRAMES_PER_LATENT * int(self.cfg.frames_per_block)
         self.num_steps = self.pipeline.num_steps
         self.profile = profile
         self._prompt: Optional[str] = None
@@ -201,13 +202,13 @@ class StreamDiffusionV2Pipeline:
         if total < 1 + self.chunk_size:
             raise ValueError(f"the video has {total} frame(s); the first chunk needs {1 + self.chunk_size} "
                              f"(1 + {self.chunk_size}): give a longer video")
-        S = (self.height // 16) * (self.width // 16)
+        S = tokens_per_latent_frame(self.height, self.width)
         chunks, start, end = [], 0, 1 + self.chunk_size
-        cs, ce = 0, S * (1 + self.chunk_size // CHUNK)
+        cs, ce = 0, S * (1 + self.chunk_size // FRAMES_PER_LATENT)
         while end <= total:
             chunks.append(VideoChunk(video[:, :, start:end], start, end, cs, ce))
             start, end = end, end + self.chunk_size
-            cs, ce = ce, ce + S * (self.chunk_size // CHUNK)
+            cs, ce = ce, ce + S * (self.chunk_size // FRAMES_PER_LATENT)
         return chunks
 
     def encode_chunk(self, input_video, chunk: VideoChunk, *, previous_noise_scale=None,
@@ -240,8 +241,7 @@ class StreamDiffusionV2Pipeline:
     def decode_chunk(self, chunk: DenoisedChunk) -> np.ndarray:
         """x0 latents -> frames [T, H, W, 3] float32 in [0, 1] (numpy)."""
         with torch.no_grad():
-            px = self.pipeline.decode_stage(chunk.denoised_pred)
-        return (px[0].float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+            return self.pipeline.decode_frames(chunk.denoised_pred).cpu().numpy()
 
     def flush(self) -> list[np.ndarray]:
         """The frames of the chunks still in the stream batch, as a list of [T, H, W, 3] arrays."""
@@ -280,7 +280,7 @@ def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_pat
     if gpu_ids:
         device = f"cuda:{gpu_ids[0]}"
     check_output_file(output_path, "output_path")
-    probe_video(video_path).check_length(1 + CHUNK, "video_path")
+    probe_video(video_path).check_length(1 + FRAMES_PER_LATENT, "video_path")
     pipe = StreamDiffusionV2Pipeline(checkpoint_folder, mode=mode, config_path=config_path, device=device,
                                      noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
                                      seed=seed, model_type=model_type, use_taehv=use_taehv,

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from .build import CONF_DIR  # noqa: E402
+from .build import CONF_DIR  # importing sdv2_lab sets the offline environment (sdv2_lab/__init__.py)
 
 log = logging.getLogger("sdv2")
 
@@ -86,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
     from .io.files import check_output_file
     from .io.video import VideoWriter
     from .preflight import check_config
-    from .stream.driver import stream_clip
+    from .stream.clips import stream_clip
 
     from .parallel.launch import launches
     if launches(cfg):  # mode=pipe on several GPUs: one process per stage (sdv2_lab/parallel/launch.py)

@@ -41,6 +41,6 @@ def latent_frames(video_frames: int, first: bool) -> int:
     return (video_frames - 1) // FRAMES_PER_LATENT + 1 if first else video_frames // FRAMES_PER_LATENT
 
 
-def to_unit(video: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] (the models' range) -> float32 in [0, 1] (files, metrics, screens)."""
-    return (video.float() * 0.5 + 0.5).clamp(0, 1)
+def to_unit(video: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pixels in [-1, 1] (the models' range) -> ``dtype`` in [0, 1] (files, metrics, screens, TAEHV's input)."""
+    return (video.to(dtype) * 0.5 + 0.5).clamp(0, 1)

@@ -12,8 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")   # we print where the offline run is and how to sync it
 
 import hydra  # noqa: E402

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from ..units import to_unit
+
 
 def synthetic_clip(frames: int = 33, height: int = 64, width: int = 96, *, velocity=(1.5, 2.0), seed: int = 0,
                    square: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +38,7 @@ def synthetic_clip(frames: int = 33, height: int = 64, width: int = 96, *, veloc
 def write_synthetic_clip(path, frames: int = 33, height: int = 64, width: int = 96, fps: float = 16, **kw):
     from .video import export_video
     video, motion = synthetic_clip(frames, height, width, **kw)
-    export_video((video.permute(1, 2, 3, 0) * 0.5 + 0.5), path, fps=fps)
+    export_video(to_unit(video.permute(1, 2, 3, 0)), path, fps=fps)
     return motion
 
 

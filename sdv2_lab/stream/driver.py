@@ -437,5 +437,3 @@ def frames_of(outs: list[ChunkOut], height: int, width: int, device) -> torch.Te
         return torch.empty(0, height, width, 3, device=device)
     return torch.cat([o.frames for o in outs])
 
-
-from .clips import stream_clip  # noqa: E402,F401  (the front ends' entry point lives in clips.py)

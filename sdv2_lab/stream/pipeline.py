@@ -26,7 +26,6 @@ from ..backbones.kv_cache import StreamKVCache
 from .config import PipelineConfig
 from .driver import Encoded, StreamDriver, frames_of, wait
 from .executor import DiTExecutor, build_executor
-from .noise_controller import NoiseControllerConfig  # noqa: F401  (part of the config's public surface)
 from .schedule import FlowMatchSchedule
 from .scheduler import MODES, Stream
 
@@ -159,8 +158,8 @@ class StreamPipeline:
         return x0
 
     @torch.no_grad()
-    def decode_stage(self, x0: torch.Tensor) -> torch.Tensor:
-        """x0 latents -> frames [1, T, 3, H, W] in [-1, 1] (the VAE's streaming decode)."""
+    def decode_frames(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 latents -> frames [T, H, W, 3] in [0, 1] (the VAE's streaming decode)."""
         out = self.driver.decode(self._require(), x0)
         wait([out])
-        return (out.frames * 2 - 1).permute(0, 3, 1, 2)[None]
+        return out.frames

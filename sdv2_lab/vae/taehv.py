@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoints import materialize, read_state_dict
+from ..units import to_unit
 from .registry import check_latents, check_video, register_vae
 from .wan_vae import StreamCache, WanVAE, WanVAEState
 
@@ -200,7 +201,7 @@ class TAEHVVAE(nn.Module):
             return self.wan.encode(state.wan, video)
         first = state.frames_in == 0
         check_video(video, first, self.temporal_stride, self.spatial_stride)
-        x = (video.to(self.taehv.encoder[0].weight.dtype) * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
+        x = to_unit(video, self.taehv.encoder[0].weight.dtype).transpose(1, 2)
         state.frames_in += video.shape[2]
         if first:  # frame 0 repeated to a group of 4 of its own -> its own latent
             x = torch.cat([x[:, :1].expand(-1, 3, -1, -1, -1), x], 1)
