@@ -13,41 +13,7 @@ from sdv2_lab.parallel.stage import PipeOptions, PipeStage
 from sdv2_lab.stream.clips import stream_clip, stream_clips
 from sdv2_lab.stream.config import PipelineConfig
 from sdv2_lab.stream.pipeline import StreamPipeline
-
-class PoolVAE(torch.nn.Module):
-    """The engine tests' stand-in VAE (``pipeline_oracle.PoolVAE``: Wan's frame arithmetic, state between calls),
-    without that module's imports of the reference (every spawned rank imports this file)."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.enc = torch.nn.Parameter(torch.randn(16, 3, generator=g) * 0.5, requires_grad=False)
-        self.dec = torch.nn.Parameter(torch.randn(3, 16, generator=g) * 0.3, requires_grad=False)
-
-    def new_state(self, batch_size=1):
-        return {"first_encode": True, "first_decode": True, "prev": None}
-
-    def encode(self, state, video):  # [B, 3, T, H, W] -> [B, F, 16, h, w]
-        first, state["first_encode"] = state["first_encode"], False
-        groups = [(video[:, :, :1], 1), (video[:, :, 1:], 4)] if first else [(video, 4)]
-        lat = []
-        for g, k in groups:
-            if g.shape[2]:
-                b, c, t, h, w = g.shape
-                x = g.reshape(b, c, t // k, k, h // 8, 8, w // 8, 8).float().mean(dim=(3, 5, 7))
-                lat.append(torch.einsum("oc,bcfhw->bfohw", self.enc.float(), x))
-        return torch.cat(lat, dim=1).to(video.dtype)
-
-    def decode(self, state, latents):  # [B, F, 16, h, w] -> [B, T, 3, H, W]
-        first, state["first_decode"] = state["first_decode"], False
-        x = latents.float()
-        if state["prev"] is not None:
-            x = x + 0.1 * state["prev"]
-        state["prev"] = latents[:, -1:].float()
-        px = torch.tanh(torch.einsum("oc,bfchw->bfohw", self.dec.float(), x))
-        reps = [1] + [4] * (px.shape[1] - 1) if first else [4] * px.shape[1]
-        px = torch.cat([px[:, i:i + 1].expand(-1, r, -1, -1, -1) for i, r in enumerate(reps)], dim=1)
-        return px.repeat_interleave(8, dim=3).repeat_interleave(8, dim=4).clamp(-1, 1)
+from stand_in_vae import PoolVAE
 
 
 def text_encoder():

@@ -9,7 +9,7 @@ import torch
 from sdv2_lab.backbones import kv_cache
 from sdv2_lab.backbones.kv_cache import CacheSpec
 from dit_oracle import TINY
-from pipeline_oracle import PoolVAE
+from stand_in_vae import PoolVAE
 from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
 from sdv2_lab.io.synthetic import synthetic_clip
