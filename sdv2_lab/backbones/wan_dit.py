@@ -439,37 +439,20 @@ class CausalWanDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: Optional[torch.Generator] = None, *, seed: Optional[int] = None,
                      parts: Optional[Sequence[str]] = None) -> None:
-        """Wan's init (xavier linears, small embeddings); used for dummy weights and tests.
+        """Wan's init (xavier linears, small embeddings), part by part; used for dummy weights and tests.
 
         With ``seed``, each part (``part_names``: the embeddings, every block, the head) draws from its own
         generator seeded by (seed, part name), on the part's device: a part's weights do not depend on which other
         parts exist, so a ``pipe`` stage makes exactly its own share of the full model's weights. ``parts``: the
         parts to initialise (default all)."""
-        if seed is not None:
-            for name in self.part_names():
-                if parts is not None and name not in parts:
-                    continue
-                module = self.get_submodule(name)
+        for name in self.part_names():
+            if parts is not None and name not in parts:
+                continue
+            module = self.get_submodule(name)
+            g = generator
+            if seed is not None:
                 g = torch.Generator(device=next(module.parameters()).device).manual_seed(part_seed(seed, name))
-                self._init_part(name, module, g)
-            return
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.cfg.dim, -1), generator=generator)
-        nn.init.zeros_(self.patch_embedding.bias)
-        for seq in (self.text_embedding, self.time_embedding):
-            for m in seq:
-                if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02, generator=generator)
-        for blk in self.blocks:
-            blk.modulation.normal_(generator=generator).div_(self.cfg.dim ** 0.5)
-        self.head.modulation.normal_(generator=generator).div_(self.cfg.dim ** 0.5)
+            self._init_part(name, module, g)
 
     def _init_part(self, name: str, module: nn.Module, g: torch.Generator) -> None:
         for m in module.modules():
