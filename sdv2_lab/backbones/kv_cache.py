@@ -140,6 +140,22 @@ def decide(spec: CacheSpec, global_end: int, local_end: int, rolling: Sequence[i
     return RowDecision(False, local, local - m, rolling_end if reg else None)
 
 
+@dataclass
+class RowPositions:
+    """One row's host-side position state (what ``decide`` reads), advanced call by call: the scheduler's mirror
+    of a row (which passes evict) and the config's dry run use it; the cache keeps the same per row."""
+    global_end: int = 0
+    local_end: int = 0
+    rolling: list = field(default_factory=list)
+
+    def advance(self, spec: CacheSpec, start: int, m: int, where: str = "row") -> RowDecision:
+        d = decide(spec, self.global_end, self.local_end, self.rolling, start, m, where)
+        self.global_end, self.local_end = start + m, d.local_end
+        if d.register is not None:
+            self.rolling.append(d.register)
+        return d
+
+
 class StreamKVCache:
     """Self-attention KV rows for layers ``[first_layer, first_layer + L)``, plus per-row cross-attention K/V."""
 

@@ -253,17 +253,9 @@ class PipeStage(DiTExecutor):
                 works = self.fwd_out.send([out, aux], f"activations of job {jid} slot {i}")
                 cur.release(after=tuple(works))
                 continue
-            a = self.meter.now()
-            v = self.dit.unpatchify(self.dit.head(out, e).flatten(1, 2), f, h, w)
-            x0 = self.schedule.velocity_to_x0(v, xt, tt[:, 0, None].expand(-1, f))
-            if i < n - 1:
-                renoised = self.schedule.add_noise(x0, nz, tt[:, 1, None].expand(-1, f))
-                self.meter.add("dit", a, self.meter.now())
-                self._doing(f"job {jid} slot {i}: sending re-noised latents to rank 0")
-                self.ret_out.send([renoised.contiguous()], f"the re-noised latents of job {jid} slot {i}")
-            else:
+            x0 = self._finish_unit(out, e, xt, tt, nz, f, h, w, i < n - 1, f"job {jid} slot {i}")
+            if i == n - 1:
                 outs = x0
-                self.meter.add("dit", a, self.meter.now())
             cur.release()
         if outs is None:
             outs = torch.empty((streams, *x.shape[1:]), device="meta", dtype=x.dtype)
@@ -307,15 +299,22 @@ class PipeStage(DiTExecutor):
             if not self.decodes:
                 cur.release(after=tuple(self.fwd_out.send([out, aux], f"activations of job {jid} pass {k}")))
                 continue
-            a = self.meter.now()
-            v = self.dit.unpatchify(self.dit.head(out, e).flatten(1, 2), f, h, w)
-            x0 = self.schedule.velocity_to_x0(v, xt, tt[:, 0, None].expand(-1, f))
-            if k < passes - 1:
-                renoised = self.schedule.add_noise(x0, nz, tt[:, 1, None].expand(-1, f))
-                self.ret_out.send([renoised.contiguous()], f"the re-noised latents of job {jid} pass {k}")
-            self.meter.add("dit", a, self.meter.now())
+            x0 = self._finish_unit(out, e, xt, tt, nz, f, h, w, k < passes - 1, f"job {jid} pass {k}")
             cur.release()
         return DiTResult(x0 if x0 is not None else torch.empty_like(x, device="meta"))
+
+    def _finish_unit(self, out, e, xt, tt, nz, f: int, h: int, w: int, renoise: bool, what: str):
+        """The last stage's end of a unit: head, velocity -> x0 and, unless the unit leaves (``renoise``), x0
+        re-noised to the next timestep and sent back to rank 0. Returns x0."""
+        a = self.meter.now()
+        v = self.dit.unpatchify(self.dit.head(out, e).flatten(1, 2), f, h, w)
+        x0 = self.schedule.velocity_to_x0(v, xt, tt[:, 0, None].expand(-1, f))
+        renoised = self.schedule.add_noise(x0, nz, tt[:, 1, None].expand(-1, f)) if renoise else None
+        self.meter.add("dit", a, self.meter.now())
+        if renoised is not None:
+            self._doing(f"{what}: sending re-noised latents to rank 0")
+            self.ret_out.send([renoised.contiguous()], f"the re-noised latents of {what}")
+        return x0
 
     def _throttle(self) -> None:
         """GPU: the host queues at most ``max_ahead`` jobs ahead of the device (it waits for an old job, never

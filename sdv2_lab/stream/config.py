@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..backbones.kv_cache import CacheSpec, decide
+from ..backbones.kv_cache import CacheSpec, RowPositions
 from ..units import check_resolution
 from .noise_controller import NoiseControllerConfig
 from .scheduler import MODES
@@ -83,16 +83,11 @@ class PipelineConfig:
         sizes = [1 if self.t2v else 1 + self.frames_per_block] + [self.frames_per_block] * (3 * self.num_kv_cache)
         if self.target_fps:
             sizes += [max(self.frames_per_block, self.num_kv_cache - self.sink_frames - 1)] * self.num_kv_cache
-        g = local = 0
-        rolling: list[int] = []
-        start = 0
+        row, start = RowPositions(), 0
         for f in sizes:
             if f > self.num_kv_cache:
                 raise ValueError(f"chunks of {f} latent frames do not fit a KV cache of {self.num_kv_cache} frames")
-            d = decide(spec, g, local, rolling, start, f, where="dry run")
-            g, local = start + f, d.local_end
-            if d.register is not None:
-                rolling.append(d.register)
+            row.advance(spec, start, f, where="dry run")
             start += f
             if self.position_refresh_frames and start >= self.position_refresh_frames:
                 start = self.num_kv_cache - 1

@@ -363,9 +363,9 @@ class StreamDriver:
         hold consecutive views of it (the steady state: no copy), else joined once."""
         ids, ring = self._last_ring
         n = len(streams[0].steps)
-        if ids == [s.id for s in streams] and all(
-                s.hidden.shape[0] == n and s.hidden.data_ptr() == ring[j * n].data_ptr() and s.hidden.shape == ring[:n].shape
-                for j, s in enumerate(streams)):
+        if ids == [s.id for s in streams] and all(s.hidden.data_ptr() == ring[j * n].data_ptr()
+                                                  and s.hidden.shape == ring[j * n:(j + 1) * n].shape
+                                                  for j, s in enumerate(streams)):
             return ring
         return torch.cat([s.hidden for s in streams])
 

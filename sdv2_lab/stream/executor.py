@@ -99,8 +99,9 @@ class DiTExecutor:
         next_x = renoised.unflatten(0, (-1, n)).roll(1, dims=1).flatten(0, 1)
         return slots[:, -1], next_x
 
-    def _call(self, job: DiTJob, x, t, pops) -> torch.Tensor:
-        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops)
+    def _call(self, job: DiTJob, x, t, pops, plan=None) -> torch.Tensor:
+        """One eager DiT call over the job's rows (with ``plan`` when it is already made)."""
+        plan = plan or self.dit.plan(x, self.cache, job.starts, job.rows, pops)
         v = self.dit.step(x, t, self.cache, plan)
         self.cache.commit(plan)
         return v
@@ -132,8 +133,7 @@ class CUDAGraphExecutor(DiTExecutor):
         g = self.graphs.get(key)
         if g is None and key not in self.seen:  # a new shape runs eagerly once (lazy inits, kernel plans), then
             self.seen.add(key)                   # its next call is captured
-            v = self.dit.step(x, t[:, None].expand(-1, x.shape[1]), self.cache, plan)
-            self.cache.commit(plan)
+            v = self._call(job, x, t[:, None].expand(-1, x.shape[1]), job.pops[0], plan)
             return DiTResult(*self.finish_step(job, v, x, t, noise))
         if g is None:
             g = self._capture(job, x, t, noise, plan)

@@ -141,10 +141,14 @@ class StreamPipeline:
         The first chunk of a stream denoises all steps at once (the reference's prepare)."""
         s = self._require()
         e = next((e for e in self._encoded if e.noisy is noisy), None)
-        if e is None:  # latents made elsewhere: this is the stream's next chunk
-            from .scheduler import Chunk
-            first = not s.calls and s.hidden is None if first is None else first
-            e = Encoded(Chunk(s, None, noisy.shape[1], first, True), noisy.to(self.device, self.dtype))
+        if e is None:  # latents made elsewhere: this is the stream's next chunk, as the scheduler counts them
+            c = self.driver.scheduler.noise_chunk(s)
+            if noisy.shape[1] != c.latent_frames:
+                raise ValueError(f"this stream's next chunk has {c.latent_frames} latent frame(s), the latents "
+                                 f"{tuple(noisy.shape)} have {noisy.shape[1]}")
+            e = Encoded(c, noisy.to(self.device, self.dtype))
+        if first is not None and first != e.chunk.first:
+            raise ValueError(f"first={first}, but this is the stream's {'first' if e.chunk.first else 'next'} chunk")
         if step is not None:
             e.step = torch.as_tensor(step, device=self.device)
         self._encoded = []
@@ -152,10 +156,7 @@ class StreamPipeline:
         (x0,) = self.driver.denoise(job, [e])
         emitted = job.emit[0]
         self.driver.scheduler.finished(job)
-        if not emitted:
-            return None
-        wait([])
-        return x0
+        return x0 if emitted else None
 
     @torch.no_grad()
     def decode_frames(self, x0: torch.Tensor) -> torch.Tensor:

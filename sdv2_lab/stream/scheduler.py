@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..backbones.kv_cache import CacheSpec, decide
+from ..backbones.kv_cache import CacheSpec, RowPositions
 from ..units import FRAMES_PER_LATENT
 
 
@@ -55,7 +55,6 @@ class Stream:
     pending_real: list[bool] = field(default_factory=list)  # slots 0..n-2 after a call: a real chunk still in flight?
     next_start: int = 0                      # virtual start token of the next chunk
     chunks_in: int = 0                       # chunks taken from the input (the first chunk included)
-    calls: int = 0                           # stream-batch calls after the first chunk
     shown: int = 0                           # finished chunks emitted
     buffer: list = field(default_factory=list)   # input pieces [3, t, H, W] not yet forming a chunk
     buffered: int = 0                        # frames in ``buffer``
@@ -69,9 +68,7 @@ class Stream:
     out_marks: list = field(default_factory=list)    # target_fps: when the first outputs appeared
     # single-wo: the reference's pass counter and a host mirror of the stream's KV row (which passes evict)
     passes_left: int = 0
-    row_global_end: int = 0
-    row_local_end: int = 0
-    row_rolling: list = field(default_factory=list)
+    row: RowPositions = field(default_factory=RowPositions)
     closed: bool = False
 
     @property
@@ -285,15 +282,11 @@ class Scheduler:
         chunks, so after the chunk where the cache becomes full the pop falls on a chunk's first pass."""
         m, n, pops = frames * self.frame_tokens, len(s.steps), []
         for _ in range(n):
-            d = decide(self.kv, s.row_global_end, s.row_local_end, s.row_rolling, start, m, where=f"stream {s.id}")
             pop = False
-            if d.evict:
+            if s.row.advance(self.kv, start, m, where=f"stream {s.id}").evict:
                 pop = s.passes_left <= 1
                 s.passes_left = n if pop else s.passes_left - 1
             pops.append(pop)
-            s.row_global_end, s.row_local_end = start + m, d.local_end
-            if d.register is not None:
-                s.row_rolling.append(d.register)
         return pops
 
     def _batch_job(self, chunks: list[Chunk]) -> DiTJob:
@@ -304,7 +297,6 @@ class Scheduler:
             s.starts = [start] + s.starts[:-1]
             slots_real = [c.real] + s.pending_real
             s.pending_real = slots_real[:-1]
-            s.calls += 1
             leaving = slots_real[-1]
             if leaving and s.hide_next_output:
                 s.hide_next_output = False  # as the reference's t2v loop: its first stream-batch output is not shown
