@@ -87,10 +87,20 @@ class StepPlan:
     row_index: torch.Tensor                # [B] int64 on device: the pool rows
     start_frames: torch.Tensor             # [B] int64 on device: RoPE temporal offset of each row
     append_start: torch.Tensor             # [B] int64 on device (rows that append)
-    evict_mask: torch.Tensor               # [B] bool on device
-    pop_mask: torch.Tensor                 # [B] bool on device
+    evict_flag: torch.Tensor               # [B] int64 on device, 1 = the row evicts
+    pop_flag: torch.Tensor                 # [B] int64 on device, 1 = the evicting row rotates its ring
     register_val: torch.Tensor             # [B] int64 on device, 0 = nothing to register
     new_rolling: list[Optional[int]] = field(default_factory=list)
+
+    # The masks are made where they are used: every device fact of a plan is a view of its one buffer, so a
+    # CUDA graph that captured a call reads the next call's plan from there (a mask made here would be baked in).
+    @property
+    def evict_mask(self) -> torch.Tensor:
+        return self.evict_flag != 0
+
+    @property
+    def pop_mask(self) -> torch.Tensor:
+        return self.pop_flag != 0
 
     def select(self, rows: slice) -> "StepPlan":
         """The part of this plan for some of its batch rows (a slice of the call's batch, e.g. ``slice(i, None, n)``:
@@ -105,8 +115,8 @@ class StepPlan:
                        row_range=(picked[0], picked[0] + len(picked)) if consecutive else None,
                        kv_lens=None if self.kv_lens is None else part(self.kv_lens),
                        row_index=part(self.row_index), start_frames=part(self.start_frames),
-                       append_start=part(self.append_start), evict_mask=part(self.evict_mask),
-                       pop_mask=part(self.pop_mask), register_val=part(self.register_val),
+                       append_start=part(self.append_start), evict_flag=part(self.evict_flag),
+                       pop_flag=part(self.pop_flag), register_val=part(self.register_val),
                        new_rolling=part(self.new_rolling))
 
 
@@ -352,7 +362,7 @@ class StreamKVCache:
                         kv_lens=out[6] if any(x != max_len for x in new_local) else None,
                         refresh_check=spec.sink_frames > 0 and spec.refresh_threshold > -1 and m <= spec.frame_tokens,
                         row_index=out[0], start_frames=out[1], append_start=out[2], register_val=out[3],
-                        evict_mask=out[4].bool(), pop_mask=out[5].bool(), new_rolling=new_rolling)
+                        evict_flag=out[4], pop_flag=out[5], new_rolling=new_rolling)
 
     def update(self, layer: int, plan: StepPlan, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this layer's new (post-RoPE) keys and values; return the keys/values to attend over.

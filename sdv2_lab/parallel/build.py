@@ -51,7 +51,8 @@ def options(cfg: DictConfig) -> PipeOptions:
                        balance_every=int(p.get("balance_every", 8)), max_ahead=int(p.get("max_ahead", 3)),
                        depth=int(p.get("depth", 2)),
                        rebalance_at={int(k): list(v) for k, v in (debug.get("rebalance_at") or {}).items()},
-                       fail=debug.get("fail"), slow=debug.get("slow"))
+                       fail=debug.get("fail"), slow=debug.get("slow"), cuda_graph=bool(cfg.get("cuda_graph", False)),
+                       emulate_graphs=bool(debug.get("emulate_graphs", False)))
 
 
 def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
@@ -132,8 +133,6 @@ def build_stage_pipeline(cfg: DictConfig):
     stage = PipeStage(dit, cache, ctx=ctx, ranges=ranges, options=options(cfg))
     if ctx is not None:
         ctx.health.role = stage.role
-    if cfg.get("cuda_graph", False) and device.type == "cuda":
-        log.info("pipe: stages run eagerly (cuda_graph applies to single mode)")
     log.info("pipe stage %d/%d on %s: %s (split %s)", rank, world, device, stage.role, balance.counts_of(ranges))
     pipe = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype, executor=stage)
     stage.attach(pipe.driver)

@@ -11,6 +11,11 @@ posted for a new receive only after the work reading it was queued on the curren
 NCCL stream after the current one), so no host sync is needed. On CPU (gloo) a wait polls the work, checking
 ``Health`` so that a failed or silent peer ends the job within the timeout with a message naming it.
 
+Host-staged links (``staged``: GPUs without NCCL between them, e.g. several stages sharing one GPU, which NCCL
+refuses): tensors go through pinned host memory over gloo. A send copies out and waits for that copy (a host
+sync per message: a transport for checking and for odd machines, not for speed); a receive lands in host memory
+and is copied to the device when waited for.
+
 Message order is what matches sends to receives (NCCL ignores tags): both ends of a link issue their
 operations in the same order, which the lockstep schedule guarantees. Every link has a process group of its
 own (r -> r+1, and the way back from the last stage to the first), so that operations on different links
@@ -74,17 +79,30 @@ def wait_work(op: Optional[Op], health: Optional[Health], peer: int, what: str) 
     op.done = True
 
 
+class CopyDone:
+    """A device copy out of a staging buffer, as a completion the pool can ask about."""
+    __slots__ = ("event",)
+
+    def __init__(self):
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def is_completed(self) -> bool:
+        return self.event.query()
+
+
 @dataclass
 class Buffer:
     tensor: torch.Tensor
-    busy: list = field(default_factory=list)   # sends still reading it
+    busy: list = field(default_factory=list)   # sends (or staging copies) still reading it
+    host: Optional[torch.Tensor] = None        # staged links: the pinned host buffer the receive lands in
 
 
 class BufferPool:
     """Receive buffers by (shape, dtype): reused once given back and once no send reads them."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, staged: bool = False):
+        self.device, self.staged = device, staged
         self.free: dict[tuple, list[Buffer]] = {}
         self.allocated = 0
 
@@ -96,7 +114,8 @@ class BufferPool:
                 b.busy.clear()
                 return pool.pop(i)
         self.allocated += 1
-        return Buffer(torch.empty(key[0], dtype=dtype, device=self.device))
+        host = torch.empty(key[0], dtype=dtype, pin_memory=True) if self.staged else None
+        return Buffer(torch.empty(key[0], dtype=dtype, device=self.device), host=host)
 
     def give(self, buf: Buffer) -> None:
         self.free.setdefault((tuple(buf.tensor.shape), buf.tensor.dtype), []).append(buf)
@@ -113,6 +132,10 @@ class Pending:
         if not self.done:
             for w in self.works:
                 wait_work(w, self.link.health, self.link.peer, self.what)
+            for b in self.bufs:
+                if b.host is not None:   # staged: host -> device, the host buffer busy until that copy ran
+                    b.tensor.copy_(b.host, non_blocking=True)
+                    b.busy.append(CopyDone())
             self.done = True
         return [b.tensor for b in self.bufs]
 
@@ -127,10 +150,10 @@ class Pending:
 
 class Link:
     def __init__(self, peer: int, group, tag: int, device: torch.device, health: Optional[Health], name: str,
-                 depth: int = 2, pool: Optional[BufferPool] = None):
+                 depth: int = 2, pool: Optional[BufferPool] = None, staged: bool = False):
         self.peer, self.group, self.tag, self.device = peer, group, tag, device
-        self.health, self.name, self.depth = health, name, depth
-        self.pool = pool or BufferPool(device)
+        self.health, self.name, self.depth, self.staged = health, name, depth, staged
+        self.pool = pool or BufferPool(device, staged)
         self.outbox: deque = deque()           # (works, tensors) of sends in flight
         self.posted: deque = deque()           # Pending receives not yet waited (drained at the end)
         self.sent = self.received = 0
@@ -144,6 +167,8 @@ class Link:
                 wait_work(w, self.health, self.peer, f"to send {w_what} to rank {self.peer}")
         works = []
         tensors = [t.contiguous() for t in tensors]   # kept alive in the outbox until the send completed
+        if self.staged:
+            tensors = stage_out(tensors)
         for t in tensors:
             works.append(Op(dist.isend(t, self.peer, group=self.group, tag=self.tag), t.device.type == "cpu"))
             self.bytes_sent += t.numel() * t.element_size()
@@ -156,8 +181,8 @@ class Link:
         bufs, works = [], []
         for shape, dtype in specs:
             b = self.pool.take(shape, dtype)
-            works.append(Op(dist.irecv(b.tensor, self.peer, group=self.group, tag=self.tag),
-                            b.tensor.device.type == "cpu"))
+            into = b.host if b.host is not None else b.tensor
+            works.append(Op(dist.irecv(into, self.peer, group=self.group, tag=self.tag), into.device.type == "cpu"))
             bufs.append(b)
         p = Pending(self, bufs, works, f"to receive {what} from rank {self.peer}")
         self.posted.append(p)
@@ -174,3 +199,11 @@ class Link:
                 wait_work(w, self.health, self.peer, f"to send {what} to rank {self.peer}")
         while self.posted:
             self.posted.popleft().wait()
+
+
+def stage_out(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Device tensors -> pinned host copies, complete when this returns (a staged link's send)."""
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    if any(t.device.type == "cuda" for t in tensors):
+        torch.cuda.current_stream().synchronize()
+    return host

@@ -3,7 +3,7 @@
 * ``launch(fn, args, devices=[...])``: spawned processes (``torch.multiprocessing``, spawn) around a TCPStore
   that the launcher owns (process groups and heartbeats); returns every rank's return value. A rank that
   raises or stops answering ends the job: the others stop, stragglers are killed, and ``PipeError`` says which
-  rank and what it was doing. NCCL on GPUs, gloo on CPU.
+  rank and what it was doing. NCCL on GPUs, gloo on CPU (and for GPUs that share: ``transport``).
 * ``python -m torch.distributed.run --nproc_per_node=N -m sdv2_lab.parallel run|eval <overrides>``: the same
   ranks under torchrun (``__main__.py``).
 * Front ends: ``run(cfg)`` (``sdv2 run``), ``evaluate(cfg, run_dir)`` (``sdv2 eval``), ``video_to_video(...)``
@@ -35,9 +35,12 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- the launcher
 def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: float = 60.0,
-           threads: Optional[int] = None, grace_s: float = 5.0) -> list:
-    """Run ``fn(*args)`` on ``len(devices)`` ranks (rank r on ``devices[r]``); returns each rank's result."""
+           threads: Optional[int] = None, grace_s: float = 5.0, transport: str = "auto") -> list:
+    """Run ``fn(*args)`` on ``len(devices)`` ranks (rank r on ``devices[r]``); returns each rank's result.
+    ``transport``: nccl, host (GPU tensors through host memory: several ranks on one GPU) or auto."""
+    from .context import resolve_transport
     world = len(devices)
+    transport = resolve_transport(transport, devices)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=max(120.0, 2 * timeout_s)))
     health = dist.PrefixStore("sdv2", store)
@@ -46,7 +49,8 @@ def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: flo
         threads = max(1, (os.cpu_count() or 1) // world)
     mp = _mp_context()
     procs = [mp.Process(target=_spawned, name=f"sdv2-pipe-rank{r}",
-                        args=(r, world, store.port, devices[r], timeout_s, threads, fn, args, str(tmp / f"{r}.pt")))
+                        args=(r, world, store.port, devices[r], timeout_s, threads, fn, args, str(tmp / f"{r}.pt"),
+                              transport))
              for r in range(world)]
     try:
         for p in procs:
@@ -114,11 +118,11 @@ def _stop(procs, grace_s: float) -> None:
             p.join(timeout=5)
 
 
-def _spawned(rank, world, port, device, timeout_s, threads, fn, args, out_path) -> None:
+def _spawned(rank, world, port, device, timeout_s, threads, fn, args, out_path, transport="nccl") -> None:
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=300))
     from . import context
     rank_main(lambda: context.init(rank, world, device, store, timeout_s=timeout_s,
-                                   health_store=dist.PrefixStore("sdv2", store)),
+                                   health_store=dist.PrefixStore("sdv2", store), transport=transport),
               fn, args, out_path, threads, fallback_store=dist.PrefixStore("sdv2", store))
 
 
@@ -199,7 +203,8 @@ def _restore_hydra(state: Optional[dict]) -> None:
 def _settings(cfg: DictConfig) -> dict:
     from .build import pipe_devices
     p = cfg.mode
-    return dict(devices=pipe_devices(cfg), timeout_s=float(p.get("timeout_s", 60)), threads=p.get("threads"))
+    return dict(devices=pipe_devices(cfg), timeout_s=float(p.get("timeout_s", 60)), threads=p.get("threads"),
+                transport=str(p.get("transport", "auto")))
 
 
 def run(cfg: DictConfig) -> dict:

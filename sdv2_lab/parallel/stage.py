@@ -43,12 +43,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..stream.executor import DiTExecutor, DiTResult
+from ..stream.executor import CUDAGraphExecutor, DiTExecutor, DiTResult
 from ..stream.scheduler import DiTJob
 from ..stream.timing import Clock
 from . import balance
-from .comm import TAG_FWD, TAG_MOVE, TAG_RET, BufferPool, Link, Op, wait_work
+from .comm import TAG_FWD, TAG_MOVE, TAG_RET, BufferPool, Link, Op, stage_out, wait_work
 from .context import PipeContext
+from .graphs import UnitGraphs
 from .meter import StageMeter
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class PipeOptions:
     balance_every: int = 8                # jobs per measurement window
     max_ahead: int = 3                    # GPU: jobs the host may queue ahead of the device
     depth: int = 2                        # messages in flight per link (double buffering)
+    cuda_graph: bool = False              # GPU: stream-batch units replayed from CUDA graphs (parallel/graphs.py)
+    emulate_graphs: bool = False          # tests: the graphs' keying and static buffers, emulated on CPU
     rebalance_at: dict = field(default_factory=dict)   # tests: {job number: blocks per stage}, forced moves
     fail: Optional[dict] = None           # tests: {"rank": r, "job": k, "how": "raise" | "hang" | "freeze"}
     slow: Optional[dict] = None           # tests: {"rank": r, "ms_per_block": x}, a slower device
@@ -94,11 +97,18 @@ class PipeStage(DiTExecutor):
         self._ahead: deque = deque()
         self._measured_from = 0
         self._warm = 0
+        self.staged = ctx is not None and ctx.staged
+        graphs = self.opts.cuda_graph and cache.device.type == "cuda"
+        # one stage: the whole job as single mode runs it (graphed or not); several: units, graphed per unit
+        self._whole = CUDAGraphExecutor(dit, cache, self.schedule) if graphs and self.world == 1 else None
+        self.unit_graphs = UnitGraphs(dit, cache, emulate=not graphs) \
+            if self.world > 1 and (graphs or self.opts.emulate_graphs) else None
+        self._plan_bufs: dict[tuple, torch.Tensor] = {}
         self.links: list[Link] = []
         if self.world > 1:
-            pool = BufferPool(cache.device)
+            pool = BufferPool(cache.device, self.staged)
             mk = lambda peer, group, tag, name: Link(peer, group, tag, cache.device, self.health, name,  # noqa: E731
-                                                     self.opts.depth, pool)
+                                                     self.opts.depth, pool, self.staged)
             self.fwd_in = mk(self.rank - 1, ctx.link_groups[self.rank - 1], TAG_FWD, "activations in") \
                 if self.rank > 0 else None
             self.fwd_out = mk(self.rank + 1, ctx.link_groups[self.rank], TAG_FWD, "activations out") \
@@ -138,8 +148,11 @@ class PipeStage(DiTExecutor):
         ctx = self.dit.prompt_context(embedding).contiguous() if self.encodes else \
             torch.empty(shape, dtype=self.act, device=self.device)
         self._doing("receiving a prompt's context from rank 0" if not self.encodes else "sending a prompt's context")
-        work = dist.broadcast(ctx, src=0, group=self.ctx.world_group, async_op=True)
-        wait_work(Op(work, ctx.device.type == "cpu"), self.health, 0, "for a prompt's context (broadcast from rank 0)")
+        wire = stage_out([ctx])[0] if self.staged else ctx
+        work = dist.broadcast(wire, src=0, group=self.ctx.world_group, async_op=True)
+        wait_work(Op(work, wire.device.type == "cpu"), self.health, 0, "for a prompt's context (broadcast from rank 0)")
+        if wire is not ctx:
+            ctx.copy_(wire)
         self.dit.set_context(self.cache, ctx, rows)
 
     def reset_rows(self, rows: list[int]) -> None:
@@ -164,18 +177,26 @@ class PipeStage(DiTExecutor):
         self.meter.start_job(self.jobs)
         if x.dtype != self.act and self.world > 1:
             raise ValueError(f"pipe: latents are {x.dtype} but the DiT computes in {self.act}; use one dtype")
-        if self.world == 1:   # one stage: the whole model, one unit per job (the eager executor's path)
+        if self.world == 1:   # one stage: the whole model, one unit per job (single mode's path)
             a = self.meter.now()
-            result = super().run(job, x, t, noise)
+            result = self._whole.run(job, x, t, noise) if self._whole is not None else super().run(job, x, t, noise)
             self.meter.add("dit", a, self.meter.now())
             return result
         result = self._stream_batch(job, x, t, noise) if job.stream_batch else self._all_steps(job, x, t, noise)
         self._throttle()
         return result
 
-    def _plan(self, x, job: DiTJob, pops) -> object:
-        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops)
-        self.cache.commit(plan)   # host mirrors only: the device work follows unit by unit
+    def _plan(self, x, job: DiTJob, pops, static: bool = False) -> object:
+        """The job's plan (host decisions; the device work follows unit by unit). ``static`` (graphed units):
+        one shape while the cache fills, in a buffer per row set that the graphs read."""
+        buf = None
+        if static:
+            key = tuple(job.rows)
+            buf = self._plan_bufs.get(key)
+            if buf is None:
+                buf = self._plan_bufs[key] = torch.zeros(7, len(job.rows), dtype=torch.long, device=self.device)
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, out=buf, static=static)
+        self.cache.commit(plan)   # host mirrors only
         return plan
 
     def _geometry(self, x):
@@ -188,10 +209,16 @@ class PipeStage(DiTExecutor):
         S, D = self.cache.spec.frame_tokens, self.dit.cfg.dim
         return [((b, f * S, D), self.act), ((aux_size(b, f, D, x.shape[2:], self.act),), self.act)]
 
-    def _blocks(self, tokens, e0, plan, f, h, w):
-        rope = self.dit._rope(plan.start_frames, f, h, w, tokens.device)
+    def _blocks(self, tokens, e0, plan, f, h, w, graph_key: Optional[tuple] = None):
+        """This stage's blocks over one unit; ``graph_key`` (stream-batch units): replayed from a CUDA graph."""
         a = self.meter.now()
-        out = self.dit.run_blocks(tokens, e0, rope, self.cache, plan, self.first_layer, self.end_layer)
+        if graph_key is not None and self.unit_graphs is not None:
+            out = self.unit_graphs.run(graph_key, tokens, e0, plan, f, h, w, self.first_layer, self.end_layer)
+            if not self.decodes:
+                out = out.clone()   # sent on: the graph's next replay overwrites its output
+        else:
+            rope = self.dit._rope(plan.start_frames, f, h, w, tokens.device)
+            out = self.dit.run_blocks(tokens, e0, rope, self.cache, plan, self.first_layer, self.end_layer)
         if self.opts.slow and int(self.opts.slow.get("rank", -1)) == self.rank:
             time.sleep(float(self.opts.slow["ms_per_block"]) * (self.end_layer - self.first_layer) / 1e3)
         b = self.meter.now()
@@ -202,7 +229,7 @@ class PipeStage(DiTExecutor):
         streams, rows = len(job.streams), len(job.rows)
         n = rows // streams
         f, h, w = self._geometry(x)
-        plan = self._plan(x, job, job.pops[0])
+        plan = self._plan(x, job, job.pops[0], static=self.unit_graphs is not None)
         jid = self.jobs
         if self.encodes:
             a = self.meter.now()
@@ -229,7 +256,7 @@ class PipeStage(DiTExecutor):
                 self.meter.add("dit", a, self.meter.now())
                 tt = torch.stack([t[sl], t_next[sl]], dim=1)
                 aux = pack(tt, e0[sl], e[sl], x[sl], noise[sl], self.act)
-                out = self._blocks(tokens, e0[sl], plan.select(sl), f, h, w)
+                out = self._blocks(tokens, e0[sl], plan.select(sl), f, h, w, (tuple(job.rows), i))
                 self._doing(f"job {jid} slot {i}: sending activations to rank 1")
                 self.fwd_out.send([out, aux], f"activations of job {jid} slot {i}")
             for s in job.streams:
@@ -248,7 +275,7 @@ class PipeStage(DiTExecutor):
             tokens, aux = cur.wait()
             tt, e0, e, xt, nz = unpack(aux, streams, f, self.dit.cfg.dim, x.shape[2:], self.act)
             self._doing(f"job {jid} slot {i}: blocks {self.first_layer}-{self.end_layer - 1}")
-            out = self._blocks(tokens, e0, plan.select(sl), f, h, w)
+            out = self._blocks(tokens, e0, plan.select(sl), f, h, w, (tuple(job.rows), i))
             if not self.decodes:
                 works = self.fwd_out.send([out, aux], f"activations of job {jid} slot {i}")
                 cur.release(after=tuple(works))
@@ -376,7 +403,7 @@ class PipeStage(DiTExecutor):
             return
         owner_old = [r for r, (s, e) in enumerate(old) for _ in range(s, e)]
         owner_new = [r for r, (s, e) in enumerate(new) for _ in range(s, e)]
-        ops, incoming, outgoing = [], {}, []
+        ops, incoming, outgoing, landed = [], {}, [], []
         self._doing(f"job {self.jobs}: moving blocks {balance.counts_of(old)} -> {balance.counts_of(new)}")
         for layer, (a, b) in enumerate(zip(owner_old, owner_new)):
             if a == b or self.rank not in (a, b):
@@ -385,20 +412,27 @@ class PipeStage(DiTExecutor):
             if self.rank == a:
                 tensors = [v.contiguous() for v in blk.state_dict().values()]
                 tensors += list(self.cache.layer_state(layer).values())
+                if self.staged:
+                    tensors = stage_out(tensors)
                 ops += [dist.P2POp(dist.isend, t_, b, self.ctx.world_group, TAG_MOVE) for t_ in tensors]
                 outgoing.append(layer)
             else:
                 blk.to_empty(device=self.device).to(self.act)
                 state = self.cache.empty_layer_state()
                 tensors = list(blk.state_dict().values()) + list(state.values())
-                ops += [dist.P2POp(dist.irecv, t_, a, self.ctx.world_group, TAG_MOVE) for t_ in tensors]
+                wires = [torch.empty(t_.shape, dtype=t_.dtype, pin_memory=True) for t_ in tensors] \
+                    if self.staged else tensors
+                ops += [dist.P2POp(dist.irecv, w_, a, self.ctx.world_group, TAG_MOVE) for w_ in wires]
+                landed += [(t_, w_) for t_, w_ in zip(tensors, wires) if w_ is not t_]
                 incoming[layer] = state
         if ops:
-            host = self.device.type == "cpu"
+            host = self.device.type == "cpu" or self.staged
             peers = sorted({op.peer for op in ops})
             for w in dist.batch_isend_irecv(ops):
                 wait_work(Op(w, host), self.health, peers[0], f"for blocks handed over with rank(s) {peers} "
                           f"(block scheduler)")
+        for t_, w_ in landed:
+            t_.copy_(w_)
         for layer in incoming:
             self.dit.blocks[layer].self_attn.fuse_qkv()
         first, end = new[self.rank]
@@ -409,6 +443,8 @@ class PipeStage(DiTExecutor):
             blk.self_attn.__dict__.pop("_fused", None)
             blk.to("meta")
         self.ranges, self.first_layer, self.end_layer = new, first, end
+        if self.unit_graphs is not None:   # the graphs hold the old blocks and cache tensors
+            self.unit_graphs.clear()
         self.rebalances.append((self.jobs, balance.counts_of(new)))
         self._measured_from = self.jobs
 
@@ -432,6 +468,9 @@ class PipeStage(DiTExecutor):
         collective: every rank calls it at the same point)."""
         mine = self.meter.summary(skip=self._warm)
         mine.update(rank=self.rank, blocks=self.end_layer - self.first_layer)
+        g = self.unit_graphs or self._whole
+        if g is not None:
+            mine.update(graph_replays=g.replays, graph_captures=g.captures)
         if self.world == 1:
             everyone = [mine]
         else:
@@ -442,7 +481,7 @@ class PipeStage(DiTExecutor):
                "pipe_rebalances": len(self.rebalances)}
         for d in everyone:
             r = d["rank"]
-            for k in ("stage_ms", "blocks_ms", "encode_ms", "decode_ms", "bubble"):
+            for k in ("stage_ms", "blocks_ms", "encode_ms", "decode_ms", "bubble", "graph_replays", "graph_captures"):
                 if d.get(k) is not None:
                     out[f"pipe_{k}_r{r}"] = d[k]
         bubbles = [d["bubble"] for d in everyone if d.get("bubble") is not None]
