@@ -9,7 +9,10 @@
   velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised ring
   stays in the graph's input buffer, so the next call only writes each stream's new chunk into its row 0. Shapes
   are static (while the cache fills, attention spans the whole cache with the unwritten part masked): one graph
-  while the cache fills, one once it is full, each captured after one eager call of its shape.
+  while the cache fills, one once it is full, each captured after one eager call of its shape. Every per-call
+  fact the graph reads is in the plan's one device buffer, rewritten before each replay. ``emulate`` (CPU tests):
+  a replay re-runs the captured call with the objects of its capture, so what a real graph would bake in stale
+  is stale there too.
 * ``pipe`` stages (a contiguous layer range and its part of the cache on each GPU) implement the same
   interface (``sdv2_lab/parallel``).
 
@@ -112,15 +115,17 @@ class CUDAGraphExecutor(DiTExecutor):
     name = "cuda_graph"
     max_graphs = 4
 
-    def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None):
+    def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None,
+                 emulate: bool = False):
         super().__init__(dit, cache, schedule)
+        self.emulate = emulate
         self.graphs: OrderedDict = OrderedDict()
         self.plan_buffers: dict[tuple, torch.Tensor] = {}
         self.seen: set = set()
         self.captures = self.replays = 0
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
-        if x.device.type != "cuda":
+        if x.device.type != "cuda" and not self.emulate:
             return super().stream_batch(job, x, t, noise)
         key_rows = tuple(job.rows)
         buf = self.plan_buffers.get(key_rows)
@@ -145,7 +150,7 @@ class CUDAGraphExecutor(DiTExecutor):
             g.x.copy_(x)
         g.t.copy_(t)
         g.noise.copy_(noise)
-        g.graph.replay()
+        g.graph() if self.emulate else g.graph.replay()
         self.replays += 1
         self.cache.commit(plan)
         return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the ring is meant to be reused
@@ -153,14 +158,21 @@ class CUDAGraphExecutor(DiTExecutor):
     def _capture(self, job, x, t, noise, plan):
         g = _Graph(x=x.clone(), t=t.clone(), noise=noise.clone())
         g.out = torch.empty((len(job.streams), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        torch.cuda.current_stream().synchronize()
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph):  # records only: the replay after it performs this call
+
+        def step():
             v = self.dit.step(g.x, g.t[:, None].expand(-1, x.shape[1]), self.cache, plan)
             out, next_x = self.finish_step(job, v, g.x, g.t, g.noise)
             g.out.copy_(out)
             g.x.copy_(next_x)
+
         self.captures += 1
+        if self.emulate:
+            g.graph = step
+            return g
+        torch.cuda.current_stream().synchronize()
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph):  # records only: the replay after it performs this call
+            step()
         log.info("captured a CUDA graph of the DiT step for rows %s, input %s", job.rows, tuple(x.shape))
         return g
 
