@@ -11,12 +11,14 @@ order: blocks of the first model, vae, equality, blocks of the other models, gpu
 (give it 180 s; a shorter limit still leaves the sections done).
 
 1. **blocks**: per model (1.3B, 14B at 480x832), the DiT job of ONE stream-batch row (what a pipe stage runs
-   per unit: a job of n steps is n such units) with a full KV cache, eager (stages run eagerly), for a model
+   per unit: a job of n steps is n such units) with a full KV cache, replayed from a CUDA graph as the stages run
+   their units (``--eager-stages``: eager, host-bound at ~3 ms a block), for a model
    cut to 2 and to 6 blocks of the real width: per block = (T6 - T2) / 4, embed + head + x0 = T2 - 2 per block;
    activation bytes per unit = F x S x D x 2. Also the whole n-row job (what one stage runs when W = 1).
 2. **vae**: steady-state encode and decode of one 4-frame chunk (the configured VAE, its production path).
 3. **equality**: the whole pipeline streamed, ``mode=pipe num_gpus=1`` against ``mode=single`` with the
-   same settings (eager DiT, no overlap), twice each, alternating; mean steady-state FPS; PASS within 5%.
+   same settings (CUDA graphs unless ``--eager-stages``, no overlap), twice each, alternating; mean steady-state
+   FPS; PASS within 5%.
 4. **gpus** (when that many GPUs are visible): ``mode=pipe num_gpus=N`` streamed (one process per GPU,
    NCCL), measured FPS, per-rank stage times, bubble, split; link bandwidth measured GPU 0 -> 1.
 
@@ -76,7 +78,7 @@ def bench_blocks(model: str, a) -> dict:
     full = backbone_config(cfg)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     common = dict(height=a.height, width=a.width, device=torch.device(a.device), dtype=dtype, warmup=3,
-                  iters=a.iters, num_kv=6, sink=3, threshold=0.2, graph=False)
+                  iters=a.iters, num_kv=6, sink=3, threshold=0.2, graph=not a.eager_stages)
     t = {}
     for k in (2, 6):
         part = replace(full, name=f"{full.name}-{k}", num_layers=k)
@@ -136,7 +138,7 @@ def stream(cfg_overrides: list[str], a) -> dict:
 def bench_equality(a) -> dict:
     """single, pipe, single, pipe (drift in the machine cancels in the means)."""
     base = [f"backbone={MODELS[a.equality_model]}", f"steps={a.steps}", f"device={a.device}", f"height={a.height}",
-            f"width={a.width}", f"vae={a.vae}", "cuda_graph=false", "overlap=false"]
+            f"width={a.width}", f"vae={a.vae}", f"cuda_graph={str(not a.eager_stages).lower()}", "overlap=false"]
     keys = ("steady_fps", "e2e_fps", "dit_fps", "encode_fps", "decode_fps", "ttff_s")
     runs = {"single": [], "pipe_1": []}
     for name, ov in (("single", ["mode=single"]), ("pipe_1", ["mode=pipe", "num_gpus=1"])) * 2:
@@ -181,11 +183,12 @@ def pipe_rank(container: dict, frames: int) -> dict:
     return stats
 
 
-def bench_gpus(model: str, gpus: int, a, vae_blocks=None) -> dict:
+def bench_gpus(model: str, gpus: int, a, vae_blocks=None, schedule: bool = False) -> dict:
     from omegaconf import OmegaConf
     from sdv2_lab.parallel.launch import launch
     ov = [f"backbone={MODELS[model]}", f"steps={a.steps}", "device=cuda", f"height={a.height}", f"width={a.width}",
-          f"vae={a.vae}", "mode=pipe", f"num_gpus={gpus}", f"mode.schedule_block={str(a.schedule_block).lower()}",
+          f"vae={a.vae}", "mode=pipe", f"num_gpus={gpus}", f"mode.schedule_block={str(schedule).lower()}",
+          f"cuda_graph={str(not a.eager_stages).lower()}",
           "output.dir=/tmp"]
     if vae_blocks:
         ov.append(f"mode.vae_blocks=[{vae_blocks[0]:.3f},{vae_blocks[1]:.3f}]")
@@ -208,13 +211,16 @@ def main():
     p.add_argument("--vae", default="wan")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--frames", type=int, default=65, help="frames streamed in the equality and multi-GPU runs")
-    p.add_argument("--equality-model", default="1.3B")
+    p.add_argument("--equality-model", default=None, help="default: the first of --models")
     p.add_argument("--skip", default="", help="sections to skip: blocks,vae,equality,gpus")
     p.add_argument("--gpus", default="2,4,8", help="pipe stage counts to run when that many GPUs are visible")
-    p.add_argument("--schedule-block", action="store_true", help="multi-GPU runs with the block scheduler on")
+    p.add_argument("--schedule-block", default="off", choices=["off", "on", "both"],
+                   help="multi-GPU runs with the block scheduler off, on, or each")
+    p.add_argument("--eager-stages", action="store_true", help="stages without CUDA graphs (times and runs)")
     p.add_argument("--link-gbps", type=float, default=None, help="assumed GPU-GPU bandwidth when not measured")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    a.equality_model = a.equality_model or a.models.split(",")[0]
     torch.backends.cudnn.benchmark = True
     skip = set(filter(None, a.skip.split(",")))
     gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
@@ -267,9 +273,10 @@ def main():
         if not b:
             continue
         one = OneGPU(layers=b["layers"], steps=a.steps, block_ms=b["block_ms_per_job"],
+                     batched_block_ms=b["block_ms_batched_job"],
                      encode_ms=vae.get("encode_ms", 0.0), decode_ms=vae.get("decode_ms", 0.0),
-                     embed_ms=0.5 * b["embed_head_ms_per_unit"] * a.steps,
-                     head_ms=0.5 * b["embed_head_ms_per_unit"] * a.steps,
+                     embed_ms=0.5 * max(0.0, b["embed_head_ms_per_unit"]) * a.steps,
+                     head_ms=0.5 * max(0.0, b["embed_head_ms_per_unit"]) * a.steps,
                      act_bytes=b["act_bytes_per_unit"], link_gbps=link or 200.0)
         measured = {}
         if res.get("equality") and m == a.equality_model:
@@ -278,10 +285,12 @@ def main():
             if "gpus" in skip or g > visible:
                 continue
             vb = (one.encode_ms / one.block_ms, one.decode_ms / one.block_ms) if one.block_ms > 0 else None
-            got = section(f"pipe {m} x{g}", lambda g=g: bench_gpus(m, g, a, vb))
-            if got:
-                res["measured"][f"{m} x{g}"] = got
-                measured[g] = got.get("steady_fps")
+            for sched in {"off": [False], "on": [True], "both": [False, True]}[a.schedule_block]:
+                name = f"{m} x{g}" + (" block scheduler" if sched else "")
+                got = section(f"pipe {name}", lambda g=g, sched=sched: bench_gpus(m, g, a, vb, sched))
+                if got:
+                    res["measured"][name] = dict(got, gpus=g, model=m, steps=a.steps, schedule_block=sched)
+                    measured[g] = max(measured.get(g) or 0.0, got.get("steady_fps") or 0.0)
         entry = dict(model=m, vae=vae.get("vae", a.vae), predictor=one.__dict__, measured_fps=measured,
                      predicted_fps={g: round(predict(one, g).fps, 2) for g in (1, 2, 4, 8) if g <= one.layers})
         res["models"].append(entry)
@@ -291,7 +300,8 @@ def main():
                     one, measured=measured))
     eq = res.get("equality")
     if eq:
-        print(f"\npipe with 1 stage vs single ({eq['model']}, {a.steps} steps, eager; runs single, pipe, single, pipe):"
+        print(f"\npipe with 1 stage vs single ({eq['model']}, {a.steps} steps, "
+              f"{'eager' if a.eager_stages else 'CUDA graphs'}; runs single, pipe, single, pipe):"
               f" steady FPS {eq['pipe_1']['steady_fps']:.2f} vs {eq['single']['steady_fps']:.2f} -> ratio "
               f"{eq['ratio_pipe1_to_single']:.3f}: {eq['verdict']} (within 5%)")
     save()

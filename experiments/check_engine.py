@@ -1,6 +1,6 @@
 """GPU checks of the stream engine that the CPU tests cannot make (CUDA streams, CUDA graphs, bf16 on the GPU).
 
-    python experiments/check_engine.py [--backbone wan_1_3b --height 480 --width 832 --frames 41]
+    python experiments/check_engine.py [--backbone wan_1_3b --steps 2 --height 480 --width 832 --frames 41]
 
 1. overlap on (encode / DiT / decode on three CUDA streams) gives the same frames as overlap off, bit for bit;
 2. the CUDA-graph executor gives the eager executor's frames within bf16 tolerance;
@@ -19,7 +19,7 @@ from sdv2_lab.stream.clips import stream_clips
 
 
 def run(a, clips, overlap=True, graph=True, streams=1, seeds=None):
-    ov = [f"backbone={a.backbone}", "steps=2", "device=cuda", f"height={a.height}", f"width={a.width}",
+    ov = [f"backbone={a.backbone}", f"steps={a.steps}", "device=cuda", f"height={a.height}", f"width={a.width}",
           f"vae={a.vae}", f"overlap={'true' if overlap else 'false'}", f"cuda_graph={'true' if graph else 'false'}",
           f"streams={streams}"]
     pipe = build_pipeline(compose_config("config", ov))
@@ -39,6 +39,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="wan_1_3b")
     p.add_argument("--vae", default="wan")
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=41)

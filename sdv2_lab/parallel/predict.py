@@ -40,6 +40,7 @@ class OneGPU:
     link_latency_us: float = 20.0
     frames_per_chunk: int = 4
     streams: int = 1
+    batched_block_ms: float = 0.0  # one block over the whole n-row job at once (what one stage runs); 0: n units
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Prediction:
 def predict(m: OneGPU, gpus: int) -> Prediction:
     n = m.steps
     if gpus == 1:
-        t = m.encode_ms + m.embed_ms + m.layers * m.block_ms + m.head_ms + m.decode_ms
+        t = m.encode_ms + m.embed_ms + m.layers * (m.batched_block_ms or m.block_ms) + m.head_ms + m.decode_ms
         return Prediction(1, [m.layers], [t], t, m.frames_per_chunk * m.streams / t * 1e3, 0.0, "stage 0")
     overhead = [0.0] * gpus
     overhead[0] += m.encode_ms + m.embed_ms
