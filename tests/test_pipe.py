@@ -244,3 +244,17 @@ def test_sdv2_run_and_an_eval_sweep_over_single_and_pipe(tmp_path):
     pipe_row = rows[rows["mode"] == "pipe"].iloc[0]
     assert pipe_row["num_gpus"] == 2 and pipe_row["pipe_ranks"] == 2 and 0 <= pipe_row["pipe_bubble"] < 1
     assert pipe_row["output_frames"] == rows[rows["mode"] == "single"].iloc[0]["output_frames"]
+
+
+def test_transport_is_host_staged_when_gpus_repeat():
+    """NCCL refuses two ranks on one GPU: auto picks the host-staged transport then, and asking for NCCL there is
+    a clear error; CPU ranks and distinct GPUs keep NCCL (gloo on CPU regardless)."""
+    from sdv2_lab.parallel.context import resolve_transport
+    assert resolve_transport("auto", ["cuda:0", "cuda:0"]) == "host"
+    assert resolve_transport("auto", ["cuda:0", "cuda:1"]) == "nccl"
+    assert resolve_transport("auto", ["cpu", "cpu"]) == "nccl"
+    assert resolve_transport("host", ["cuda:0", "cuda:1"]) == "host"
+    with pytest.raises(ValueError, match="NCCL refuses two ranks on one GPU"):
+        resolve_transport("nccl", ["cuda:0", "cuda:1", "cuda:0"])
+    with pytest.raises(ValueError, match="expected auto, nccl or host"):
+        resolve_transport("tcp", ["cpu"])
