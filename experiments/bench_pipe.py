@@ -186,15 +186,16 @@ def pipe_rank(container: dict, frames: int) -> dict:
 def bench_gpus(model: str, gpus: int, a, vae_blocks=None, schedule: bool = False) -> dict:
     from omegaconf import OmegaConf
     from sdv2_lab.parallel.launch import launch
-    ov = [f"backbone={MODELS[model]}", f"steps={a.steps}", "device=cuda", f"height={a.height}", f"width={a.width}",
-          f"vae={a.vae}", "mode=pipe", f"num_gpus={gpus}", f"mode.schedule_block={str(schedule).lower()}",
+    gpu = a.device.startswith("cuda")
+    ov = [f"backbone={MODELS[model]}", f"steps={a.steps}", f"device={'cuda' if gpu else 'cpu'}", f"height={a.height}",
+          f"width={a.width}", f"vae={a.vae}", "mode=pipe", f"num_gpus={gpus}", f"mode.schedule_block={str(schedule).lower()}",
           f"cuda_graph={str(not a.eager_stages).lower()}",
           "output.dir=/tmp"]
     if vae_blocks:
         ov.append(f"mode.vae_blocks=[{vae_blocks[0]:.3f},{vae_blocks[1]:.3f}]")
     cfg = compose_config("config", ov)
     stats = launch(pipe_rank, (OmegaConf.to_container(cfg, resolve=True), a.frames),
-                   devices=[f"cuda:{i}" for i in range(gpus)], timeout_s=120)[-1]
+                   devices=[f"cuda:{i}" if gpu else "cpu" for i in range(gpus)], timeout_s=120)[-1]
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
             if k.startswith("pipe_") or k in ("steady_fps", "e2e_fps", "ttff_s", "latency_p95_ms")}
 
@@ -218,6 +219,8 @@ def main():
                    help="multi-GPU runs with the block scheduler off, on, or each")
     p.add_argument("--eager-stages", action="store_true", help="stages without CUDA graphs (times and runs)")
     p.add_argument("--link-gbps", type=float, default=None, help="assumed GPU-GPU bandwidth when not measured")
+    p.add_argument("--cpu-ranks", type=int, default=0, help="--device cpu: run the gpus section on up to this "
+                   "many CPU processes (a smoke test of this script)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     a.equality_model = a.equality_model or a.models.split(",")[0]
@@ -260,9 +263,9 @@ def main():
     if "equality" not in skip:
         res["equality"] = section("equality", lambda: bench_equality(a))
     blocks(models[1:])
-    visible = torch.cuda.device_count() if a.device.startswith("cuda") else 0
+    visible = torch.cuda.device_count() if a.device.startswith("cuda") else a.cpu_ranks
     link = a.link_gbps
-    if visible >= 2 and "gpus" not in skip:
+    if visible >= 2 and "gpus" not in skip and a.device.startswith("cuda"):
         link = section("link", lambda: round(link_gbps(), 1)) or link
         res["link_gbps_measured"] = link
     res["measured"] = {}
