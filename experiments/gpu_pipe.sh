@@ -7,7 +7,8 @@
 #            GPU run; steps = 1.3B at 2-4 steps; 14b = 14B at 1 and 2 steps (the reference hangs at exit at 2);
 #            square = 512x512.
 #   1 GPU:   what one GPU can check of pipe mode: several stages sharing it (check_pipe_gpu.py: the graphed units,
-#            block moves and exit on the GPU), the engine's checks at 3 steps, and bench_pipe.py's one-GPU numbers.
+#            block moves and exit on the GPU), the engine's checks at 3 steps, and bench_pipe.py's one-GPU numbers;
+#            PIPE_PART=predict: the predictor's inputs with TAEHV, at 512x512 and at 4 steps.
 #   bash experiments/gpu_pipe.sh            -> $OUT/*.json, $OUT/*.txt; then experiments/pipe_report.py $OUT
 set -u
 BUDGET=${PIPE_BUDGET:-570}
@@ -47,6 +48,13 @@ if [ "$G" -ge 2 ]; then
         --height 512 --width 512 --frames 65 --json "$OUT/ours_${m}_1_512x512.json"
     done ;;
   esac
+elif [ "$PART" = predict ]; then   # one GPU: the predictor's inputs for other VAEs, sizes and step counts
+  step pred_taehv_full 150 python3 experiments/bench_pipe.py --models 1.3B,14B --steps 1 --vae taehv_full \
+    --skip equality --json "$OUT/pred_1step_480x832_taehv_full.json"
+  step pred_512 150 python3 experiments/bench_pipe.py --models 1.3B,14B --steps 1 --height 512 --width 512 \
+    --skip equality --json "$OUT/pred_1step_512x512_wan.json"
+  step pred_4step 150 python3 experiments/bench_pipe.py --models 1.3B,14B --steps 4 --skip equality \
+    --json "$OUT/pred_4step_480x832_wan.json"
 else
   step check_pipe_gpu 330 python3 experiments/check_pipe_gpu.py --steps 1,3 --frames 65 --json "$OUT/check_pipe_gpu.json"
   step check_engine 80 python3 experiments/check_engine.py --steps 3 --frames 41
