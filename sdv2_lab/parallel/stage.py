@@ -26,6 +26,9 @@ and the patch embedding runs over the whole job's batch with the unit's rows in 
 its algorithm by batch size). Random numbers are drawn only on rank 0, in the driver's order, and the
 re-noise of each row travels with its activations.
 
+On GPUs each stage replays its blocks for a stream-batch unit from a CUDA graph (``graphs.py``; an eager block
+is host-bound), with the job's plan static in a buffer per row set; first chunks run eagerly.
+
 Messages, in order on each link (receives are posted by shape: the lockstep tells every rank what comes):
 forward ``[tokens [B, F*S, D], aux]`` with ``aux`` = (t, t_next) | e0 | e | x_t | noise packed in the
 activation dtype; back (last -> first) the re-noised latents ``[B, F, C, h, w]`` of slots 0..n-2.
