@@ -16,11 +16,12 @@ PART=${PIPE_PART:-core}
 source experiments/gpu_common.sh
 G=$(nvidia-smi -L | wc -l)
 echo "GPUs visible: $G, part: $PART"
-ref_pipe() {   # ref_pipe GPUS MODEL STEPS CHUNKS [--schedule_block]
+ref_pipe() {   # ref_pipe GPUS MODEL STEPS CHUNKS [--schedule_block]   (REF_SIZE=512x512: another frame size)
   local g=$1; shift
   [ "$g" -le "$G" ] || return 0
-  step "ref_pipe_${g}gpu_$1_$2${4:+_sched}" 150 python3 -m torch.distributed.run --standalone --nproc_per_node=$g \
-    .refbench/ref_pipe_bench.py "$@"
+  local size=${REF_SIZE:-480x832}
+  step "ref_pipe_${g}gpu_$1_$2${4:+_sched}_${size}" 150 python3 -m torch.distributed.run --standalone \
+    --nproc_per_node=$g experiments/ref_pipe_sized.py ${size%x*} ${size#*x} .refbench/ref_pipe_bench.py "$@"
 }
 if [ "$G" -ge 2 ]; then
   GL=2; [ "$G" -ge 4 ] && GL=2,4
@@ -46,6 +47,7 @@ if [ "$G" -ge 2 ]; then
     for m in 1.3B 14B; do
       step ours_${m}_1_512 200 python3 experiments/bench_pipe.py --models $m --equality-model $m --steps 1 --gpus $GL \
         --height 512 --width 512 --frames 65 --json "$OUT/ours_${m}_1_512x512.json"
+      for g in 2 4; do REF_SIZE=512x512 ref_pipe $g $m 1 16; done
     done ;;
   esac
 elif [ "$PART" = predict ]; then   # one GPU: the predictor's inputs for other VAEs, sizes and step counts

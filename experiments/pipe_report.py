@@ -58,10 +58,10 @@ def collect(out: Path) -> dict:
                              gpu=d.get("gpu")))
     for f in sorted(out.glob("ref_pipe_*.txt")):
         got, code = json_line(f)
-        m = re.match(r"ref_pipe_(\d+)gpu_([\d.]+B)_(\d+)(_sched)?", f.stem)
+        m = re.match(r"ref_pipe_(\d+)gpu_([\d.]+B)_(\d+)(_sched)?(?:_(\d+x\d+))?$", f.stem)
         if m:
             ref_pipe.append(dict(gpus=int(m[1]), model=m[2], steps=int(m[3]), schedule_block=bool(m[4]),
-                                 result=got, exit=code))
+                                 size=m[5] or "480x832", result=got, exit=code))
     for f in sorted(out.glob("ref_single_*.txt")):
         got, code = json_line(f)
         if got:
@@ -77,11 +77,11 @@ def table(data: dict) -> str:
     lines = ["| model | size | steps | GPUs | block scheduler | ours FPS | × our 1 GPU | TTFF s | stage ms per rank | "
              "bubble | split | predicted FPS | reference pipe FPS (e2e / its log) | paper (H100) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    refs = {(r["model"], r["steps"], r["gpus"], r["schedule_block"]): r for r in data["ref_pipe"]}
+    refs = {(r["model"], r["size"], r["steps"], r["gpus"], r["schedule_block"]): r for r in data["ref_pipe"]}
     for o in sorted(data["ours"], key=lambda o: (o["model"], o["size"], o["steps"], o["gpus"], o["schedule_block"])):
-        r = refs.get((o["model"], o["steps"], o["gpus"], o["schedule_block"])) if o["size"] == "480x832" else None
+        r = refs.get((o["model"], o["size"], o["steps"], o["gpus"], o["schedule_block"]))
         if r is None:
-            ref = "not run" if o["size"] == "480x832" else "— (480×832 only)"
+            ref = "not run"
         elif r["result"] is None:
             ref = f"no result (exit {r['exit']}{': timed out, hung?' if r['exit'] == 124 else ''})"
         else:

@@ -19,7 +19,7 @@ def test_report_joins_ours_the_reference_and_the_paper(tmp_path):
     (tmp_path / "ours_1.3B_1_480x832.json").write_text(json.dumps(ours))
     (tmp_path / "ref_pipe_2gpu_1.3B_1.txt").write_text(
         "log\n" + json.dumps(dict(end_to_end_fps=30.0, logged_avg_fps=35.5, model="1.3B", steps=1)) + "\nexit 0\n")
-    (tmp_path / "ref_pipe_2gpu_1.3B_1_sched.txt").write_text("Traceback ...\nexit 124\n")
+    (tmp_path / "ref_pipe_2gpu_1.3B_1_sched_480x832.txt").write_text("Traceback ...\nexit 124\n")
     (tmp_path / "ref_single_1.3B_1.txt").write_text(json.dumps(dict(model="1.3B", steps=1, end_to_end_fps=12.6)))
     text = pipe_report.table(pipe_report.collect(tmp_path))
     rows = [r for r in text.splitlines() if r.startswith("| 1.3B")]
