@@ -39,9 +39,9 @@ def test_jobs_equal_the_pre_engine_call_sequence(case, monkeypatch):
     calls = []
     original = kv_cache.StreamKVCache.plan
 
-    def plan(self, starts, num_tokens, rows=None, pop=None, out=None, static=False):
-        p = original(self, starts, num_tokens, rows, pop, out, static)
-        calls.append({"rows": list(p.rows), "starts": list(p.starts), "tokens": num_tokens, "evict": list(p.evict),
+    def plan(self, *args, **kwargs):
+        p = original(self, *args, **kwargs)
+        calls.append({"rows": list(p.rows), "starts": list(p.starts), "tokens": p.num_tokens, "evict": list(p.evict),
                       "pop": [bool(x) for x in p.pop_mask.tolist()]})
         return p
 

@@ -177,6 +177,7 @@ class StreamKVCache:
         self.first_layer, self.end_layer = layers if layers is not None else (0, spec.num_layers)
         if not 0 <= self.first_layer < self.end_layer <= spec.num_layers:
             raise ValueError(f"layer range {layers} outside [0, {spec.num_layers})")
+        self._static_plans: dict[tuple, torch.Tensor] = {}   # row set -> the device buffer of its static plans
         self._alloc(rows)
 
     def _alloc(self, rows: int) -> None:
@@ -319,13 +320,13 @@ class StreamKVCache:
 
     # ------------------------------------------------------------------ per-call protocol
     def plan(self, starts: Sequence[int], num_tokens: int, rows: Optional[Sequence[int]] = None,
-             pop: Optional[Sequence[bool]] = None, out: Optional[torch.Tensor] = None,
-             static: bool = False) -> StepPlan:
+             pop: Optional[Sequence[bool]] = None, static: bool = False) -> StepPlan:
         """Decide, on the host, what this call does to each row. ``starts``: virtual start token per row;
         ``rows``: pool rows (default 0..B-1); ``pop``: whether an evicting row rotates its ring (default yes);
-        ``out``: a [7, B] int64 device buffer to hold the plan (a captured CUDA graph reads it from there);
-        ``static``: while the cache fills, attend over the whole cache with per-row lengths masking what is not
-        written yet (one shape for every call, so a CUDA graph can replay the filling calls too)."""
+        ``static`` (for CUDA graphs): while the cache fills, attend over the whole cache with per-row lengths
+        masking what is not written yet (one shape for every call), and keep the plan's device facts in one
+        buffer per row set, rewritten by each call: a graph captured on one call reads the next call's plan
+        there (an earlier static plan of the same rows sees the new values)."""
         spec, m = self.spec, num_tokens
         rows = list(range(len(starts))) if rows is None else [int(r) for r in rows]
         pop = [True] * len(rows) if pop is None else [bool(p) for p in pop]
@@ -347,14 +348,16 @@ class StreamKVCache:
         max_len = spec.size if static else max(new_local)
         frames = [int(c) // spec.frame_tokens for c in starts]
         pops = [int(e and p) for e, p in zip(evict, pop)]
-        # One small host->device copy per call, from pinned memory so it does not block the host, into a
-        # buffer that stays at one address when the caller owns it (CUDA-graph replay).
+        # One small host->device copy per call, from pinned memory so it does not block the host.
         packed = torch.tensor([rows, frames, append_start, register, [int(x) for x in evict], pops, new_local],
                               dtype=torch.long)
         if self.device.type == "cuda":
             packed = packed.pin_memory()
-        if out is None or tuple(out.shape) != tuple(packed.shape):
+        out = self._static_plans.get(tuple(rows)) if static else None
+        if out is None:
             out = torch.empty(packed.shape, dtype=torch.long, device=self.device)
+            if static:
+                self._static_plans[tuple(rows)] = out
         out.copy_(packed, non_blocking=True)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         return StepPlan(rows=rows, num_tokens=m, starts=[int(c) for c in starts], evict=evict, new_local_end=new_local,

@@ -403,7 +403,7 @@ class CausalWanDiT(nn.Module):
                              f"was built for {cache.spec.frame_tokens} (check height/width against the VAE stride 8)")
 
     def plan(self, x: torch.Tensor, cache: StreamKVCache, starts: Sequence[int], rows: Optional[Sequence[int]] = None,
-             pop: Optional[Sequence[bool]] = None, out: Optional[torch.Tensor] = None, static: bool = False):
+             pop: Optional[Sequence[bool]] = None, static: bool = False):
         """Check a call's inputs and make its cache plan (host work only)."""
         self.check_latent(x, cache)
         if len(starts) != x.shape[0]:
@@ -413,7 +413,7 @@ class CausalWanDiT(nn.Module):
         if max(frames) + f > self.cfg.rope_max_positions:
             raise ValueError(f"temporal position {max(frames) + f} exceeds rope_max_positions "
                              f"{self.cfg.rope_max_positions}; rebase stream positions (the scheduler does)")
-        return cache.plan(starts, f * cache.spec.frame_tokens, rows, pop, out, static)
+        return cache.plan(starts, f * cache.spec.frame_tokens, rows, pop, static)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: StreamKVCache, starts: Sequence[int],
                 rows: Optional[Sequence[int]] = None, pop: Optional[Sequence[bool]] = None) -> torch.Tensor:

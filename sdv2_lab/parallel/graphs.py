@@ -7,7 +7,7 @@ Eager, a block costs ~3 ms of host time on an H100/H200 (launch-bound: a 1.3B bl
 What a graph holds: RoPE from the plan's start frames, then blocks ``[first, end)`` over one unit's rows (their
 attention, KV-cache writes and eviction queues included). Its inputs live in static buffers (the unit's tokens
 and modulation are copied in; the plan is the job's static plan, rewritten in place every job by
-``StreamKVCache.plan(out=...)``), its output is the graph's own tensor until the next replay. The embedding,
+``StreamKVCache.plan(static=True)``), its output is the graph's own tensor until the next replay. The embedding,
 the head, x0 / re-noising and the messages stay eager (a few kernels each).
 
 A graph is keyed by everything its kernels bake in: the blocks, the job's rows (the plan buffer and the
@@ -23,9 +23,11 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from ..stream.executor import Captured
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,7 @@ log = logging.getLogger(__name__)
 class _UnitGraph:
     tokens: torch.Tensor
     e0: torch.Tensor
-    call: Optional[Callable[[], torch.Tensor]] = None   # emulated: the captured call
-    graph: object = None                                # CUDA: the captured graph
-    out: Optional[torch.Tensor] = None
+    captured: Optional[Captured] = None
 
 
 class UnitGraphs:
@@ -72,23 +72,14 @@ class UnitGraphs:
         self.graphs.move_to_end(key)
         g.tokens.copy_(tokens)
         g.e0.copy_(e0)
-        if self.emulate:
-            g.out = g.call()
-        else:
-            g.graph.replay()
         self.replays += 1
-        return g.out
+        return g.captured.replay()
 
     def _capture(self, blocks, tokens, e0) -> _UnitGraph:
         g = _UnitGraph(tokens=tokens.clone(), e0=e0.clone())
         self.captures += 1
-        if self.emulate:
-            g.call = lambda: blocks(g.tokens, g.e0)
-            return g
-        torch.cuda.current_stream().synchronize()
-        g.graph = torch.cuda.CUDAGraph()
         # thread_local: the NCCL watchdog and gloo threads query events while this thread captures
-        with torch.cuda.graph(g.graph, capture_error_mode="thread_local"):   # records only: replayed after
-            g.out = blocks(g.tokens, g.e0)
-        log.info("captured a CUDA graph of blocks for a unit of %s", tuple(tokens.shape))
+        g.captured = Captured(lambda: blocks(g.tokens, g.e0), self.emulate, error_mode="thread_local")
+        if not self.emulate:
+            log.info("captured a CUDA graph of blocks for a unit of %s", tuple(tokens.shape))
         return g

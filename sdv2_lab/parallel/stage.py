@@ -106,7 +106,6 @@ class PipeStage(DiTExecutor):
         self._whole = CUDAGraphExecutor(dit, cache, self.schedule) if graphs and self.world == 1 else None
         self.unit_graphs = UnitGraphs(dit, cache, emulate=not graphs) \
             if self.world > 1 and (graphs or self.opts.emulate_graphs) else None
-        self._plan_bufs: dict[tuple, torch.Tensor] = {}
         self.links: list[Link] = []
         if self.world > 1:
             pool = BufferPool(cache.device, self.staged)
@@ -190,15 +189,9 @@ class PipeStage(DiTExecutor):
         return result
 
     def _plan(self, x, job: DiTJob, pops, static: bool = False) -> object:
-        """The job's plan (host decisions; the device work follows unit by unit). ``static`` (graphed units):
-        one shape while the cache fills, in a buffer per row set that the graphs read."""
-        buf = None
-        if static:
-            key = tuple(job.rows)
-            buf = self._plan_bufs.get(key)
-            if buf is None:
-                buf = self._plan_bufs[key] = torch.zeros(7, len(job.rows), dtype=torch.long, device=self.device)
-        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, out=buf, static=static)
+        """The job's plan (host decisions; the device work follows unit by unit). ``static``: for graphed units
+        (``StreamKVCache.plan``)."""
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, static=static)
         self.cache.commit(plan)   # host mirrors only
         return plan
 

@@ -120,21 +120,16 @@ class CUDAGraphExecutor(DiTExecutor):
         super().__init__(dit, cache, schedule)
         self.emulate = emulate
         self.graphs: OrderedDict = OrderedDict()
-        self.plan_buffers: dict[tuple, torch.Tensor] = {}
         self.seen: set = set()
         self.captures = self.replays = 0
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
         if x.device.type != "cuda" and not self.emulate:
             return super().stream_batch(job, x, t, noise)
-        key_rows = tuple(job.rows)
-        buf = self.plan_buffers.get(key_rows)
-        if buf is None:
-            buf = self.plan_buffers[key_rows] = torch.zeros(7, len(job.rows), dtype=torch.long, device=x.device)
-        # static shapes: while the cache fills, attention spans the whole cache and masks the unwritten part, so
-        # the filling calls share one graph and the full cache another
-        plan = self.dit.plan(x, self.cache, job.starts, job.rows, job.pops[0], out=buf, static=True)
-        key = (key_rows, tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None)
+        # static plans: while the cache fills, attention spans the whole cache and masks the unwritten part, so
+        # the filling calls share one graph and the full cache another; the plan is in the row set's buffer
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, job.pops[0], static=True)
+        key = (tuple(job.rows), tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None)
         g = self.graphs.get(key)
         if g is None and key not in self.seen:  # a new shape runs eagerly once (lazy inits, kernel plans), then
             self.seen.add(key)                   # its next call is captured
@@ -150,7 +145,7 @@ class CUDAGraphExecutor(DiTExecutor):
             g.x.copy_(x)
         g.t.copy_(t)
         g.noise.copy_(noise)
-        g.graph() if self.emulate else g.graph.replay()
+        g.graph.replay()
         self.replays += 1
         self.cache.commit(plan)
         return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the ring is meant to be reused
@@ -166,14 +161,9 @@ class CUDAGraphExecutor(DiTExecutor):
             g.x.copy_(next_x)
 
         self.captures += 1
-        if self.emulate:
-            g.graph = step
-            return g
-        torch.cuda.current_stream().synchronize()
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph):  # records only: the replay after it performs this call
-            step()
-        log.info("captured a CUDA graph of the DiT step for rows %s, input %s", job.rows, tuple(x.shape))
+        g.graph = Captured(step, self.emulate)
+        if not self.emulate:
+            log.info("captured a CUDA graph of the DiT step for rows %s, input %s", job.rows, tuple(x.shape))
         return g
 
 
@@ -183,7 +173,30 @@ class _Graph:
     t: torch.Tensor
     noise: torch.Tensor
     out: torch.Tensor = None
-    graph: object = None
+    graph: "Captured" = None
+
+
+class Captured:
+    """A call captured once, then replayed. On CUDA a CUDA graph: capturing only records, so the call happens at
+    the first ``replay``. ``emulate`` (CPU tests): ``replay`` runs the call again with the objects of its capture,
+    so what a real graph would replay stale is stale there too. ``replay`` returns what the call returned (for a
+    graph: its tensors, overwritten by the next replay)."""
+
+    def __init__(self, fn: Callable, emulate: bool = False, error_mode: str = "global"):
+        self.fn, self.graph, self.out = fn, None, None
+        if emulate:
+            return
+        torch.cuda.current_stream().synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode=error_mode):
+            self.out = fn()
+
+    def replay(self):
+        if self.graph is None:
+            self.out = self.fn()
+        else:
+            self.graph.replay()
+        return self.out
 
 
 EXECUTORS: Registry[Callable[..., DiTExecutor]] = Registry("executor")
