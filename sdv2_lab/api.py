@@ -20,11 +20,19 @@ Everything runs in process on one ``StreamPipeline`` (no subprocesses, no second
 ``enable_acceleration`` switches the running pipeline in place. The seed's arguments become a Hydra config
 through ``seed_config.seed_overrides`` (the same function ``run_v2v.sh`` uses); the config is checked
 (``preflight.check_config``) before any model is built.
+
+At the engine's speed, with the seed's loop unchanged: the input video goes to the device once (kept per tensor,
+never re-scanned per chunk); ``encode_chunk`` and ``denoise_chunk`` only enqueue GPU work (the noise scale stays a
+device value: ``EncodedChunk.noise_scale`` is a number that reads the GPU only when used as one, and passing it
+back as ``previous_noise_scale`` reads nothing); ``decode_chunk`` waits once, for its own frames, which come back
+through a pinned buffer.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,18 +43,97 @@ import torch
 from .units import FRAMES_PER_LATENT, tokens_per_latent_frame
 
 log = logging.getLogger(__name__)
+DUMMY_HINT = "checkpoint_folder=... loads the official files: README, 'Real weights'"
 
 
+def _say(line: str) -> None:
+    """One visible line for the API's user: logged (INFO) where logging is set up, else printed to stderr (a
+    notebook or a script has no handlers, and would otherwise see nothing for minutes)."""
+    if log.hasHandlers():
+        log.info(line)
+    else:
+        print(f"sdv2_lab: {line}", file=sys.stderr, flush=True)
 
-def _vae_label(cfg) -> str:
-    """The VAE a config builds, as a log reads it: ``wan``, ``taehv`` or ``taehv (cuda_graph decode)``."""
-    accel = cfg.vae.get("accelerate", "none")
-    return cfg.vae.name + ("" if accel in (None, "none") else f" ({accel} decode)")
+
+class NoiseScale:
+    """The noise level applied to a chunk: a device scalar that behaves as a number. Reading it as one
+    (``float``, arithmetic, formatting, comparison) waits for the GPU; passing it back as
+    ``previous_noise_scale`` uses the device value and waits for nothing."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __float__(self) -> float:
+        return float(self.tensor)
+
+    def __repr__(self) -> str:
+        return repr(float(self))
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self), spec)
+
+    def __eq__(self, other) -> bool:
+        return float(self) == float(other)
+
+    def __lt__(self, other) -> bool:
+        return float(self) < float(other)
+
+    def __le__(self, other) -> bool:
+        return float(self) <= float(other)
+
+    def __gt__(self, other) -> bool:
+        return float(self) > float(other)
+
+    def __ge__(self, other) -> bool:
+        return float(self) >= float(other)
+
+    def __hash__(self) -> int:
+        return hash(float(self))
+
+    def __round__(self, ndigits=None):
+        return round(float(self), ndigits)
+
+    def __add__(self, other):
+        return float(self) + float(other)
+
+    def __radd__(self, other):
+        return float(other) + float(self)
+
+    def __sub__(self, other):
+        return float(self) - float(other)
+
+    def __rsub__(self, other):
+        return float(other) - float(self)
+
+    def __mul__(self, other):
+        return float(self) * float(other)
+
+    def __rmul__(self, other):
+        return float(other) * float(self)
+
+    def __truediv__(self, other):
+        return float(self) / float(other)
+
+    def __rtruediv__(self, other):
+        return float(other) / float(self)
+
+
+def _scale_tensor(value, device) -> Optional[torch.Tensor]:
+    """A noise scale as a float64 device scalar, made on the device (no host-to-device copy, no wait)."""
+    if value is None:
+        return None
+    if isinstance(value, NoiseScale):
+        value = value.tensor
+    if isinstance(value, torch.Tensor):
+        return value.to(device, torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 @dataclass
 class VideoChunk:
-    frames: torch.Tensor          # [1, 3, T, H, W] in [-1, 1] on the device
+    frames: torch.Tensor          # [1, 3, T, H, W] in [-1, 1] on the device (a view of the video's device copy)
     start_idx: int
     end_idx: int
     current_start: int            # virtual token offsets, as the reference reports them
@@ -58,14 +145,9 @@ class EncodedChunk:
     noisy_latents: torch.Tensor
     current_start: int
     current_end: int
-    _noise_scale: object
+    noise_scale: object           # a NoiseScale (a device number) or a float
     current_step: object = None
     first: bool = False
-
-    @property
-    def noise_scale(self) -> float:
-        """The noise level applied to this chunk (reading it waits for the GPU)."""
-        return float(self._noise_scale)
 
 
 @dataclass
@@ -89,6 +171,77 @@ def export_video(video, output_path: str | os.PathLike, *, fps: int = 16) -> str
     return str(output_path)
 
 
+class _DeviceVideo:
+    """The input video's device copy, made once per video (a tensor, until it is changed in place, or a file) and
+    checked once; ``bytes_in`` counts what was handed to the device, so that per-chunk cost can be tested."""
+
+    def __init__(self, owner: "StreamDiffusionV2Pipeline"):
+        self.owner = owner
+        self.key = None          # (weakref to the source tensor, its version) or (path, mtime, size)
+        self.video: Optional[torch.Tensor] = None
+        self.bytes_in = 0
+
+    def get(self, video) -> torch.Tensor:
+        o = self.owner
+        if isinstance(video, (str, Path)):
+            st = Path(video).stat()
+            key = (str(Path(video).resolve()), st.st_mtime_ns, st.st_size)
+            if key != self.key:
+                self._put(load_video(video, height=o.height, width=o.width), key)
+            return self.video
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"video must be a path or a tensor, got {type(video).__name__}")
+        if self.key is not None and isinstance(self.key[0], weakref.ref) and self.key[0]() is video \
+                and self.key[1] == video._version:
+            return self.video
+        if video.dim() == 4:
+            video = video[None]
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video tensor must be [3, T, H, W] or [1, 3, T, H, W], got {tuple(video.shape)}")
+        if tuple(video.shape[-2:]) != (o.height, o.width):
+            raise ValueError(f"video is {video.shape[-2]}x{video.shape[-1]}, the pipeline runs at "
+                             f"{o.height}x{o.width}: load it with load_video(path, height=, width=)")
+        source = video
+        self._put(video, None)
+        self.key = (weakref.ref(source), source._version)
+        return self.video
+
+    def _put(self, video: torch.Tensor, key) -> None:
+        o = self.owner
+        if video.dim() == 4:
+            video = video[None]
+        if video.is_floating_point():   # once per video: a scan of every frame
+            lo, hi = torch.aminmax(video)
+            if lo < -1.001 or hi > 1.001:
+                raise ValueError(f"video values must lie in [-1, 1] (load_video returns that range), got "
+                                 f"[{float(lo):.3g}, {float(hi):.3g}]")
+        if video.device != o.device or video.dtype != o.pipeline.dtype:
+            self.bytes_in += video.numel() * video.element_size() if video.device != o.device else 0
+            if video.device.type == "cpu" and o.device.type == "cuda":
+                video = video.pin_memory()
+            video = video.to(o.device, o.pipeline.dtype, non_blocking=True)
+        self.video, self.key = video, key
+
+
+class _HostFrames:
+    """Device frames -> a numpy array, through a pinned staging buffer: one asynchronous copy, one wait."""
+
+    def __init__(self):
+        self.staging: Optional[torch.Tensor] = None
+
+    def __call__(self, frames: torch.Tensor) -> np.ndarray:
+        if frames.device.type != "cuda":
+            return frames.to(torch.float32).contiguous().numpy().copy()
+        frames = frames.to(torch.float32).contiguous()
+        if self.staging is None or self.staging.shape != frames.shape:
+            self.staging = torch.empty(frames.shape, dtype=torch.float32, pin_memory=True)
+        self.staging.copy_(frames, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return self.staging.numpy().copy()
+
+
 class StreamDiffusionV2Pipeline:
     """Staged in-process API: ``prepare`` -> ``chunk_video`` -> ``encode_chunk`` -> ``denoise_chunk`` ->
     ``decode_chunk`` (+ ``flush``). Constructor arguments follow the reference (reference.md §4.2).
@@ -97,7 +250,8 @@ class StreamDiffusionV2Pipeline:
     found from it as the reference finds them (``sdv2_lab.seed_config``), and every size comes from the files.
     ``None``: the tiny model with dummy weights (for trying the API on a CPU). Extra arguments: ``wan_folder``,
     ``taehv`` (name those files directly) and ``overrides`` (Hydra overrides of ``conf/``, applied last, e.g.
-    ``["attention=flex", "num_kv_cache=8"]``)."""
+    ``["attention=flex", "num_kv_cache=8"]``). On a GPU the fast paths (CUDA graphs, overlapped stages, fused VAE)
+    are on and a warm-up runs at build. ``close()`` (or ``with``) frees the models."""
 
     def __init__(self, checkpoint_folder: Optional[str] = None, *, mode: str = "single", config_path=None,
                  device=None, noise_scale: float = 0.8, height: int = 480, width: int = 832, fps: int = 16,
@@ -105,7 +259,7 @@ class StreamDiffusionV2Pipeline:
                  use_tensorrt: bool = False, fast: bool = False, profile: bool = False,
                  wan_folder: Optional[str] = None, taehv: Optional[str] = None,
                  overrides: Optional[list[str]] = None):
-        from .build import build_pipeline
+        from . import build
 
         if mode not in ("single", "single-wo"):
             raise ValueError(f"StreamDiffusionV2Pipeline runs 'single' or 'single-wo', not {mode!r} "
@@ -118,7 +272,7 @@ class StreamDiffusionV2Pipeline:
         self._overrides = list(overrides or [])
         self.cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         torch.manual_seed(seed)
-        self.pipeline = build_pipeline(self.cfg)
+        self.pipeline = build.build_pipeline(self.cfg, announce=_say, dummy_hint=DUMMY_HINT)
         self.mode, self.device, self.fps = mode, self.pipeline.device, fps
         self.height, self.width = height, width
         self.noise_scale = noise_scale
@@ -126,11 +280,13 @@ class StreamDiffusionV2Pipeline:
         self.num_steps = self.pipeline.num_steps
         self.profile = profile
         self._prompt: Optional[str] = None
+        self._video = _DeviceVideo(self)
+        self._host = _HostFrames()
         if use_tensorrt or fast:
             log.info("use_tensorrt: there is no TensorRT here; TAEHV decodes with CUDA-graph replay on a GPU instead")
         if profile:
-            log.info("profile: the staged API does not time chunks; sdv2 run and run_v2v.sh print the timings "
-                     "(docs/metrics.md)")
+            log.info("profile: the staged API does not time chunks; sdv2 run and run_video_to_video print the "
+                     "timings (docs/metrics.md)")
 
     def _compose(self, **acceleration):
         """The config of the seed's arguments (``seed_config.seed_overrides``) plus ``overrides``, checked before
@@ -142,63 +298,75 @@ class StreamDiffusionV2Pipeline:
         check_config(cfg)
         return cfg
 
+    @property
+    def host_to_device_bytes(self) -> int:
+        """Bytes of input video this API has handed to the device (once per video, not per chunk)."""
+        return self._video.bytes_in
+
     # ------------------------------------------------------------------ lifecycle
+    def _live(self):
+        if self.pipeline is None:
+            raise RuntimeError("this StreamDiffusionV2Pipeline was closed: make a new one")
+        return self.pipeline
+
+    def close(self) -> None:
+        """Free the models, caches and graphs (GPU memory goes back to the allocator). Closing twice is fine."""
+        if self.pipeline is None:
+            return
+        self.pipeline.close()
+        self.pipeline = None
+        self._video = _DeviceVideo(self)
+        self._host = _HostFrames()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "StreamDiffusionV2Pipeline":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
     def prepare(self, prompt: str) -> None:
         """Start a new stream with this prompt (all caches, positions and the noise controller reset)."""
+        self._live().start(prompt)
         self._prompt = prompt
-        self.pipeline.start(prompt)
 
     def set_prompt(self, prompt: str) -> None:
         """Change the prompt without restarting the stream."""
-        self.pipeline.set_prompt(prompt)
+        self._live().set_prompt(prompt)
+        self._prompt = prompt
 
     def enable_acceleration(self, *, use_taehv: bool = False, use_tensorrt: bool = False, fast: bool = False):
-        """The seed's switches, applied to the running pipeline in place (the DiT and the text encoder are kept;
-        only what changes is rebuilt): ``use_taehv`` decodes with TAEHV; ``use_tensorrt`` (implied by ``fast``)
-        adds the accelerated decode path (TAEHV's CUDA-graph replay; there is no TensorRT here); ``fast`` also
-        takes the seed's fast config (KV cache 5, 2 sink frames, no adaptive sink refresh) and replays DiT steps
-        from a CUDA graph on a GPU. A stream in progress restarts with its prompt. Logs what it switched."""
-        from .build import build_vae, pipeline_config
-        old, pipe = self.cfg, self.pipeline
+        """The seed's switches, applied to the running pipeline (the DiT and the text encoder are kept; the VAE
+        is rebuilt when it changes; the KV cache, scheduler, executor and driver are made anew, so what runs is
+        what the switches say): ``use_taehv`` decodes with TAEHV; ``use_tensorrt`` (implied by ``fast``) adds the
+        accelerated decode path (TAEHV's CUDA-graph replay; there is no TensorRT here); ``fast`` also takes the
+        seed's fast config (KV cache 5, 2 sink frames, no adaptive sink refresh). A stream in progress restarts
+        with its prompt. Says in one line what it switched."""
+        from .build import rebuild_pipeline
+        from .seed_config import seed_overrides  # noqa: F401  (the composition below uses it)
+        old = self.cfg
         cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         changed = [f"{what} {a} -> {b}" for what, a, b in (
-            ("VAE", _vae_label(old), _vae_label(cfg)), ("KV cache frames", old.num_kv_cache, cfg.num_kv_cache),
+            ("VAE", old.vae.name, cfg.vae.name), ("KV cache frames", old.num_kv_cache, cfg.num_kv_cache),
             ("sink frames", old.sink_frames, cfg.sink_frames),
-            ("adaptive sink refresh threshold", old.adapt_sink_threshold, cfg.adapt_sink_threshold),
-            ("DiT CUDA graph", old.cuda_graph, cfg.cuda_graph)) if a != b]
-        if _vae_label(old) != _vae_label(cfg):
-            pipe.vae = build_vae(cfg, pipe.device, pipe.dtype)
-        pipe.cfg = pipeline_config(cfg)
+            ("adaptive sink refresh threshold", old.adapt_sink_threshold, cfg.adapt_sink_threshold)) if a != b]
+        self.pipeline = rebuild_pipeline(self._live(), old, cfg, announce=None)
         self.cfg = cfg
+        self.num_steps = self.pipeline.num_steps
         if self._prompt is not None:
             self.pipeline.start(self._prompt)
             changed.append("stream restarted")
-        cpu = "" if pipe.device.type == "cuda" or not (use_tensorrt or fast) else \
-            f" (the accelerated paths are CUDA graphs: eager on {pipe.device})"
-        log.info("enable_acceleration: %s%s", "; ".join(changed) or "nothing to switch", cpu)
+        from .build import describe_paths
+        _say(f"enable_acceleration: {'; '.join(changed) or 'nothing to switch'}; now {describe_paths(cfg)}")
         return self
 
     # ------------------------------------------------------------------ stages
-    def _video(self, video) -> torch.Tensor:
-        if isinstance(video, (str, Path)):
-            video = load_video(video, height=self.height, width=self.width)
-        if not isinstance(video, torch.Tensor):
-            raise TypeError(f"video must be a path or a tensor, got {type(video).__name__}")
-        if video.dim() == 4:
-            video = video[None]
-        if video.dim() != 5 or video.shape[1] != 3:
-            raise ValueError(f"video tensor must be [3, T, H, W] or [1, 3, T, H, W], got {tuple(video.shape)}")
-        if tuple(video.shape[-2:]) != (self.height, self.width):
-            raise ValueError(f"video is {video.shape[-2]}x{video.shape[-1]}, the pipeline runs at "
-                             f"{self.height}x{self.width}: load it with load_video(path, height=, width=)")
-        if video.is_floating_point() and (video.min() < -1.001 or video.max() > 1.001):
-            raise ValueError("video values must lie in [-1, 1] (load_video returns that range)")
-        return video.to(self.device, self.pipeline.dtype)
-
     def chunk_video(self, video) -> list[VideoChunk]:
-        """The chunks of the offline loop: frames [0, 5), then [1+4k, 5+4k); trailing frames are dropped."""
-        video = self._video(video)
-        total = video.shape[2]
+        """The chunks of the offline loop: frames [0, 5), then [1+4k, 5+4k); trailing frames are dropped. The
+        video goes to the device here, once (later calls with the same tensor or file reuse that copy)."""
+        dev = self._video.get(video)
+        total = dev.shape[2]
         if total < 1 + self.chunk_size:
             raise ValueError(f"the video has {total} frame(s); the first chunk needs {1 + self.chunk_size} "
                              f"(1 + {self.chunk_size}): give a longer video")
@@ -206,56 +374,100 @@ class StreamDiffusionV2Pipeline:
         chunks, start, end = [], 0, 1 + self.chunk_size
         cs, ce = 0, S * (1 + self.chunk_size // FRAMES_PER_LATENT)
         while end <= total:
-            chunks.append(VideoChunk(video[:, :, start:end], start, end, cs, ce))
+            chunks.append(VideoChunk(dev[:, :, start:end], start, end, cs, ce))
             start, end = end, end + self.chunk_size
             cs, ce = ce, ce + S * (self.chunk_size // FRAMES_PER_LATENT)
         return chunks
 
     def encode_chunk(self, input_video, chunk: VideoChunk, *, previous_noise_scale=None,
                      initial_noise_scale=None) -> EncodedChunk:
-        """VAE-encode one chunk and noise it; chunks after the first go through the motion noise controller."""
-        if self.pipeline.state is None:
+        """VAE-encode one chunk and noise it; chunks after the first go through the motion noise controller.
+        Enqueues GPU work only."""
+        pipe = self._live()
+        if pipe.state is None:
             raise RuntimeError("call prepare(prompt) first")
-        pipe = self.pipeline
         with torch.no_grad():
             first = chunk.start_idx == 0
             scale = step = None
             if not first:
-                video = self._video(input_video) if not isinstance(input_video, torch.Tensor) or \
-                    input_video.device != self.device else (input_video if input_video.dim() == 5 else input_video[None])
+                video = self._video.get(input_video)
                 prev_last = video[:, :, chunk.start_idx - 1:chunk.start_idx]
-                s_prev = self.noise_scale if previous_noise_scale is None else previous_noise_scale
-                s0 = self.noise_scale if initial_noise_scale is None else initial_noise_scale
+                s_prev = _scale_tensor(self.noise_scale if previous_noise_scale is None else previous_noise_scale,
+                                       self.device)
+                s0 = _scale_tensor(initial_noise_scale, self.device)
                 scale, step = pipe.state.controller.next_scale(chunk.frames, prev_last, s_prev, s0)
             elif pipe.state.chunks_in:
                 raise RuntimeError("the first chunk was already encoded in this stream: call prepare() again")
-            noisy, scale, step = pipe.encode_stage(chunk.frames, scale=scale if not first else None, step=step)
-        return EncodedChunk(noisy, chunk.current_start, chunk.current_end, scale, step, first=first)
+            noisy, scale, step = pipe.encode_stage(chunk.frames, scale=scale, step=step)
+        return EncodedChunk(noisy, chunk.current_start, chunk.current_end, NoiseScale(scale), step, first=first)
 
     def denoise_chunk(self, chunk: EncodedChunk) -> Optional[DenoisedChunk]:
         """One DiT step. ``single``: None until the stream batch has filled (n-1 chunks of latency)."""
         with torch.no_grad():
-            x0 = self.pipeline.denoise_stage(chunk.noisy_latents, chunk.current_step, first=chunk.first)
-        return None if x0 is None else DenoisedChunk(x0.clone(), last_frame_only=not chunk.first)
+            x0 = self._live().denoise_stage(chunk.noisy_latents, chunk.current_step, first=chunk.first)
+        return None if x0 is None else DenoisedChunk(x0, last_frame_only=not chunk.first)
 
     def decode_chunk(self, chunk: DenoisedChunk) -> np.ndarray:
-        """x0 latents -> frames [T, H, W, 3] float32 in [0, 1] (numpy)."""
+        """x0 latents -> frames [T, H, W, 3] float32 in [0, 1] (numpy): waits for these frames only."""
         with torch.no_grad():
-            return self.pipeline.decode_frames(chunk.denoised_pred).cpu().numpy()
+            return self._host(self._live().decode_frames(chunk.denoised_pred))
 
     def flush(self) -> list[np.ndarray]:
         """The frames of the chunks still in the stream batch, as a list of [T, H, W, 3] arrays."""
-        out = self.pipeline.flush()
-        return [out.cpu().numpy()] if out.shape[0] else []
+        pipe = self._live()
+        return [self._host(x) for x in (pipe.decode_frames(x0) for x0 in pipe.flush_latents())]
 
-    def __call__(self, video) -> np.ndarray:
-        """Whole video in, whole restyled video out ([T, H, W, 3] in [0, 1])."""
+    # ------------------------------------------------------------------ whole videos (reference §4.2)
+    def encode_video(self, video) -> list[EncodedChunk]:
+        """Every chunk of a video encoded and noised, in order (the stream's VAE state advances)."""
+        if self._prompt is None:
+            raise RuntimeError("call prepare(prompt) before encode_video(...)")
+        self.prepare(self._prompt)
+        out, scale = [], self.noise_scale
+        for chunk in self.chunk_video(video):
+            e = self.encode_chunk(video, chunk, previous_noise_scale=scale, initial_noise_scale=self.noise_scale)
+            scale = e.noise_scale
+            out.append(e)
+        return out
+
+    def denoise_chunks(self, chunks: list[EncodedChunk]) -> list[DenoisedChunk]:
+        """The DiT over encoded chunks from a fresh stream (``prepare`` again first, as the reference), then the
+        chunks still in the stream batch (the reference drops those), so every encoded chunk comes out."""
+        if not chunks:
+            raise ValueError("chunks must not be empty")
+        if self._prompt is None:
+            raise RuntimeError("call prepare(prompt) before denoise_chunks(...)")
+        self.prepare(self._prompt)
+        out = [d for d in (self.denoise_chunk(c) for c in chunks) if d is not None]
+        return out + [DenoisedChunk(x0) for x0 in self._live().flush_latents()]
+
+    def decode_chunks(self, chunks: list[DenoisedChunk]) -> np.ndarray:
+        """Denoised chunks -> one [T, H, W, 3] video in [0, 1]."""
+        if not chunks:
+            raise ValueError("chunks must not be empty")
+        return np.concatenate([self.decode_chunk(c) for c in chunks], axis=0)
+
+    def __call__(self, video, *, progress: bool = True) -> np.ndarray:
+        """Whole video in, whole restyled video out ([T, H, W, 3] in [0, 1]), streamed through the engine (the
+        stages overlapped) with a progress bar."""
+        from .stream.clips import stream_clip
         if self._prompt is None:
             raise RuntimeError("call prepare(prompt) first")
-        self.prepare(self._prompt)
-        video = self._video(video)
-        out = [self.pipeline.push(video[0]), self.pipeline.flush()]
-        return torch.cat(out).cpu().numpy()
+        dev = self._video.get(video)[0]
+        with _progress(progress, _expected_frames(dev.shape[1], self.chunk_size)) as bar:
+            out, _ = stream_clip(self._live(), dev, self._prompt, progress=bar)
+        self.prepare(self._prompt)   # the engine's stream ended: the staged calls start a new one
+        return out.numpy()
+
+
+def _expected_frames(frames: int, chunk: int) -> int:
+    return 1 + chunk * ((frames - 1) // chunk) if frames > chunk else 0
+
+
+def _progress(enabled: bool, total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="sdv2_lab: frames", unit="f", disable=not enabled, mininterval=1.0,
+                dynamic_ncols=True, file=sys.stderr)
 
 
 def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_path, mode="single", config_path=None,
@@ -264,28 +476,94 @@ def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_pat
                        profile=False, schedule_block=False, wan_folder=None, taehv=None, overrides=None) -> str:
     """Restyle a video file and write the result; returns ``output_path``. In process for single modes. The
     output path and the input video are checked before any model is built."""
-    from .io.files import check_output_file
-    from .io.video import probe_video
-
+    options = dict(config_path=config_path, device=device, noise_scale=noise_scale, height=height, width=width,
+                   fps=fps, step=step, seed=seed, model_type=model_type, use_taehv=use_taehv,
+                   use_tensorrt=use_tensorrt, fast=fast, wan_folder=wan_folder, taehv=taehv, overrides=overrides)
     if mode == "pipe":  # the DiT's blocks over num_gpus GPUs, one process each (sdv2_lab/parallel/launch.py)
         from .parallel.launch import video_to_video
         return video_to_video(checkpoint_folder=checkpoint_folder, video_path=video_path, prompt=prompt,
-                              output_path=output_path, gpu_ids=gpu_ids, num_gpus=num_gpus, device=device,
-                              schedule_block=schedule_block, overrides=overrides, config_path=config_path,
-                              noise_scale=noise_scale, height=height, width=width, fps=fps, step=step, seed=seed,
-                              model_type=model_type, use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast,
-                              wan_folder=wan_folder, taehv=taehv)
+                              output_path=output_path, gpu_ids=gpu_ids, num_gpus=num_gpus,
+                              schedule_block=schedule_block, **options)
+    options["device"] = _single_gpu_device(mode, device, gpu_ids, num_gpus)
+    _check_files(video_path, output_path)
+    with StreamDiffusionV2Pipeline(checkpoint_folder, mode=mode, profile=profile, **options) as pipe:
+        return _restyle_file(pipe, video_path, prompt, output_path)
+
+
+def _single_gpu_device(mode: str, device, gpu_ids, num_gpus):
     if num_gpus not in (None, 1) or (gpu_ids is not None and len(gpu_ids) != 1):
         raise ValueError(f"mode {mode!r} runs on one GPU; got gpu_ids={gpu_ids}, num_gpus={num_gpus}")
-    if gpu_ids:
-        device = f"cuda:{gpu_ids[0]}"
+    return f"cuda:{gpu_ids[0]}" if gpu_ids else device
+
+
+def _check_files(video_path, output_path) -> None:
+    from .io.files import check_output_file
+    from .io.video import probe_video
     check_output_file(output_path, "output_path")
     probe_video(video_path).check_length(1 + FRAMES_PER_LATENT, "video_path")
-    pipe = StreamDiffusionV2Pipeline(checkpoint_folder, mode=mode, config_path=config_path, device=device,
-                                     noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
-                                     seed=seed, model_type=model_type, use_taehv=use_taehv,
-                                     use_tensorrt=use_tensorrt, fast=fast, profile=profile, wan_folder=wan_folder,
-                                     taehv=taehv, overrides=overrides)
+
+
+def _restyle_file(pipe: StreamDiffusionV2Pipeline, video_path, prompt: str, output_path) -> str:
     pipe.prepare(prompt)
-    frames = pipe(load_video(video_path, height=height, width=width))
-    return export_video(frames, output_path, fps=fps)
+    frames = pipe(load_video(video_path, height=pipe.height, width=pipe.width))
+    return export_video(frames, output_path, fps=pipe.fps)
+
+
+class StreamVideoToVideo:
+    """The reference's file-to-file runner (reference.md §4.3) with the options stored once:
+
+        runner = StreamVideoToVideo("ckpts/wan_causal_dmd_v2v", mode="single", step=2)
+        runner.run_video("in.mp4", "a watercolor painting", "out.mp4")
+        video = runner.generate("in.mp4", "a watercolor painting")   # [3, T, H, W] float, 0..255
+
+    Single modes keep one in-process pipeline between calls (built at the first); ``pipe`` launches its ranks
+    per call. ``close()`` (or ``with``) frees the models."""
+
+    def __init__(self, checkpoint_folder=None, mode: str = "single", **options):
+        if mode not in ("single", "single-wo", "pipe"):
+            raise ValueError(f"mode must be 'single', 'single-wo' or 'pipe', got {mode!r}")
+        known = set(run_video_to_video.__kwdefaults__) - {"checkpoint_folder", "video_path", "prompt", "output_path",
+                                                          "mode"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"StreamVideoToVideo got unknown option(s) {unknown}; valid: {sorted(known)}")
+        self.checkpoint_folder, self.mode, self.options = checkpoint_folder, mode, options
+        self._pipe: Optional[StreamDiffusionV2Pipeline] = None
+
+    def run_video(self, video_path, prompt: str, output_path) -> str:
+        """Restyle ``video_path`` with ``prompt`` into ``output_path``; returns the output path."""
+        if self.mode == "pipe":
+            return run_video_to_video(checkpoint_folder=self.checkpoint_folder, video_path=video_path, prompt=prompt,
+                                      output_path=output_path, mode="pipe", **self.options)
+        _check_files(video_path, output_path)
+        return _restyle_file(self._pipeline(), video_path, prompt, output_path)
+
+    def generate(self, video_path, prompt: str) -> torch.Tensor:
+        """The restyled video as the reference returns it: written, then read back as float [3, T, H, W] in
+        0..255 (the mp4's own rounding included)."""
+        import tempfile
+
+        from .io.video import load_video as read
+        with tempfile.TemporaryDirectory(prefix="sdv2-generate-") as tmp:
+            out = self.run_video(video_path, prompt, Path(tmp) / "output_000.mp4")
+            return (read(out) + 1.0) * 127.5
+
+    def _pipeline(self) -> StreamDiffusionV2Pipeline:
+        if self._pipe is None:
+            opts = dict(self.options)
+            schedule_block = opts.pop("schedule_block", False)  # noqa: F841  (pipe mode only)
+            gpu_ids, num_gpus = opts.pop("gpu_ids", None), opts.pop("num_gpus", None)
+            opts["device"] = _single_gpu_device(self.mode, opts.get("device"), gpu_ids, num_gpus)
+            self._pipe = StreamDiffusionV2Pipeline(self.checkpoint_folder, mode=self.mode, **opts)
+        return self._pipe
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+
+    def __enter__(self) -> "StreamVideoToVideo":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -72,14 +72,56 @@ def denoising_steps(cfg: DictConfig) -> list[int]:
     return table[:n]
 
 
+def on_cuda(cfg: DictConfig) -> bool:
+    return str(cfg.device).startswith("cuda")
+
+
+def switch(cfg: DictConfig, key: str, default="auto") -> bool:
+    """A fast path's ``auto | true | false`` key, resolved for the run's device: auto = on for CUDA, off on a
+    CPU (where CUDA graphs and CUDA streams do not exist)."""
+    value = OmegaConf.select(cfg, key, default=default)
+    if value == "auto" or value is None:
+        return on_cuda(cfg)
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{key}={value!r}: expected auto, true or false")
+
+
+def vae_accelerate(cfg: DictConfig) -> str:
+    """``vae.accelerate`` resolved: auto = cuda_graph on CUDA, none on a CPU."""
+    value = cfg.vae.get("accelerate", "none")
+    if value == "auto":
+        return "cuda_graph" if on_cuda(cfg) else "none"
+    return value or "none"
+
+
+def fast_paths(cfg: DictConfig) -> dict:
+    """What runs, as booleans and names (the log line and results rows read this, not the raw ``auto``)."""
+    from .vae.wan_vae import use_fused
+    accelerate = vae_accelerate(cfg)
+    fused = "fused" in cfg.vae and cfg.vae.get("encoder", "wan") == "wan" and \
+        use_fused(cfg.vae.fused, "cuda" if on_cuda(cfg) else "cpu", accelerate)
+    return {"cuda_graph": switch(cfg, "cuda_graph"), "overlap": switch(cfg, "overlap"),
+            "vae_accelerate": accelerate, "vae_fused": bool(fused), "warmup": switch(cfg, "warmup")}
+
+
+def describe_paths(cfg: DictConfig) -> str:
+    p = fast_paths(cfg)
+    vae = cfg.vae.name + "".join(f", {x}" for x, on in (("fused", p["vae_fused"]),
+                                                        (p["vae_accelerate"].replace("_", " "),
+                                                         p["vae_accelerate"] != "none")) if on)
+    return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}, stages "
+            f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
+
+
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
         num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
         frames_per_block=cfg.frames_per_block,
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
-        position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps, cuda_graph=cfg.cuda_graph,
-        overlap=bool(cfg.get("overlap", False)), max_streams=int(cfg.get("streams", 1)),
+        position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
+        cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.get("streams", 1)),
         rope_positions=backbone_config(cfg).rope_max_positions)
 
 
@@ -104,8 +146,9 @@ def build_text_encoder(cfg: DictConfig, device, dtype):
 
 def build_vae(cfg: DictConfig, device, dtype):
     from .vae import build_vae as build
+    extra = {"accelerate": vae_accelerate(cfg)} if "accelerate" in cfg.vae else {}
     return build(cfg.vae, wan_folder=cfg.weights.wan_folder, taehv_path=cfg.weights.taehv,
-                 dummy=cfg.weights.kind == "dummy", device=device, dtype=dtype)
+                 dummy=cfg.weights.kind == "dummy", device=device, dtype=dtype, **extra)
 
 
 class _OneDummyWarning(logging.Filter):
@@ -135,12 +178,58 @@ def dummy_parts(pipe: StreamPipeline) -> list[str]:
     return [name for name, part in parts.items() if getattr(part, "weights_are_dummy", False)]
 
 
-def build_pipeline(cfg: DictConfig) -> StreamPipeline:
+DUMMY_HINT = "weights=real with the official files: README, 'Real weights'"
+
+
+def build_pipeline(cfg: DictConfig, *, announce: Optional[Callable[[str], None]] = None,
+                   dummy_hint: str = DUMMY_HINT) -> StreamPipeline:
+    """Build what ``cfg`` names, warm it up (``warmup``: auto = on CUDA) and say in one line what runs: the fast
+    paths, the warm-up's time and whether the weights are dummy. ``announce``: where that line goes (a front end
+    that shows it to its user); without one it is logged (INFO, and the dummy weights as a WARNING)."""
     with _OneDummyWarning():
         pipe = _build_pipeline(cfg)
-    if pipe.weights_are_dummy:
-        log.warning("DUMMY weights (random init) in the %s: the output is noise, timings are real "
-                    "(weights=real with the official files: README, 'Real weights')", ", ".join(dummy_parts(pipe)))
+    return _ready(pipe, cfg, announce, dummy_hint)
+
+
+# what the DiT and the text encoder are made from: a switch that changes none of these keeps them
+DIT_KEYS = ("backbone", "attention", "weights.kind", "weights.checkpoint", "weights.wan_folder", "text_encoder",
+            "device", "dtype", "dit_precision", "compile_kernels")
+VAE_KEYS = ("vae", "weights.kind", "weights.wan_folder", "weights.taehv", "device", "dtype")
+
+
+def rebuild_pipeline(pipe: StreamPipeline, old: DictConfig, cfg: DictConfig, *,
+                     announce: Optional[Callable[[str], None]] = None, dummy_hint: str = DUMMY_HINT) -> StreamPipeline:
+    """``cfg``'s pipeline, made from ``pipe``'s parts where ``cfg`` keeps them: the DiT and the text encoder (the
+    same ``DIT_KEYS``) and the VAE (the same ``VAE_KEYS``). The KV cache, scheduler, executor and driver are always
+    new, so everything that runs afterwards is what ``cfg`` says. ``pipe`` is closed."""
+    def same(keys):
+        return all(OmegaConf.select(old, k) == OmegaConf.select(cfg, k) for k in keys)
+    pipe.close()
+    if not same(DIT_KEYS) or pipe.cfg.mode == "pipe" or pipeline_config(cfg).mode == "pipe":
+        return build_pipeline(cfg, announce=announce, dummy_hint=dummy_hint)
+    pcfg = pipeline_config(cfg).validate()
+    vae = pipe.vae if same(VAE_KEYS) else build_vae(cfg, pipe.device, pipe.dtype)
+    new = StreamPipeline(pipe.dit, vae, pipe.text_encoder, pcfg, device=pipe.device, dtype=pipe.dtype)
+    return _ready(new, cfg, announce, dummy_hint)
+
+
+def _ready(pipe: StreamPipeline, cfg: DictConfig, announce, dummy_hint: str) -> StreamPipeline:
+    """Warm ``pipe`` up (``warmup``) and say what runs (see ``build_pipeline``)."""
+    if pipe.cfg.mode != "pipe" and switch(cfg, "warmup"):
+        pipe.warm_up()
+    what = (f"{cfg.backbone.name} / {cfg.mode.name} / {len(pipe.cfg.denoising_steps)} step(s) / "
+            f"{cfg.height}x{cfg.width} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}): "
+            f"{describe_paths(cfg)}")
+    if pipe.warmup_s is not None:
+        what += f"; warm-up {pipe.warmup_s:.1f} s (JIT, autotuning, graph capture; not in any timing)"
+    dummy = (f"DUMMY weights (random init) in the {', '.join(dummy_parts(pipe))}: the output is noise, timings "
+             f"are real ({dummy_hint})") if pipe.weights_are_dummy else ""
+    if announce is not None:
+        announce(f"{what}; {dummy or 'real weights'}")
+    else:
+        log.info("built %s", what)
+        if dummy:
+            log.warning(dummy)
     return pipe
 
 
@@ -160,7 +249,5 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     if cfg.get("compile_kernels", False):
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype)
-    if device.type == "cuda" and hasattr(vae, "warmup"):  # kernel JIT and cuDNN tuning now, not in the first chunk
-        log.info("VAE warm-up at %dx%d: %.1f s", cfg.height, cfg.width, vae.warmup(cfg.height, cfg.width))
     text = build_text_encoder(cfg, device, dtype)
     return StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)

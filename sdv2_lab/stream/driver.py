@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -250,13 +250,26 @@ class StreamDriver:
     def flush(self, s: Stream) -> list[ChunkOut]:
         """End of one stream's input: finish the chunks still in flight. Frames that do not fill a chunk are
         dropped (the VAE takes whole chunks); the number is logged."""
-        dropped = self.scheduler.flush(s)
-        if dropped:
-            log.info("stream %d: %d trailing frame(s) do not fill a chunk and were dropped", s.id, dropped)
+        self._end_input(s)
         outs = []
         while s.flush_calls:
             outs += self.step([s])
         return outs
+
+    @torch.no_grad()
+    def flush_latents(self, s: Stream) -> list[torch.Tensor]:
+        """``flush`` without the decode: the x0 [1, F, C, h, w] of the chunks still in flight, oldest first (the
+        staged API decodes them itself)."""
+        self._end_input(s)
+        out = []
+        while s.flush_calls:
+            out += [x0 for _, x0 in self._denoised([self.scheduler.next_chunk(s)])]
+        return out
+
+    def _end_input(self, s: Stream) -> None:
+        dropped = self.scheduler.flush(s)
+        if dropped:
+            log.info("stream %d: %d trailing frame(s) do not fill a chunk and were dropped", s.id, dropped)
 
     @torch.no_grad()
     def generate(self, s: Stream, num_frames: int) -> list[ChunkOut]:
@@ -273,15 +286,18 @@ class StreamDriver:
 
     # ------------------------------------------------------------------ one chunk's path
     def _run(self, chunks: list[Chunk]) -> list[ChunkOut]:
+        return [self.decode(s, x0) for s, x0 in self._denoised(chunks)]   # VAE decode of what finished
+
+    def _denoised(self, chunks: list[Chunk]) -> Iterator[tuple[Stream, torch.Tensor]]:
+        """Encode the chunks, run their DiT jobs; yields (stream, x0) for each chunk that finished, job by job
+        (so a job's outputs are decoded before the next job runs)."""
         encoded = [self.encode(c) for c in chunks]                       # VAE encode + motion-aware noise
-        outs = []
         for job in self.scheduler.dit_jobs([e.chunk for e in encoded]):  # first chunks alone; the rest in one job
             mine = [next(e for e in encoded if e.chunk is c) for c in job.chunks]
             for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit):
                 if emitted:
-                    outs.append(self.decode(s, x0))                      # VAE decode of what finished
+                    yield s, x0
             self.scheduler.finished(job)
-        return outs
 
     def encode(self, c: Chunk, scale: Optional[torch.Tensor] = None, step: Optional[torch.Tensor] = None) -> Encoded:
         """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller, unless

@@ -70,6 +70,9 @@ class DiTExecutor:
     def copy_rows(self, src: int, dst: list[int]) -> None:
         self.cache.copy_rows(src, dst)
 
+    def release(self) -> None:
+        """Drop what was captured or cached for speed (graphs and their memory pools); the next job rebuilds it."""
+
     # ------------------------------------------------------------------ jobs
     @torch.no_grad()
     def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult:
@@ -122,6 +125,10 @@ class CUDAGraphExecutor(DiTExecutor):
         self.graphs: OrderedDict = OrderedDict()
         self.seen: set = set()
         self.captures = self.replays = 0
+
+    def release(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
         if x.device.type != "cuda" and not self.emulate:

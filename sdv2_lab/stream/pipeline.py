@@ -24,6 +24,7 @@ import torch
 
 from ..backbones.kv_cache import StreamKVCache
 from .config import PipelineConfig
+from ..units import FRAMES_PER_LATENT
 from .driver import Encoded, StreamDriver, frames_of, wait
 from .executor import DiTExecutor, build_executor
 from .schedule import FlowMatchSchedule
@@ -51,9 +52,59 @@ class StreamPipeline:
             name = executor or ("cuda_graph" if cfg.cuda_graph and self.device.type == "cuda" else "eager")
             self.executor = build_executor(name, dit, cache, schedule)
         self.driver = StreamDriver(self.executor, vae, text_encoder, cfg, dtype=dtype, generator=generator)
-        self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.stream: Optional[Stream] = None
         self._encoded: list[Encoded] = []
+        self.warmup_s: Optional[float] = None     # seconds the build's warm-up took (None: none was run)
+
+    # ------------------------------------------------------------------ the parts (the driver owns them)
+    @property
+    def dit(self):
+        return self.executor.dit
+
+    @property
+    def vae(self):
+        return self.driver.vae
+
+    @property
+    def text_encoder(self):
+        return self.driver.text_encoder
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Stream a short synthetic clip through every stream slot and discard it, so that kernel JIT, cuDNN
+        autotuning and CUDA-graph capture (the DiT's graphs are kept per row set and shape, so later streams
+        replay them) happen now and not in a user's first chunks. Its own noise generators: the global RNG is
+        untouched. Returns the seconds it took (also kept as ``warmup_s``)."""
+        import time
+
+        from ..io.synthetic import synthetic_clip
+        from .clips import stream_clips
+        t0 = time.perf_counter()
+        frames = 1 + FRAMES_PER_LATENT * self.cfg.frames_per_block * (self.cfg.num_kv_cache + self.num_steps + 4)
+        clip = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)[0].to(self.device)
+        n = self.cfg.max_streams
+        if self.cfg.t2v:
+            for i in range(n):
+                s = self.driver.open("warm-up", seed=12345 + i)
+                try:
+                    self.driver.generate(s, frames)
+                finally:
+                    self.driver.close(s)
+        else:
+            stream_clips(self, [clip] * n, ["warm-up"] * n, seeds=[12345 + i for i in range(n)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmup_s = time.perf_counter() - t0
+        return self.warmup_s
+
+    def close(self) -> None:
+        """End the stream and let go of the KV cache and captured graphs (the models go when the last reference
+        to this pipeline does)."""
+        if self.stream is not None:
+            self.driver.close(self.stream)
+            self.stream = None
+        self._encoded.clear()
+        self.executor.release()
 
     # ------------------------------------------------------------------ the stream
     @property
@@ -114,6 +165,11 @@ class StreamPipeline:
     def flush(self) -> torch.Tensor:
         """End of input: finish the chunks still in flight (trailing frames that do not fill a chunk are dropped)."""
         return self._frames(self.driver.flush(self._require()))
+
+    @torch.no_grad()
+    def flush_latents(self) -> list[torch.Tensor]:
+        """End of input, without the decode: the x0 latents of the chunks still in flight, oldest first."""
+        return self.driver.flush_latents(self._require())
 
     @torch.no_grad()
     def generate(self, num_frames: int) -> torch.Tensor:
