@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 # The seed's API (``from streamdiffusionv2 import ...`` becomes ``from sdv2_lab import ...``), imported on first
 # use so that ``import sdv2_lab`` stays light.
 _API = ("StreamDiffusionV2Pipeline", "VideoChunk", "EncodedChunk", "DenoisedChunk", "export_video", "load_video",
-        "run_video_to_video")
+        "run_video_to_video", "StreamVideoToVideo")
 __all__ = list(_API)
 
 

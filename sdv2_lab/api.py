@@ -194,6 +194,7 @@ class _DeviceVideo:
         if self.key is not None and isinstance(self.key[0], weakref.ref) and self.key[0]() is video \
                 and self.key[1] == video._version:
             return self.video
+        source = video
         if video.dim() == 4:
             video = video[None]
         if video.dim() != 5 or video.shape[1] != 3:
@@ -201,7 +202,6 @@ class _DeviceVideo:
         if tuple(video.shape[-2:]) != (o.height, o.width):
             raise ValueError(f"video is {video.shape[-2]}x{video.shape[-1]}, the pipeline runs at "
                              f"{o.height}x{o.width}: load it with load_video(path, height=, width=)")
-        source = video
         self._put(video, None)
         self.key = (weakref.ref(source), source._version)
         return self.video
@@ -343,21 +343,19 @@ class StreamDiffusionV2Pipeline:
         accelerated decode path (TAEHV's CUDA-graph replay; there is no TensorRT here); ``fast`` also takes the
         seed's fast config (KV cache 5, 2 sink frames, no adaptive sink refresh). A stream in progress restarts
         with its prompt. Says in one line what it switched."""
-        from .build import rebuild_pipeline
-        from .seed_config import seed_overrides  # noqa: F401  (the composition below uses it)
+        from .build import describe_paths, rebuild_pipeline
         old = self.cfg
         cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         changed = [f"{what} {a} -> {b}" for what, a, b in (
             ("VAE", old.vae.name, cfg.vae.name), ("KV cache frames", old.num_kv_cache, cfg.num_kv_cache),
             ("sink frames", old.sink_frames, cfg.sink_frames),
             ("adaptive sink refresh threshold", old.adapt_sink_threshold, cfg.adapt_sink_threshold)) if a != b]
-        self.pipeline = rebuild_pipeline(self._live(), old, cfg, announce=None)
+        self.pipeline = rebuild_pipeline(self._live(), old, cfg, announce=lambda line: None)  # said below
         self.cfg = cfg
         self.num_steps = self.pipeline.num_steps
         if self._prompt is not None:
             self.pipeline.start(self._prompt)
             changed.append("stream restarted")
-        from .build import describe_paths
         _say(f"enable_acceleration: {'; '.join(changed) or 'nothing to switch'}; now {describe_paths(cfg)}")
         return self
 
@@ -466,7 +464,7 @@ def _expected_frames(frames: int, chunk: int) -> int:
 
 def _progress(enabled: bool, total: int):
     from tqdm import tqdm
-    return tqdm(total=total, desc="sdv2_lab: frames", unit="f", disable=not enabled, mininterval=1.0,
+    return tqdm(total=total, desc="restyled frames", unit="f", disable=not enabled, mininterval=1.0,
                 dynamic_ncols=True, file=sys.stderr)
 
 

@@ -208,7 +208,8 @@ def rebuild_pipeline(pipe: StreamPipeline, old: DictConfig, cfg: DictConfig, *,
     if not same(DIT_KEYS) or pipe.cfg.mode == "pipe" or pipeline_config(cfg).mode == "pipe":
         return build_pipeline(cfg, announce=announce, dummy_hint=dummy_hint)
     pcfg = pipeline_config(cfg).validate()
-    vae = pipe.vae if same(VAE_KEYS) else build_vae(cfg, pipe.device, pipe.dtype)
+    with _OneDummyWarning():
+        vae = pipe.vae if same(VAE_KEYS) else build_vae(cfg, pipe.device, pipe.dtype)
     new = StreamPipeline(pipe.dit, vae, pipe.text_encoder, pcfg, device=pipe.device, dtype=pipe.dtype)
     return _ready(new, cfg, announce, dummy_hint)
 

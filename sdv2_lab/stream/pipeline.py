@@ -33,6 +33,11 @@ from .scheduler import MODES, Stream
 __all__ = ["PipelineConfig", "StreamPipeline", "MODES"]
 
 
+def executor_name(cfg: PipelineConfig, device: torch.device) -> str:
+    """The DiT executor a config runs on a device: CUDA graphs where asked for and possible, else eager."""
+    return "cuda_graph" if cfg.cuda_graph and device.type == "cuda" else "eager"
+
+
 class StreamPipeline:
     def __init__(self, dit, vae, text_encoder, cfg: PipelineConfig, *, device=None, dtype=torch.bfloat16,
                  schedule: Optional[FlowMatchSchedule] = None, generator: Optional[torch.Generator] = None,
@@ -49,8 +54,7 @@ class StreamPipeline:
             rows = cfg.max_streams * (len(cfg.step_list) if MODES[cfg.mode].stream_batch else 1)
             cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
                                   cfg.adapt_sink_threshold, dtype=dtype, device=self.device)
-            name = executor or ("cuda_graph" if cfg.cuda_graph and self.device.type == "cuda" else "eager")
-            self.executor = build_executor(name, dit, cache, schedule)
+            self.executor = build_executor(executor or executor_name(cfg, self.device), dit, cache, schedule)
         self.driver = StreamDriver(self.executor, vae, text_encoder, cfg, dtype=dtype, generator=generator)
         self.stream: Optional[Stream] = None
         self._encoded: list[Encoded] = []
