@@ -72,7 +72,8 @@ def input_frames(cfg: DictConfig):
     return frames, info.fps, desc, count
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, *, name: str = "sdv2 run",
+        dummy_hint: str = "weights=real with the official files: README") -> dict:
     """Stream the input through the pipeline, write the mp4, print the timings. Everything that can be checked
     without the models (settings, weight files, input, output path) is checked first."""
     import torch
@@ -80,6 +81,7 @@ def run(cfg: DictConfig) -> dict:
 
     from .build import build_pipeline
     from .io.files import check_output_file
+    from .io.threads import BackgroundWriter, prefetch
     from .io.video import VideoWriter
     from .preflight import check_config
     from .stream.clips import stream_clip
@@ -93,12 +95,15 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output.dir)
     out_path = check_output_file(out_dir / cfg.output.name, "output video")
     frames, in_fps, desc, count = input_frames(cfg)
-    pipe = build_pipeline(cfg)
+    pipe = build_pipeline(cfg, announce=lambda line: print(f"{name}: {line}", flush=True), dummy_hint=dummy_hint)
     dummy = pipe.weights_are_dummy
-    print(f"sdv2 run: {cfg.backbone.name} / vae {cfg.vae.name} / {cfg.mode.name} / {cfg.steps} step(s) / "
-          f"{cfg.height}x{cfg.width} on {pipe.device} ({str(pipe.dtype).replace('torch.', '')}); input: {desc}")
+    print(f"{name}: input: {desc}", flush=True)
+    if not isinstance(frames, torch.Tensor) and frames is not None:  # decoded on a thread of its own, ahead of use
+        pin = pipe.device.type == "cuda"
+        frames = prefetch(frames, depth=8, prepare=(lambda t: t.pin_memory()) if pin else None)
     total = count if cfg.t2v else expected_output_frames(count, cfg)
-    with VideoWriter(out_path, fps=cfg.fps) as writer, \
+    # the mp4 is encoded on a thread of its own: the loop that feeds the GPU never waits for the encoder
+    with BackgroundWriter(VideoWriter(out_path, fps=cfg.fps)) as writer, \
             tqdm(desc="output frames", total=total, unit="f", mininterval=1.0, dynamic_ncols=True) as bar:
         if cfg.t2v:
             pipe.start(prompt)
@@ -108,9 +113,10 @@ def run(cfg: DictConfig) -> dict:
             stats = {"output_frames": out.shape[0]}
         else:
             _, stats = stream_clip(pipe, frames, prompt, input_fps=in_fps, on_frames=writer.write, progress=bar,
-                                   keep_output=False)
+                                   keep_output=False, host_frames="uint8")
     stats.update(weights="dummy" if dummy else "real", output=str(out_path), device=str(pipe.device),
-                 torch=torch.__version__, gpu=torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu")
+                 torch=torch.__version__, gpu=torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu",
+                 warmup_s=pipe.warmup_s, writer_waits=writer.waits)
     print(format_stats(stats))
     timings = cfg.output.get("timings", "timings.json")
     if timings:

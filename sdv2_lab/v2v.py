@@ -72,6 +72,25 @@ def parse(argv):
     return a
 
 
+# The seed repository's own files, used when a flag is not given and the file is where the seed keeps it (paths
+# relative to the working directory, as the seed's run_v2v.sh reads them); 14B has its own checkpoint and YAML.
+SEED_FILES = {"checkpoint_folder": ("ckpts/wan_causal_dmd_v2v", "ckpts/wan_causal_dmd_v2v_14b"),
+              "config_path": ("configs/wan_causal_dmd_v2v.yaml", "configs/wan_causal_dmd_v2v_14b.yaml"),
+              "video_path": ("examples/original.mp4",) * 2, "prompt_file_path": ("examples/prompt.txt",) * 2}
+
+
+def seed_defaults(a) -> list[str]:
+    """Fill the flags that were not given with the seed's files that exist here; returns what was used."""
+    used = []
+    for flag, paths in SEED_FILES.items():
+        path = Path(paths[a.model_type == "T2V-14B"])
+        if getattr(a, flag) is None and not (flag == "video_path" and a.t2v) and \
+                (path.is_dir() if flag == "checkpoint_folder" else path.is_file()):
+            setattr(a, flag, str(path))
+            used.append(f"--{flag} {path}")
+    return used
+
+
 def device_of(a) -> str:
     if a.gpu_id is not None:
         return f"cuda:{a.gpu_id}"
@@ -163,9 +182,13 @@ def main(argv=None):
     from .cli import run
     from .preflight import user_errors
     try:
+        found = seed_defaults(a)
+        if found:
+            print(f"run_v2v.sh: the seed's files found here: {', '.join(found)}")
         cfg = compose_config("config", to_overrides(a))
         announce(a, cfg)
-        run(cfg)
+        run(cfg, name="run_v2v.sh",
+            dummy_hint="--checkpoint_folder ckpts/wan_causal_dmd_v2v (a folder with model.pt) loads the official files")
     except user_errors() as exc:
         raise SystemExit(f"run_v2v.sh: error: {name_flags(str(exc))}") from None
 
