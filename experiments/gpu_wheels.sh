@@ -21,6 +21,6 @@ done
   "$PIP" wheel -q --no-deps -w .whl "antlr4-python3-runtime==$(ver antlr4-python3-runtime)"
 [ -n "${TORCHAO:-}" ] && "$PIP" download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "torchao==$TORCHAO"
-cp ../shared/bench/ref_bench.py ../shared/bench/ref_pipe_bench.py .refbench/ 2>/dev/null || \
+cp ../shared/bench/ref_bench.py ../shared/bench/ref_pipe_bench.py ../shared/bench/dit_floor.py ../shared/bench/vae_conv_floor.py ../shared/bench/vae_floor.py .refbench/ 2>/dev/null || \
   echo "note: ../shared/bench not found: .refbench/ has no reference bench files" >&2
 du -sh .whl .refbench
