@@ -21,11 +21,12 @@ Everything runs in process on one ``StreamPipeline`` (no subprocesses, no second
 through ``seed_config.seed_overrides`` (the same function ``run_v2v.sh`` uses); the config is checked
 (``preflight.check_config``) before any model is built.
 
-At the engine's speed, with the seed's loop unchanged: the input video goes to the device once (kept per tensor,
-never re-scanned per chunk); ``encode_chunk`` and ``denoise_chunk`` only enqueue GPU work (the noise scale stays a
-device value: ``EncodedChunk.noise_scale`` is a number that reads the GPU only when used as one, and passing it
-back as ``previous_noise_scale`` reads nothing); ``decode_chunk`` waits once, for its own frames, which come back
-through a pinned buffer.
+At the engine's speed, with the seed's loop unchanged: nothing per chunk touches the whole video (each chunk's own
+frames cross to the GPU, from pinned memory, when it is encoded; a file is loaded once); ``encode_chunk`` and
+``denoise_chunk`` only enqueue GPU work, on the engine's own CUDA streams (the noise scale stays a device value:
+``EncodedChunk.noise_scale`` is a number that reads the GPU only when used as one, and passing it back as
+``previous_noise_scale`` reads nothing); ``decode_chunk`` waits once, for its own frames, which come back through
+a pinned buffer.
 """
 from __future__ import annotations
 
@@ -60,12 +61,14 @@ class NoiseScale:
     (``float``, arithmetic, formatting, comparison) waits for the GPU; passing it back as
     ``previous_noise_scale`` uses the device value and waits for nothing."""
 
-    __slots__ = ("tensor",)
+    __slots__ = ("tensor", "ready")
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    def __init__(self, tensor: torch.Tensor, ready: Optional[torch.cuda.Event] = None):
+        self.tensor, self.ready = tensor, ready     # ready: the end of the encode that made it (its CUDA stream)
 
     def __float__(self) -> float:
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
         return float(self.tensor)
 
     def __repr__(self) -> str:
@@ -120,20 +123,15 @@ class NoiseScale:
         return float(other) / float(self)
 
 
-def _scale_tensor(value, device) -> Optional[torch.Tensor]:
-    """A noise scale as a float64 device scalar, made on the device (no host-to-device copy, no wait)."""
-    if value is None:
-        return None
-    if isinstance(value, NoiseScale):
-        value = value.tensor
-    if isinstance(value, torch.Tensor):
-        return value.to(device, torch.float64)
-    return torch.full((), float(value), dtype=torch.float64, device=device)
+def _scale_value(value):
+    """What the engine takes as a noise scale: the device value of a NoiseScale, else the number (or None)."""
+    return value.tensor if isinstance(value, NoiseScale) else value
 
 
 @dataclass
 class VideoChunk:
-    frames: torch.Tensor          # [1, 3, T, H, W] in [-1, 1] on the device (a view of the video's device copy)
+    frames: torch.Tensor          # [1, 3, T, H, W] in [-1, 1]: a view of the input video (it goes to the GPU when
+                                  # encoded: only this chunk's frames cross, never the whole video again)
     start_idx: int
     end_idx: int
     current_start: int            # virtual token offsets, as the reference reports them
@@ -171,9 +169,11 @@ def export_video(video, output_path: str | os.PathLike, *, fps: int = 16) -> str
     return str(output_path)
 
 
-class _DeviceVideo:
-    """The input video's device copy, made once per video (a tensor, until it is changed in place, or a file) and
-    checked once; ``bytes_in`` counts what was handed to the device, so that per-chunk cost can be tested."""
+class _InputVideo:
+    """The input video as the staged calls see it: loaded once per file, checked once per tensor (shape; the range
+    of a video already on the GPU, with one wait), never copied whole: each chunk's frames cross to the device
+    when that chunk is encoded (and the range of host frames is checked per chunk, on the host). ``bytes_in``
+    counts the host bytes handed to the engine, so that per-chunk cost can be tested."""
 
     def __init__(self, owner: "StreamDiffusionV2Pipeline"):
         self.owner = owner
@@ -182,12 +182,13 @@ class _DeviceVideo:
         self.bytes_in = 0
 
     def get(self, video) -> torch.Tensor:
+        """The video as [1, 3, T, H, W] on its own device."""
         o = self.owner
         if isinstance(video, (str, Path)):
             st = Path(video).stat()
             key = (str(Path(video).resolve()), st.st_mtime_ns, st.st_size)
             if key != self.key:
-                self._put(load_video(video, height=o.height, width=o.width), key)
+                self.video, self.key = load_video(video, height=o.height, width=o.width)[None], key
             return self.video
         if not isinstance(video, torch.Tensor):
             raise TypeError(f"video must be a path or a tensor, got {type(video).__name__}")
@@ -202,25 +203,27 @@ class _DeviceVideo:
         if tuple(video.shape[-2:]) != (o.height, o.width):
             raise ValueError(f"video is {video.shape[-2]}x{video.shape[-1]}, the pipeline runs at "
                              f"{o.height}x{o.width}: load it with load_video(path, height=, width=)")
-        self._put(video, None)
-        self.key = (weakref.ref(source), source._version)
-        return self.video
+        if video.device.type != "cpu":
+            check_range(video, "video")
+        self.video, self.key = video, (weakref.ref(source), source._version)
+        return video
 
-    def _put(self, video: torch.Tensor, key) -> None:
-        o = self.owner
-        if video.dim() == 4:
-            video = video[None]
-        if video.is_floating_point():   # once per video: a scan of every frame
-            lo, hi = torch.aminmax(video)
-            if lo < -1.001 or hi > 1.001:
-                raise ValueError(f"video values must lie in [-1, 1] (load_video returns that range), got "
-                                 f"[{float(lo):.3g}, {float(hi):.3g}]")
-        if video.device != o.device or video.dtype != o.pipeline.dtype:
-            self.bytes_in += video.numel() * video.element_size() if video.device != o.device else 0
-            if video.device.type == "cpu" and o.device.type == "cuda":
-                video = video.pin_memory()
-            video = video.to(o.device, o.pipeline.dtype, non_blocking=True)
-        self.video, self.key = video, key
+    def piece(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames of one chunk on their way to the engine: host frames checked here (a few frames, on the host)
+        and pinned for an asynchronous copy; device frames as they are."""
+        if frames.device.type != "cpu":
+            return frames
+        check_range(frames, "video")
+        self.bytes_in += frames.numel() * frames.element_size()
+        return frames.pin_memory() if self.owner.device.type == "cuda" else frames
+
+
+def check_range(video: torch.Tensor, what: str) -> None:
+    if video.is_floating_point():
+        lo, hi = torch.aminmax(video)
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"{what} values must lie in [-1, 1] (load_video returns that range), got "
+                             f"[{float(lo):.3g}, {float(hi):.3g}]")
 
 
 class _HostFrames:
@@ -280,7 +283,7 @@ class StreamDiffusionV2Pipeline:
         self.num_steps = self.pipeline.num_steps
         self.profile = profile
         self._prompt: Optional[str] = None
-        self._video = _DeviceVideo(self)
+        self._video = _InputVideo(self)
         self._host = _HostFrames()
         if use_tensorrt or fast:
             log.info("use_tensorrt: there is no TensorRT here; TAEHV decodes with CUDA-graph replay on a GPU instead")
@@ -300,7 +303,8 @@ class StreamDiffusionV2Pipeline:
 
     @property
     def host_to_device_bytes(self) -> int:
-        """Bytes of input video this API has handed to the device (once per video, not per chunk)."""
+        """Bytes of host video the staged calls have handed to the engine (each chunk's own frames, and the frame
+        before it: never the whole video)."""
         return self._video.bytes_in
 
     # ------------------------------------------------------------------ lifecycle
@@ -315,7 +319,7 @@ class StreamDiffusionV2Pipeline:
             return
         self.pipeline.close()
         self.pipeline = None
-        self._video = _DeviceVideo(self)
+        self._video = _InputVideo(self)
         self._host = _HostFrames()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -361,10 +365,10 @@ class StreamDiffusionV2Pipeline:
 
     # ------------------------------------------------------------------ stages
     def chunk_video(self, video) -> list[VideoChunk]:
-        """The chunks of the offline loop: frames [0, 5), then [1+4k, 5+4k); trailing frames are dropped. The
-        video goes to the device here, once (later calls with the same tensor or file reuse that copy)."""
-        dev = self._video.get(video)
-        total = dev.shape[2]
+        """The chunks of the offline loop: frames [0, 5), then [1+4k, 5+4k); trailing frames are dropped. Views of
+        the video (a file is loaded once); nothing is copied here."""
+        video = self._video.get(video)
+        total = video.shape[2]
         if total < 1 + self.chunk_size:
             raise ValueError(f"the video has {total} frame(s); the first chunk needs {1 + self.chunk_size} "
                              f"(1 + {self.chunk_size}): give a longer video")
@@ -372,32 +376,32 @@ class StreamDiffusionV2Pipeline:
         chunks, start, end = [], 0, 1 + self.chunk_size
         cs, ce = 0, S * (1 + self.chunk_size // FRAMES_PER_LATENT)
         while end <= total:
-            chunks.append(VideoChunk(dev[:, :, start:end], start, end, cs, ce))
+            chunks.append(VideoChunk(video[:, :, start:end], start, end, cs, ce))
             start, end = end, end + self.chunk_size
             cs, ce = ce, ce + S * (self.chunk_size // FRAMES_PER_LATENT)
         return chunks
 
     def encode_chunk(self, input_video, chunk: VideoChunk, *, previous_noise_scale=None,
                      initial_noise_scale=None) -> EncodedChunk:
-        """VAE-encode one chunk and noise it; chunks after the first go through the motion noise controller.
-        Enqueues GPU work only."""
+        """VAE-encode one chunk and noise it; chunks after the first go through the motion noise controller (with
+        the frame before the chunk from ``input_video``). Enqueues GPU work only."""
+        from .stream.driver import Previous
         pipe = self._live()
         if pipe.state is None:
             raise RuntimeError("call prepare(prompt) first")
+        first = chunk.start_idx == 0
+        previous = None
+        if not first:
+            video = self._video.get(input_video)
+            previous = Previous(self._video.piece(video[:, :, chunk.start_idx - 1:chunk.start_idx]),
+                                _scale_value(self.noise_scale if previous_noise_scale is None else previous_noise_scale),
+                                _scale_value(initial_noise_scale))
+        elif pipe.state.chunks_in:
+            raise RuntimeError("the first chunk was already encoded in this stream: call prepare() again")
         with torch.no_grad():
-            first = chunk.start_idx == 0
-            scale = step = None
-            if not first:
-                video = self._video.get(input_video)
-                prev_last = video[:, :, chunk.start_idx - 1:chunk.start_idx]
-                s_prev = _scale_tensor(self.noise_scale if previous_noise_scale is None else previous_noise_scale,
-                                       self.device)
-                s0 = _scale_tensor(initial_noise_scale, self.device)
-                scale, step = pipe.state.controller.next_scale(chunk.frames, prev_last, s_prev, s0)
-            elif pipe.state.chunks_in:
-                raise RuntimeError("the first chunk was already encoded in this stream: call prepare() again")
-            noisy, scale, step = pipe.encode_stage(chunk.frames, scale=scale, step=step)
-        return EncodedChunk(noisy, chunk.current_start, chunk.current_end, NoiseScale(scale), step, first=first)
+            e = pipe.encode_stage(self._video.piece(chunk.frames), previous)
+        return EncodedChunk(e.noisy, chunk.current_start, chunk.current_end, NoiseScale(e.scale, e.ready), e.step,
+                            first=first)
 
     def denoise_chunk(self, chunk: EncodedChunk) -> Optional[DenoisedChunk]:
         """One DiT step. ``single``: None until the stream batch has filled (n-1 chunks of latency)."""
@@ -451,9 +455,9 @@ class StreamDiffusionV2Pipeline:
         from .stream.clips import stream_clip
         if self._prompt is None:
             raise RuntimeError("call prepare(prompt) first")
-        dev = self._video.get(video)[0]
-        with _progress(progress, _expected_frames(dev.shape[1], self.chunk_size)) as bar:
-            out, _ = stream_clip(self._live(), dev, self._prompt, progress=bar)
+        frames = self._video.get(video)[0]
+        with _progress(progress, _expected_frames(frames.shape[1], self.chunk_size)) as bar:
+            out, _ = stream_clip(self._live(), frames, self._prompt, progress=bar)
         self.prepare(self._prompt)   # the engine's stream ended: the staged calls start a new one
         return out.numpy()
 

@@ -61,39 +61,50 @@ class WholeVideoOps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("frames", [17, 65])
-def test_per_chunk_work_does_not_touch_the_whole_video(api, frames):
-    """The old encode_chunk re-scanned (min/max) and re-copied every frame of the video for every chunk: O(T^2)."""
-    video = synthetic_clip(frames, H, W)[0]
+def chunk_costs(api, video, chunks=4):
+    """Per chunk: the host bytes handed to the engine, and operations that read most of the video."""
     api.prepare("p")
-    chunks = api.chunk_video(video)                  # the device copy is made here, once
-    bytes_after_chunking = api.host_to_device_bytes
-    device_video = chunks[0].frames._base if chunks[0].frames._base is not None else chunks[0].frames
-    scale = api.noise_scale
-    for watched in (video, device_video):
-        with WholeVideoOps(watched) as mode:
-            for chunk in chunks[:3]:
-                enc = api.encode_chunk(video, chunk, previous_noise_scale=scale, initial_noise_scale=api.noise_scale)
-                scale = enc.noise_scale
-                den = api.denoise_chunk(enc)
-                if den is not None:
-                    api.decode_chunk(den)
-        assert mode.ops == [], f"per-chunk operations over the whole {frames}-frame video: {mode.ops}"
+    parts = api.chunk_video(video)
+    costs, scale = [], api.noise_scale
+    for chunk in parts[:chunks]:
+        before = api.host_to_device_bytes
+        with WholeVideoOps(video) as mode:
+            enc = api.encode_chunk(video, chunk, previous_noise_scale=scale, initial_noise_scale=api.noise_scale)
+            scale = enc.noise_scale
+            den = api.denoise_chunk(enc)
+            if den is not None:
+                api.decode_chunk(den)
+        costs.append((api.host_to_device_bytes - before, mode.ops))
+    return costs
+
+
+def test_per_chunk_work_does_not_grow_with_the_video(api):
+    """The old encode_chunk re-scanned (min/max) and re-copied every frame of the video for every chunk: O(T^2)."""
+    short, long = chunk_costs(api, synthetic_clip(17, H, W)[0]), chunk_costs(api, synthetic_clip(65, H, W)[0])
+    assert short == long                                           # the same bytes and operations per chunk
+    frame = 3 * H * W * 4
+    assert [b for b, _ in short] == [5 * frame] + [5 * frame] * 3  # the chunk's frames (+ the frame before it)
+    assert all(ops == [] for _, ops in short)                      # nothing reads the whole video
+
+
+def test_a_file_is_loaded_once_and_a_tensor_checked_once(api, tmp_path, monkeypatch):
+    import sdv2_lab.api
+    write_synthetic_clip(tmp_path / "in.mp4", frames=9, height=H, width=W)
+    loads = []
+    real = sdv2_lab.api.load_video
+    monkeypatch.setattr(sdv2_lab.api, "load_video", lambda *a, **k: loads.append(1) or real(*a, **k))
+    api.prepare("p")
+    path = str(tmp_path / "in.mp4")
+    chunks = api.chunk_video(path)
+    for chunk in chunks:
+        api.denoise_chunk(api.encode_chunk(path, chunk))
+    assert loads == [1]
+    video = synthetic_clip(9, H, W)[0]
+    assert api.chunk_video(video)[0].frames.data_ptr() == video.data_ptr()   # views: nothing copied
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*got \[.*3"):
         api.prepare("p")
-    assert api.host_to_device_bytes == bytes_after_chunking      # nothing more went to the device
-
-
-def test_chunking_a_video_twice_copies_it_once():
-    cpu_video = synthetic_clip(9, H, W)[0].double()                # another dtype: a conversion is needed
-    pipe = StreamDiffusionV2Pipeline(None, **ARGS)
-    pipe.chunk_video(cpu_video)
-    moved = pipe._video.video
-    pipe.chunk_video(cpu_video)
-    assert pipe._video.video is moved                              # the same device copy
-    cpu_video.mul_(0.5)                                            # changed in place: a new copy
-    pipe.chunk_video(cpu_video)
-    assert pipe._video.video is not moved
-    pipe.close()
+        bad = video * 3
+        api.encode_chunk(bad, api.chunk_video(bad)[0])
 
 
 def test_passing_the_noise_scale_back_reads_nothing_from_the_device(api, monkeypatch):

@@ -47,6 +47,15 @@ class Encoded:
     ready: Optional[torch.cuda.Event] = None # recorded after the encode: the DiT's lane waits for it
 
 
+@dataclass
+class Previous:
+    """The staged API's explicit noise-controller inputs for a chunk: the frame before it [1, 3, 1, H, W] and the
+    previous and initial noise scales (device scalars, floats, or None for the stream's own)."""
+    last_frame: torch.Tensor
+    scale: object = None
+    initial: object = None
+
+
 class Lanes:
     """Where each stage runs: its own CUDA stream when overlapping, else the current stream."""
 
@@ -299,9 +308,10 @@ class StreamDriver:
                     yield s, x0
             self.scheduler.finished(job)
 
-    def encode(self, c: Chunk, scale: Optional[torch.Tensor] = None, step: Optional[torch.Tensor] = None) -> Encoded:
-        """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller, unless
-        ``scale``/``step`` are given (the staged API's explicit previous noise scale)."""
+    def encode(self, c: Chunk, previous: Optional[Previous] = None, after=()) -> Encoded:
+        """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller: from the
+        stream's own state, or from ``previous`` (the staged API's explicit inputs), on the encode lane after the
+        events ``after``."""
         s = c.stream
         shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
         if not self.encodes:  # a pipe stage after the first: the chunk's shape is all it needs
@@ -313,11 +323,15 @@ class StreamDriver:
                 noisy = self._randn(s, shape)
             self.lanes.handoff(noisy, "dit")
             return Encoded(c, noisy, ready=run.end.event)
-        with self._stage("encode", [s], [c.frames.shape[2]]) as run:
-            frames = c.frames
-            if scale is None and c.first:
+        with self._stage("encode", [s], [c.frames.shape[2]], after) as run:
+            frames, step = c.frames, None
+            if c.first:
                 scale = s.controller.s0
-            elif scale is None:
+            elif previous is not None:
+                scale, step = s.controller.next_scale(frames, self._check_frames(previous.last_frame[0])[None],
+                                                      self._scalar(previous.scale), self._scalar(previous.initial))
+                s.controller.scale = scale
+            else:
                 scale, step = s.controller.update(frames, s.last_frame)
             latents = s.vae.encode(s.vae_state, frames).to(self.dtype)
             noisy = mix_noise(latents, self._randn(s, latents.shape), scale)
@@ -424,6 +438,14 @@ class StreamDriver:
             return torch.empty(shape, device="meta", dtype=self.dtype)
         return torch.randn(shape, generator=s.generator, device=self.device, dtype=self.dtype)
 
+    def _scalar(self, value) -> Optional[torch.Tensor]:
+        """A noise scale as a float64 device scalar, made where it is used (a float: a fill, no copy)."""
+        if value is None or (isinstance(value, torch.Tensor) and value.device == self.device):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, torch.float64, non_blocking=True)
+        return torch.full((), float(value), dtype=torch.float64, device=self.device)
+
     def _check_frames(self, frames: torch.Tensor) -> torch.Tensor:
         if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[0] != 3:
             raise ValueError(f"frames must be a tensor [3, T, H, W] in [-1, 1], got "
@@ -433,7 +455,7 @@ class StreamDriver:
                              f"{self.cfg.height}x{self.cfg.width}; resize them (sdv2_lab.io.video.load_video does)")
         if not self.encodes:  # only the first pipe stage reads the frames; the others follow their shapes
             return frames.to("meta")
-        if frames.device.type == "cpu" and self.device.type == "cuda":
+        if frames.device.type == "cpu" and self.device.type == "cuda" and not frames.is_pinned():
             frames = frames.pin_memory()
         with self.lanes.on("encode"):
             return frames.to(self.device, self.dtype, non_blocking=True)

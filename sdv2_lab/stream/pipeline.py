@@ -25,7 +25,7 @@ import torch
 from ..backbones.kv_cache import StreamKVCache
 from .config import PipelineConfig
 from ..units import FRAMES_PER_LATENT
-from .driver import Encoded, StreamDriver, frames_of, wait
+from .driver import Encoded, Previous, StreamDriver, frames_of, wait
 from .executor import DiTExecutor, build_executor
 from .schedule import FlowMatchSchedule
 from .scheduler import MODES, Stream
@@ -182,18 +182,18 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------ the stages, one at a time (staged API)
     @torch.no_grad()
-    def encode_stage(self, chunk: Optional[torch.Tensor], scale=None, step=None):
-        """Chunk [1, 3, T, H, W] in [-1, 1] (None in t2v) -> (noisy latents [1, F, 16, h, w], noise scale,
-        timestep for slot 0 or None). ``scale``/``step`` override the stream's noise controller."""
+    def encode_stage(self, chunk: Optional[torch.Tensor], previous: Optional[Previous] = None) -> Encoded:
+        """Chunk [1, 3, T, H, W] in [-1, 1] on any device (None in t2v) -> its ``Encoded`` (noisy latents
+        [1, F, 16, h, w], the noise scale, the timestep for slot 0 and the event that ends the encode). Chunks after
+        the first go through the noise controller, from ``previous`` when given. Work the caller enqueued on the
+        current CUDA stream comes first; nothing waits on the host."""
         s = self._require()
+        after = [self.driver._current_event()]
         c = self.driver.scheduler.noise_chunk(s) if chunk is None else \
             self.driver.scheduler.chunk(s, self.driver._check_frames(chunk[0])[None])
-        if scale is not None:
-            scale = torch.as_tensor(scale, dtype=torch.float64, device=self.device)
-            s.controller.scale = scale
-        e = self.driver.encode(c, scale, step)
+        e = self.driver.encode(c, previous, after)
         self._encoded = [e]
-        return e.noisy, e.scale, e.step
+        return e
 
     @torch.no_grad()
     def denoise_stage(self, noisy: torch.Tensor, step=None, *, first: Optional[bool] = None):
@@ -206,7 +206,7 @@ class StreamPipeline:
             if noisy.shape[1] != c.latent_frames:
                 raise ValueError(f"this stream's next chunk has {c.latent_frames} latent frame(s), the latents "
                                  f"{tuple(noisy.shape)} have {noisy.shape[1]}")
-            e = Encoded(c, noisy.to(self.device, self.dtype))
+            e = Encoded(c, noisy.to(self.device, self.dtype), ready=self.driver._current_event())
         if first is not None and first != e.chunk.first:
             raise ValueError(f"first={first}, but this is the stream's {'first' if e.chunk.first else 'next'} chunk")
         if step is not None:
