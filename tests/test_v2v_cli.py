@@ -49,3 +49,39 @@ def test_messages_name_the_flags_typed():
         "--height and --width must be positive multiples of 16"
     assert name_flags("1 to 4 denoising steps are supported") == "1 to 4 denoising steps are supported"
     assert name_flags("device=cuda was asked for") == "--device cuda was asked for"
+
+
+def test_the_seeds_files_are_the_defaults_where_they_exist(tiny_root, tmp_path, monkeypatch):
+    """In a folder laid out as the seed's, `./run_v2v.sh single` with no flags uses its checkpoint, example video,
+    prompt and YAML (and says so), as the seed's own script does; elsewhere nothing is assumed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from sdv2_lab.io.synthetic import write_synthetic_clip
+    from sdv2_lab.io.video import probe_video
+    from sdv2_lab.v2v import seed_defaults
+    from test_user_checkpoint import copy_layout
+    monkeypatch.chdir(tmp_path)
+    assert seed_defaults(parse(["single"])) == []                       # an empty folder: nothing found
+    root = copy_layout(tiny_root, tmp_path / "seed")
+    write_synthetic_clip(root / "examples" / "original.mp4", frames=9, height=32, width=48)
+    (root / "examples" / "prompt.txt").write_text("A dog walks on the grass, realistic\n")
+    (root / "configs").mkdir()
+    (root / "configs" / "wan_causal_dmd_v2v.yaml").write_text("num_kv_cache: 6\nnum_sink_tokens: 3\n")
+    script = Path(__file__).resolve().parents[1] / "run_v2v.sh"
+    env = {**__import__("os").environ, "OUTPUT_FOLDER": "outputs/run_single", "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(script), "single", "--device", "cpu", "--height", "32", "--width", "48"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-1500:] + res.stderr[-1500:]
+    found = next(ln for ln in res.stdout.splitlines() if "the seed's files found here" in ln)
+    for flag in ("--checkpoint_folder ckpts/wan_causal_dmd_v2v", "--video_path examples/original.mp4",
+                 "--prompt_file_path examples/prompt.txt", "--config_path configs/wan_causal_dmd_v2v.yaml"):
+        assert flag in found
+    assert "DUMMY" not in res.stdout + res.stderr                          # the checkpoint's weights
+    assert probe_video(root / "outputs" / "run_single" / "output_000.mp4").frames == 9
+    monkeypatch.chdir(root)
+    assert len(seed_defaults(parse(["single"]))) == 4
+    shutil.rmtree(root / "ckpts" / "wan_causal_dmd_v2v")                 # a flag given or a file missing: not used
+    used = " ".join(seed_defaults(parse(["single", "--video_path", "other.mp4"])))
+    assert "--checkpoint_folder" not in used and "--video_path" not in used and "--prompt_file_path" in used
