@@ -458,7 +458,9 @@ class StreamDriver:
         if frames.device.type == "cpu" and self.device.type == "cuda" and not frames.is_pinned():
             frames = frames.pin_memory()
         with self.lanes.on("encode"):
-            return frames.to(self.device, self.dtype, non_blocking=True)
+            # across devices in the source dtype, then cast on the device: a cast on the way would be made on the
+            # host, into pageable memory, and the copy from there would block the host
+            return frames.to(self.device, non_blocking=True).to(self.dtype)
 
 
 def wait(outs: list[ChunkOut]) -> None:
