@@ -179,8 +179,10 @@ def serve(a, out: Path) -> dict:
     port = free_port()
     log = open(out / "serve.log", "w")
     fps_in = 4 * a.client_fps
+    # the same configuration: one stream slot of the benchmark's step count (the KV rows and warm-up it needs)
     cmd = [sys.executable, "-m", "sdv2_lab.cli", "serve", *config(a), f"serve.port={port}",
-           f"serve.input_fps={fps_in}", f"hydra.run.dir={out / 'serve_run'}"]
+           f"serve.input_fps={fps_in}", "serve.max_streams=1", f"serve.max_steps={a.steps}",
+           f"hydra.run.dir={out / 'serve_run'}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -220,7 +222,7 @@ def main() -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--repeats", type=int, default=2, help="in-process paths: streams after the build (best kept)")
-    p.add_argument("--paths", default="engine,staged,sdv2_run,run_v2v,serve")
+    p.add_argument("--paths", default="serve,engine,staged,sdv2_run,run_v2v")
     p.add_argument("--client-fps", type=float, default=60.0, help="serve: the client's send rate")
     p.add_argument("--serve-seconds", type=float, default=20.0)
     p.add_argument("--serve-warmup", type=float, default=3.0, help="serve: seconds of output left out")

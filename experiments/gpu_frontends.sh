@@ -7,7 +7,7 @@ BUDGET=${FE_BUDGET:-560}
 source experiments/gpu_common.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 step frontends ${FE_LIMIT:-330} python3 experiments/bench_frontends.py --out /tmp/fe ${FE_ARGS:-}
-cp /tmp/fe/frontends.json "$OUT/" 2>/dev/null
+cp /tmp/fe/frontends.json /tmp/fe/*.log "$OUT/" 2>/dev/null
 step sidebyside ${SBS_LIMIT:-200} python3 experiments/bench_sidebyside.py --ref-bench .refbench/ref_bench.py --out "$OUT" \
   --configs ${SBS_CONFIGS:-1.3B:1:wan,1.3B:1:taehv}
 echo "=== done [${SECONDS}s]"
