@@ -6,20 +6,22 @@ compute the same function of the same weights with less memory traffic between t
 
 * channels-last 3-D activations end to end (weights converted once, in place), so cuDNN runs its fast NHWC
   kernels and per-frame 2-D ops see plain views (no layout copies between layers);
-* every causal 3-tap conv owns a persistent padded input buffer ``[B, C, 2 + T, H, W]``: frames 0-1 are its
-  history (the eager cache's history tensor *is* a view of them), the producer writes the new chunk into
-  frames 2.. and the conv reads the whole buffer (no ``cat``); then the last 2 frames move to the head;
+* every causal 3-tap conv reads one padded input buffer ``[B, C, 2 + T, H, W]`` (the call's workspace): frames
+  0-1 are the streams' history (copied in), the producer writes the new chunk into frames 2.. and the conv
+  reads the whole buffer (no ``cat``); then the last 2 frames become the streams' history (``state.Batch``);
 * RMS norm + SiLU (+ the residual add of the previous block, whose sum is kept for the shortcut) is one
   pass (``fused_ops.rms_norm_silu``) that writes straight into the next conv's buffer;
-* the downsamplers' right/bottom zero padding is a persistent zero-bordered buffer that the residual sum is
-  written into; the temporal downsampler's last frame lives in the head of its own padded buffer;
+* the downsamplers' right/bottom zero padding is a zero-bordered buffer that the residual sum is written
+  into; the temporal downsampler's last frame is the head of its own padded buffer;
 * nearest x2 upsampling + 3x3 conv is one 3x3 conv with 4x the output channels on the low-resolution input
   (sub-pixel form: each output phase (a, b) sees a 2x2 window whose taps are sums of the original taps),
   then one interleaving copy; no upsampled intermediate (4x the input) is ever written;
 * the RGB input and output convs are padded to 8 channels (aligned channels-last rows for cuDNN).
 
-Every persistent tensor is made on a stream's first fused call and never re-allocated while the chunk
-shape stays the same, so the whole step is one CUDA graph (``accel.py``: ``accelerate: cuda_graph``).
+A stream keeps only its history tensors (``state.py``), so a call over several streams (their chunks stacked
+on the batch dimension) costs each stream its history and no more; the buffers are the call's and are freed
+(or, in a CUDA graph, reused) after it. The whole step is one CUDA graph per batch of streams (``accel.py``:
+``accelerate: cuda_graph``).
 The derived weights (sub-pixel, padded) are computed by ``install_fused``: call ``refresh()`` if the
 module's weights change afterwards.
 """
@@ -61,15 +63,6 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
 
 def _unframes(y: torch.Tensor, b: int) -> torch.Tensor:
     return y.unflatten(0, (b, -1)).transpose(1, 2)
-
-
-def _roll(buf: torch.Tensor, t: int, lookback: int) -> None:
-    """Move the last ``lookback`` frames of a padded buffer to its head (frame by frame if they overlap)."""
-    if t >= lookback:
-        buf[:, :, :lookback].copy_(buf[:, :, t:t + lookback])
-    else:
-        for i in range(lookback):
-            buf[:, :, i:i + 1].copy_(buf[:, :, t + i:t + i + 1])
 
 
 def _conv(conv: nn.Module, x: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
@@ -114,10 +107,10 @@ class FusedWan:
         vae, enc = self.vae, self.vae.encoder
         assert not cache.first, "the fused path runs after a stream's first call"
         conv = enc.conv1
-        buf = self._history(cache, conv.slot, x.shape, 2, channels=RGB_PAD if self.pad_rgb else 3)
+        buf = self._padded(cache, conv.slot, x, 2, channels=RGB_PAD if self.pad_rgb else 3)
         buf[:, :3, 2:].copy_(x)
         h = _conv(conv, buf, self.rgb_in)
-        _roll(buf, x.shape[2], 2)
+        self._keep(cache, conv.slot, buf, 3, x.shape[2], 2)
         p = (h, None)  # pending residual stream: p[0] + p[1]
         for layer in (*enc.downsamples, *enc.middle):
             p = self._layer(layer, p, cache)
@@ -129,10 +122,10 @@ class FusedWan:
         assert not cache.first, "the fused path runs after a stream's first call"
         x = _conv(vae.conv2, z.contiguous(memory_format=CL3))
         conv = dec.conv1
-        buf = self._history(cache, conv.slot, x.shape, 2)
+        buf = self._padded(cache, conv.slot, x, 2)
         buf[:, :, 2:].copy_(x)
         h = _conv(conv, buf)
-        _roll(buf, x.shape[2], 2)
+        self._keep(cache, conv.slot, buf, x.shape[1], x.shape[2], 2)
         p = (h, None)
         for layer in (*dec.middle, *dec.upsamples):
             p = self._layer(layer, p, cache)
@@ -161,32 +154,34 @@ class FusedWan:
     def _norm_conv(self, norm, conv, p, cache, weight=None, bias=None, sum_out=None):
         """conv(silu(norm(p[0] + p[1]))) with the norm written into the conv's padded history buffer."""
         x = p[0]
-        buf = self._history(cache, conv.slot, x.shape, conv.lookback)
+        buf = self._padded(cache, conv.slot, x, conv.lookback)
         rms_norm_silu(x, norm.gamma, add=p[1], out=buf[:, :, conv.lookback:], sum_out=sum_out, impl=self.norm_impl)
         y = _conv(conv, buf, weight, bias)
-        _roll(buf, x.shape[2], conv.lookback)
+        self._keep(cache, conv.slot, buf, x.shape[1], x.shape[2], conv.lookback)
         return y
 
     def _down(self, layer, p, cache):
         b, c, t, h, w = p[0].shape
-        padded = self._buffer(cache, ("pad", layer.slot), (b, c, t, h + 1, w + 1), p[0])  # ZeroPad2d((0, 1, 0, 1))
+        padded = torch.empty((b, c, t, h + 1, w + 1), dtype=p[0].dtype, device=p[0].device, memory_format=CL3)
+        padded[..., h, :].zero_()  # ZeroPad2d((0, 1, 0, 1)): the bottom row and the right column
+        padded[..., :h, w].zero_()
         self._sum(p, out=padded[..., :h, :w])
         y = _unframes(_conv(layer.resample[1], _frames(padded)), b)
         if layer.mode == "downsample3d":  # stride-2 time conv over (last frame of the previous chunk, chunk)
-            buf = self._history(cache, layer.slot, y.shape, 1)
+            buf = self._padded(cache, layer.slot, y, 1)
             buf[:, :, 1:].copy_(y)
+            self._keep(cache, layer.slot, buf, y.shape[1], t, 1)
             y = _conv(layer.time_conv, buf)
-            _roll(buf, t, 1)
         return y
 
     def _up(self, layer, p, cache):
         if layer.mode == "upsample3d":  # time conv to 2C channels = (even, odd) output frames
             b, c, t, h, w = p[0].shape
             conv = layer.time_conv
-            buf = self._history(cache, conv.slot, p[0].shape, 2)
+            buf = self._padded(cache, conv.slot, p[0], 2)
             self._sum(p, out=buf[:, :, 2:])
             y = _conv(conv, buf)
-            _roll(buf, t, 2)
+            self._keep(cache, conv.slot, buf, c, t, 2)
             x = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=CL3)
             x.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5))
         else:
@@ -209,33 +204,22 @@ class FusedWan:
             return p[0] if out is None else out.copy_(p[0])
         return torch.add(p[0], p[1]) if out is None else torch.add(p[0], p[1], out=out)
 
-    # ------------------------------------------------------------------ persistent buffers (per stream cache)
+    # ------------------------------------------------------------------ the streams' history in and out
     @staticmethod
-    def _buffer(cache, key, shape, like):
-        """A zero-initialised channels-last buffer of the stream, made once per shape."""
-        store = cache.__dict__.setdefault("fused_buffers", {})
-        buf = store.get(key)
-        if buf is None or tuple(buf.shape) != tuple(shape):
-            store[key] = buf = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL3).zero_()
+    def _padded(cache, slot, x: torch.Tensor, lookback: int, channels=None) -> torch.Tensor:
+        """A padded input buffer [B, C', lookback + T, H, W] for ``x``'s frames (written by the caller) whose
+        head holds the streams' history of ``slot``; channels beyond ``x``'s (RGB padding) are zero."""
+        b, c, t, h, w = x.shape
+        buf = torch.empty((b, channels or c, lookback + t, h, w), dtype=x.dtype, device=x.device, memory_format=CL3)
+        if channels and channels > c:
+            buf[:, c:].zero_()
+        cache.read(slot, buf[:, :c, :lookback], x, lookback)
         return buf
 
-    def _history(self, cache, slot, shape, lookback, channels=None):
-        """The padded input buffer [B, C', lookback + T, H, W] of cached module ``slot``; its head becomes the
-        module's history in ``cache`` (carried over from the eager first call or a previous chunk size)."""
-        b, c, t, h, w = shape
-        key = ("hist", slot)
-        store = cache.__dict__.setdefault("fused_buffers", {})
-        buf = store.get(key)
-        full = (b, channels or c, lookback + t, h, w)
-        if buf is not None and tuple(buf.shape) == full:
-            return buf
-        old = cache.history.get(slot)
-        like = old if old is not None else self.vae.encoder.conv1.weight
-        buf = store[key] = torch.empty(full, dtype=like.dtype, device=like.device, memory_format=CL3).zero_()
-        if old is not None:
-            buf[:, :c, :lookback].copy_(old)
-        cache.history[slot] = buf[:, :c, :lookback]
-        return buf
+    @staticmethod
+    def _keep(cache, slot, buf: torch.Tensor, c: int, t: int, lookback: int) -> None:
+        """The buffer's last ``lookback`` frames (of its first ``c`` channels) become the streams' history."""
+        cache.keep(slot, buf[:, :c, t:t + lookback])
 
 
 def install_fused(vae, **options):
