@@ -7,9 +7,10 @@ server) streams through it.
     outs = driver.step()                                  # one chunk of every ready stream, one DiT job for all
     outs += driver.flush(s); driver.close(s)
 
-One chunk's path, top to bottom, is ``_run``: the scheduler (pure logic) forms chunks and jobs; the VAE
-encodes and the motion-aware controller noises each chunk; an executor runs one DiT job for all streams;
-the VAE decodes the finished chunks. Listeners get ``ChunkIn`` / ``StageRun`` / ``ChunkOut`` events
+One chunk's path, top to bottom, is ``_run``: the scheduler (pure logic) forms chunks and jobs; one VAE call
+encodes every stream's chunk (their rows stacked, each stream's causal state its own: ``vae/state.py``) and
+the motion-aware controller noises each chunk; an executor runs one DiT job for all streams; one VAE call
+decodes the chunks that finished. Listeners get ``ChunkIn`` / ``StageRun`` / ``ChunkOut`` events
 (``timing.py``): the CLI, the harness and the server subscribe; nothing is monkey-patched.
 
 ``overlap=True`` (GPU): encode, DiT and decode run on three CUDA streams ordered by events, so the encode of
@@ -27,6 +28,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
+from ..vae.registry import decode_streams, encode_streams, release
 from .config import PipelineConfig
 from .noise_controller import MotionNoiseController, mix_noise
 from .scheduler import Chunk, DiTJob, Scheduler, Stream
@@ -189,6 +191,8 @@ class StreamDriver:
 
     def close(self, s: Stream) -> None:
         """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
+        if not s.closed and s.vae is not None:
+            release(s.vae, s.vae_state)
         self.scheduler.close(s)
 
     @torch.no_grad()
@@ -273,44 +277,66 @@ class StreamDriver:
 
     # ------------------------------------------------------------------ one chunk's path
     def _run(self, chunks: list[Chunk]) -> list[ChunkOut]:
-        encoded = [self.encode(c) for c in chunks]                       # VAE encode + motion-aware noise
+        encoded = self.encode_chunks(chunks)                             # one VAE encode + motion-aware noise
         outs = []
         for job in self.scheduler.dit_jobs([e.chunk for e in encoded]):  # first chunks alone; the rest in one job
             mine = [next(e for e in encoded if e.chunk is c) for c in job.chunks]
-            for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit):
-                if emitted:
-                    outs.append(self.decode(s, x0))                      # VAE decode of what finished
+            done = [(s, x0) for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit) if emitted]
+            if done:
+                outs += self.decode_chunks([s for s, _ in done], [x0 for _, x0 in done])  # one VAE decode
             self.scheduler.finished(job)
         return outs
 
     def encode(self, c: Chunk, scale: Optional[torch.Tensor] = None, step: Optional[torch.Tensor] = None) -> Encoded:
-        """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller, unless
-        ``scale``/``step`` are given (the staged API's explicit previous noise scale)."""
+        """One chunk -> noisy latents; ``scale``/``step``: the staged API's explicit previous noise scale."""
+        return self.encode_chunks([c], {id(c): (scale, step)} if scale is not None else None)[0]
+
+    def encode_chunks(self, chunks: list[Chunk], levels: Optional[dict] = None) -> list[Encoded]:
+        """Chunks -> noisy latents. The chunks of streams that share a VAE (and their first-call phase and
+        length) are encoded in one call; then each is noised with its stream's own draws, in chunk order.
+        Chunks after the first go through the stream's noise controller unless ``levels`` gives their
+        (scale, step)."""
+        real = [c for c in chunks if c.frames is not None and self.encodes]
+        encoded = {}
+        if real:
+            with self._stage("encode", [c.stream for c in real], [c.frames.shape[2] for c in real]) as run:
+                noise_levels = [self._noise_level(c, (levels or {}).get(id(c))) for c in real]
+                latents = {}
+                for group in _groups(real, key=lambda c: (id(c.stream.vae), c.first, c.frames.shape[2])):
+                    video = torch.cat([c.frames for c in group]) if len(group) > 1 else group[0].frames
+                    z = encode_streams(group[0].stream.vae, [c.stream.vae_state for c in group], video)
+                    latents.update(zip(map(id, group), z.to(self.dtype).split(1)))
+                for c, (scale, step) in zip(real, noise_levels):
+                    z = latents[id(c)]
+                    encoded[id(c)] = Encoded(c, mix_noise(z, self._randn(c.stream, z.shape), scale), scale, step)
+                    c.stream.last_frame = c.frames[:, :, -1:]
+            for e in (encoded[id(c)] for c in real):
+                e.ready = run.end.event
+                if e.chunk.real:
+                    e.chunk.stream.scales.append(e.scale)
+                for t in (e.noisy, e.scale, e.step):
+                    self.lanes.handoff(t, "dit")
+        return [encoded.get(id(c)) or self._noise_chunk(c) for c in chunks]
+
+    def _noise_level(self, c: Chunk, given: Optional[tuple]) -> tuple:
+        """(scale, step) of a chunk: given, the stream's s0 for its first chunk, else the controller's."""
+        if given is not None:
+            return given
+        s = c.stream
+        return (s.controller.s0, None) if c.first else s.controller.update(c.frames, s.last_frame)
+
+    def _noise_chunk(self, c: Chunk) -> Encoded:
+        """A chunk of pure noise (text-to-video, flush), or (a pipe stage after the first) only its shape."""
         s = c.stream
         shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
         if not self.encodes:  # a pipe stage after the first: the chunk's shape is all it needs
             if c.real:
                 s.scales.append(None)
             return Encoded(c, torch.empty(shape, device="meta", dtype=self.dtype))
-        if c.frames is None:  # text-to-video or flush: a chunk of pure noise
-            with self._stage("noise", [s], [0]) as run:
-                noisy = self._randn(s, shape)
-            self.lanes.handoff(noisy, "dit")
-            return Encoded(c, noisy, ready=run.end.event)
-        with self._stage("encode", [s], [c.frames.shape[2]]) as run:
-            frames = c.frames
-            if scale is None and c.first:
-                scale = s.controller.s0
-            elif scale is None:
-                scale, step = s.controller.update(frames, s.last_frame)
-            latents = s.vae.encode(s.vae_state, frames).to(self.dtype)
-            noisy = mix_noise(latents, self._randn(s, latents.shape), scale)
-            s.last_frame = frames[:, :, -1:]
-        if c.real:
-            s.scales.append(scale)
-        for t in (noisy, scale, step):
-            self.lanes.handoff(t, "dit")
-        return Encoded(c, noisy, scale, step, ready=run.end.event)
+        with self._stage("noise", [s], [0]) as run:
+            noisy = self._randn(s, shape)
+        self.lanes.handoff(noisy, "dit")
+        return Encoded(c, noisy, ready=run.end.event)
 
     def denoise(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
         """One DiT job; returns x0 [1, F, C, h, w] per stream (what leaves; placeholders included)."""
@@ -370,20 +396,35 @@ class StreamDriver:
         return torch.cat([s.hidden for s in streams])
 
     def decode(self, s: Stream, x0: torch.Tensor) -> ChunkOut:
-        """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, and a ``ChunkOut`` event."""
+        """Finished latents of one stream -> its ``ChunkOut`` (``decode_chunks`` for several)."""
+        return self.decode_chunks([s], [x0])[0]
+
+    def decode_chunks(self, streams: list[Stream], x0s: list[torch.Tensor]) -> list[ChunkOut]:
+        """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, one ``ChunkOut`` event per stream.
+        The streams that share a VAE (and their phase and chunk length) are decoded in one call."""
         if not self.decodes:  # a pipe stage before the last: the last stage decodes (no frames here)
-            out = ChunkOut(s.id, torch.empty(0, self.cfg.height, self.cfg.width, 3), self.clock.host(),
-                           s.scales.popleft() if s.scales else None, s.shown)
+            outs = [ChunkOut(s.id, torch.empty(0, self.cfg.height, self.cfg.width, 3), self.clock.host(),
+                             s.scales.popleft() if s.scales else None, s.shown) for s in streams]
+            for out in outs:
+                self._emit(out)
+            return outs
+        frames = {}
+        with self._stage("decode", streams, [FRAMES_PER_LATENT * x0.shape[1] for x0 in x0s], [self._dit_done]) as run:
+            pairs = list(zip(streams, x0s))
+            for group in _groups(pairs, key=lambda p: (id(p[0].vae), _first_decode(p[0]), p[1].shape[1])):
+                z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
+                out = decode_streams(group[0][0].vae, [s.vae_state for s, _ in group], z)
+                for (s, _), f in zip(group, out):
+                    frames[s.id] = to_unit(f).permute(0, 2, 3, 1)
+        outs = []
+        for s in streams:
+            self.lanes.handoff(frames[s.id], "current")
+            out = ChunkOut(s.id, frames[s.id], run.end, s.scales.popleft() if s.scales else None, s.shown)
             self._emit(out)
-            return out
-        with self._stage("decode", [s], [FRAMES_PER_LATENT * x0.shape[1]], [self._dit_done]) as run:
-            frames = to_unit(s.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
-        self.lanes.handoff(frames, "current")
-        out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown)
-        self._emit(out)
-        if self.cfg.target_fps:
-            self._adapt_chunk_size(s, out)
-        return out
+            if self.cfg.target_fps:
+                self._adapt_chunk_size(s, out)
+            outs.append(out)
+        return outs
 
     def _adapt_chunk_size(self, s: Stream, out: ChunkOut) -> None:
         """``target_fps`` (reference §2.11, without needing --profile): once, at the stream's 4th output, the
@@ -421,6 +462,20 @@ class StreamDriver:
             frames = frames.pin_memory()
         with self.lanes.on("encode"):
             return frames.to(self.device, self.dtype, non_blocking=True)
+
+
+def _groups(items: list, key) -> list[list]:
+    """``items`` grouped by ``key``, groups in order of first appearance, items in order within a group."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _first_decode(s: Stream):
+    """Whether the stream's VAE has decoded nothing yet (None when its state does not say: decoded alone)."""
+    n = getattr(s.vae_state, "latents_in", None)
+    return id(s) if n is None else n == 0
 
 
 def wait(outs: list[ChunkOut]) -> None:
