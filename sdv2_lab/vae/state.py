@@ -168,3 +168,22 @@ def release_graphs(steps: dict, states: Iterable, attrs: Sequence[str]) -> None:
         forget: Optional[callable] = getattr(step, "forget", None)
         if forget is not None:
             forget(uids)
+
+
+@torch.no_grad()
+def per_stream_bytes(vae, height: int, width: int, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of VAE state one stream holds at ``height`` x ``width``: a throw-away stream (a first chunk, then a
+    steady one, encode and decode) is run and its history counted, in ``dtype``'s element size if given (else
+    the VAE's own). On a VAE built on the meta device this is an exact count at no cost (shapes only); on a GPU
+    it is the real thing."""
+    p = next(vae.parameters())
+    state = vae.new_state()
+    first = torch.zeros(1, 3, 5, height, width, device=p.device, dtype=p.dtype)
+    z = vae.encode(state, first)
+    vae.encode(state, first[:, :, 1:])
+    vae.decode(state, z)
+    vae.decode(state, z[:, :1])
+    if dtype is None:
+        return state_nbytes(state)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() for c in _caches_in(state) for t in c.tensors()) * size
