@@ -252,7 +252,8 @@ def size_overrides(layout: CheckpointLayout) -> list[str]:
     with (``vae=``, or a later override) gets its own file's size, and no internal key of one VAE's config can
     clash with another's."""
     ov = [f"backbone.{k}={v}" for k, v in dit_size(layout.config, str(layout.wan_folder / CONFIG_FILE)).items()]
-    ov += [f"text_encoder.{k}={v}" for k, v in t5_size(layout.t5).items()]
+    # "++": set or add, so that a later text_encoder choice (text_encoder=hashed) does not fail on a key it lacks
+    ov += [f"++text_encoder.{k}={v}" for k, v in t5_size(layout.t5).items()]
     return ov
 
 
@@ -316,8 +317,8 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
                f"weights.checkpoint={quote(layout.checkpoint)}", f"weights.wan_folder={quote(layout.wan_folder)}",
                f"weights.taehv={quote(layout.taehv) if layout.taehv else 'null'}",
                f"weights.lightvae={quote(layout.lightvae)}", f"weights.lighttae={quote(layout.lighttae)}",
-               "text_encoder=umt5_xxl", f"text_encoder.checkpoint={quote(layout.t5)}",
-               f"text_encoder.tokenizer={quote(layout.tokenizer)}", f"vae={real}"]
+               "text_encoder=umt5_xxl", f"++text_encoder.checkpoint={quote(layout.t5)}",
+               f"++text_encoder.tokenizer={quote(layout.tokenizer)}", f"vae={real}"]
         ov += size_overrides(layout)
     elif vae != "wan":
         ov.append(f"vae={tiny}")
