@@ -29,9 +29,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def plain_norm_silu(x, gamma, add=None, silu=True):
+def plain_norm_silu(x, gamma, add=None, silu=True, bias=None):
     """The reference formula in float64: F.normalize over channels * sqrt(C) * gamma, then SiLU."""
     s = x.double() if add is None else x.double() + add.double()
+    if bias is not None:
+        s = s + bias.double().reshape(1, -1, 1, 1, 1)
     y = F.normalize(s, dim=1) * math.sqrt(x.shape[1]) * gamma.double().reshape(1, -1, 1, 1, 1)
     return F.silu(y) if silu else y
 
@@ -45,17 +47,21 @@ def check_norm(impl, dtype, tol):
     b, c, t, h, w = 2, 24, 3, 5, 7
     x, add = rand(b, c, t, h, w, seed=1, dtype=dtype), rand(b, c, t, h, w, seed=2, dtype=dtype, cl=False)
     gamma = rand(c, 1, 1, 1, seed=3, dtype=dtype, cl=False)
-    for with_add in (False, True):
+    bias = rand(c, seed=5, dtype=dtype, cl=False)   # a producing conv's deferred bias
+    for with_add, with_bias in ((False, False), (True, False), (False, True), (True, True)):
         for silu in (False, True):
             # write into the tail of a padded history buffer; the head (history) must stay untouched
             buf = torch.full((b, c, 2 + t, h, w), float("nan"), dtype=dtype).contiguous(memory_format=CL3)
             s = torch.full_like(x, float("nan"))
-            fused_ops.rms_norm_silu(x, gamma, add=add if with_add else None, out=buf[:, :, 2:],
-                                    sum_out=s if with_add else None, silu=silu, impl=impl)
+            a, bb = add if with_add else None, bias if with_bias else None
+            fused_ops.rms_norm_silu(x, gamma, add=a, bias=bb, out=buf[:, :, 2:],
+                                    sum_out=s if with_add or with_bias else None, silu=silu, impl=impl)
             assert torch.isnan(buf[:, :, :2]).all()
-            assert rel(buf[:, :, 2:], plain_norm_silu(x, gamma, add if with_add else None, silu)) <= tol
-            if with_add:
-                assert rel(s, x.double() + add.double()) <= tol
+            assert rel(buf[:, :, 2:], plain_norm_silu(x, gamma, a, silu, bb)) <= tol
+            if with_add or with_bias:
+                want = x.double() + (0 if a is None else a.double()) + \
+                    (0 if bb is None else bb.double().reshape(1, -1, 1, 1, 1))
+                assert rel(s, want) <= tol
 
 
 def test_fused_norm_cpu_fallback_equals_float64_formula():
@@ -66,6 +72,8 @@ def test_fused_norm_cpu_fallback_equals_float64_formula():
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), impl="cuda")
     with pytest.raises(ValueError, match="shape"):
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), add=torch.zeros(1, 8, 2, 3, 5))
+    with pytest.raises(ValueError, match="bias has 7 values for 8 channels"):
+        fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), bias=torch.zeros(7))
 
 
 def test_row_strides_decide_what_the_kernel_takes():
@@ -139,7 +147,7 @@ def stream(vae, seed, latent_sizes=(2, 1, 1, 2, 1)):
     return enc, dec
 
 
-@pytest.mark.parametrize("options", [{}, {"fuse_upsample": False, "pad_rgb": False}])
+@pytest.mark.parametrize("options", [{}, {"fuse_upsample": False, "pad_rgb": False}, {"defer_bias": False}])
 def test_fused_stream_equals_eager(eager, options):
     fused = install_fused(copy.deepcopy(eager), **options)
     assert isinstance(fused.fused, FusedWan) and fused._steps["decode"] == fused.fused.decode_step
