@@ -327,7 +327,7 @@ class WanVAE(nn.Module):
         """Run a throw-away stream (a first chunk, then ``chunks - 1`` steady ones, encode and decode) at
         this size so that kernel JIT compilation and cuDNN autotuning happen now, at start-up, not in a
         user's first chunks; returns the seconds it took. Streams made later still capture their own CUDA
-        graph (on their second steady chunk, ~ one chunk's time)."""
+        graph (on their batch's second call, ~ one chunk's time)."""
         import time
         p = next(self.parameters())
         t0 = time.perf_counter()
@@ -339,6 +339,7 @@ class WanVAE(nn.Module):
             self.decode(st, self.encode(st, video[:, :, 1:]))
         if p.device.type == "cuda":
             torch.cuda.synchronize(p.device)
+        self.release(st)   # its graphs are not needed again (a new stream's batch captures its own)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ one encoder / decoder call
