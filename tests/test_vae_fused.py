@@ -62,6 +62,11 @@ def check_norm(impl, dtype, tol):
                 want = x.double() + (0 if a is None else a.double()) + \
                     (0 if bb is None else bb.double().reshape(1, -1, 1, 1, 1))
                 assert rel(s, want) <= tol
+            # the stream's history (the output's last 2 frames) written as the output is
+            tail = torch.full((b, c, 2, h, w), float("nan"), dtype=dtype).contiguous(memory_format=CL3)
+            again = torch.empty_like(buf)
+            fused_ops.rms_norm_silu(x, gamma, add=a, bias=bb, out=again[:, :, 2:], tail=tail, silu=silu, impl=impl)
+            torch.testing.assert_close(tail, again[:, :, -2:], rtol=0, atol=0)
 
 
 def test_fused_norm_cpu_fallback_equals_float64_formula():
@@ -74,6 +79,8 @@ def test_fused_norm_cpu_fallback_equals_float64_formula():
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), add=torch.zeros(1, 8, 2, 3, 5))
     with pytest.raises(ValueError, match="bias has 7 values for 8 channels"):
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="cannot hold the last frames"):
+        fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), tail=torch.zeros(1, 8, 3, 3, 4))
 
 
 def test_row_strides_decide_what_the_kernel_takes():

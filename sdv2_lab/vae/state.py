@@ -108,6 +108,11 @@ class Batch:
     def has(self, slot) -> bool:
         return all(slot in c.history for c in self.caches)
 
+    def sole_history(self, slot) -> Optional[torch.Tensor]:
+        """The history tensor of ``slot`` when the call runs over ONE stream (a producer may then write the new
+        history itself instead of ``keep`` copying it afterwards), else None."""
+        return self.caches[0].history.get(slot) if len(self.caches) == 1 else None
+
 
 def as_batch(cache) -> Batch:
     return cache if isinstance(cache, Batch) else Batch([cache])

@@ -8,7 +8,8 @@ compute the same function of the same weights with less memory traffic between t
   kernels and per-frame 2-D ops see plain views (no layout copies between layers);
 * every causal 3-tap conv reads one padded input buffer ``[B, C, 2 + T, H, W]`` (the call's workspace): frames
   0-1 are the streams' history (copied in), the producer writes the new chunk into frames 2.. and the conv
-  reads the whole buffer (no ``cat``); then the last 2 frames become the streams' history (``state.Batch``);
+  reads the whole buffer (no ``cat``); then the last 2 frames become the streams' history (``state.Batch``;
+  for one stream the norm kernel writes them there itself, as it writes the buffer);
 * RMS norm + SiLU (+ the residual add of the previous block, whose sum is kept for the shortcut) is one
   pass (``fused_ops.rms_norm_silu``) that writes straight into the next conv's buffer;
 * convolution biases are deferred to the pass that reads the conv's output next (cuDNN does not add a bias
@@ -193,12 +194,16 @@ class FusedWan:
 
     def _norm_conv(self, norm, conv, p: Pending, cache, weight=None, bias=OWN, sum_out=None, defer=True) -> Pending:
         """conv(silu(norm(x + add + bias))) with the norm written into the conv's padded history buffer."""
-        x = p.x
-        buf = self._padded(cache, conv.slot, x, conv.lookback)
-        rms_norm_silu(x, norm.gamma, add=p.add, bias=p.bias, out=buf[:, :, conv.lookback:], sum_out=sum_out,
+        x, L = p.x, conv.lookback
+        buf = self._padded(cache, conv.slot, x, L)
+        # one stream, a chunk at least as long as the history: the norm writes the new history itself
+        hist = cache.sole_history(conv.slot) if x.shape[2] >= L else None
+        tail = hist if hist is not None and hist.shape == (x.shape[0], x.shape[1], L, *x.shape[3:]) else None
+        rms_norm_silu(x, norm.gamma, add=p.add, bias=p.bias, out=buf[:, :, L:], sum_out=sum_out, tail=tail,
                       impl=self.norm_impl)
         y = self._conv_out(conv, buf, weight, bias) if defer else Pending(_conv(conv, buf, weight, bias))
-        self._keep(cache, conv.slot, buf, x.shape[1], x.shape[2], conv.lookback)
+        if tail is None:
+            self._keep(cache, conv.slot, buf, x.shape[1], x.shape[2], L)
         return y
 
     def _down(self, layer, p: Pending, cache) -> Pending:
