@@ -292,31 +292,36 @@ class StreamDriver:
         return self.encode_chunks([c], {id(c): (scale, step)} if scale is not None else None)[0]
 
     def encode_chunks(self, chunks: list[Chunk], levels: Optional[dict] = None) -> list[Encoded]:
-        """Chunks -> noisy latents. The chunks of streams that share a VAE (and their first-call phase and
-        length) are encoded in one call; then each is noised with its stream's own draws, in chunk order.
-        Chunks after the first go through the stream's noise controller unless ``levels`` gives their
-        (scale, step)."""
+        """Chunks -> noisy latents: one VAE call for the chunks of streams that share a VAE (``_vae_encode``),
+        then each chunk noised with its stream's own draws, in chunk order. Chunks after the first go through
+        the stream's noise controller unless ``levels`` gives their (scale, step)."""
         real = [c for c in chunks if c.frames is not None and self.encodes]
         encoded = {}
         if real:
             with self._stage("encode", [c.stream for c in real], [c.frames.shape[2] for c in real]) as run:
                 noise_levels = [self._noise_level(c, (levels or {}).get(id(c))) for c in real]
-                latents = {}
-                for group in _groups(real, key=lambda c: (id(c.stream.vae), c.first, c.frames.shape[2])):
-                    video = torch.cat([c.frames for c in group]) if len(group) > 1 else group[0].frames
-                    z = encode_streams(group[0].stream.vae, [c.stream.vae_state for c in group], video)
-                    latents.update(zip(map(id, group), z.to(self.dtype).split(1)))
+                latents = self._vae_encode(real)
                 for c, (scale, step) in zip(real, noise_levels):
                     z = latents[id(c)]
                     encoded[id(c)] = Encoded(c, mix_noise(z, self._randn(c.stream, z.shape), scale), scale, step)
                     c.stream.last_frame = c.frames[:, :, -1:]
-            for e in (encoded[id(c)] for c in real):
+            for e in encoded.values():
                 e.ready = run.end.event
                 if e.chunk.real:
                     e.chunk.stream.scales.append(e.scale)
                 for t in (e.noisy, e.scale, e.step):
                     self.lanes.handoff(t, "dit")
-        return [encoded.get(id(c)) or self._noise_chunk(c) for c in chunks]
+        return [encoded[id(c)] if id(c) in encoded else self._noise_chunk(c) for c in chunks]
+
+    def _vae_encode(self, chunks: list[Chunk]) -> dict:
+        """id(chunk) -> its latents [1, F, 16, h, w]: one VAE call per group of chunks of one VAE, one phase
+        (a stream's first chunk is special-cased inside the VAE) and one length."""
+        latents = {}
+        for group in _groups(chunks, key=lambda c: (id(c.stream.vae), c.first, c.frames.shape[2])):
+            video = torch.cat([c.frames for c in group]) if len(group) > 1 else group[0].frames
+            z = encode_streams(group[0].stream.vae, [c.stream.vae_state for c in group], video)
+            latents.update(zip(map(id, group), z.to(self.dtype).split(1)))
+        return latents
 
     def _noise_level(self, c: Chunk, given: Optional[tuple]) -> tuple:
         """(scale, step) of a chunk: given, the stream's s0 for its first chunk, else the controller's."""
@@ -408,14 +413,8 @@ class StreamDriver:
             for out in outs:
                 self._emit(out)
             return outs
-        frames = {}
         with self._stage("decode", streams, [FRAMES_PER_LATENT * x0.shape[1] for x0 in x0s], [self._dit_done]) as run:
-            pairs = list(zip(streams, x0s))
-            for group in _groups(pairs, key=lambda p: (id(p[0].vae), _first_decode(p[0]), p[1].shape[1])):
-                z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
-                out = decode_streams(group[0][0].vae, [s.vae_state for s, _ in group], z)
-                for (s, _), f in zip(group, out):
-                    frames[s.id] = to_unit(f).permute(0, 2, 3, 1)
+            frames = self._vae_decode(streams, x0s)
         outs = []
         for s in streams:
             self.lanes.handoff(frames[s.id], "current")
@@ -425,6 +424,17 @@ class StreamDriver:
                 self._adapt_chunk_size(s, out)
             outs.append(out)
         return outs
+
+    def _vae_decode(self, streams: list[Stream], x0s: list[torch.Tensor]) -> dict:
+        """stream id -> its frames [T, H, W, 3] in [0, 1]: one VAE call per group of streams of one VAE, one
+        phase and one chunk length."""
+        frames = {}
+        for group in _groups(list(zip(streams, x0s)), key=lambda p: (id(p[0].vae), _first_decode(p[0]), p[1].shape[1])):
+            z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
+            out = decode_streams(group[0][0].vae, [s.vae_state for s, _ in group], z)
+            for (s, _), f in zip(group, out):
+                frames[s.id] = to_unit(f).permute(0, 2, 3, 1)
+        return frames
 
     def _adapt_chunk_size(self, s: Stream, out: ChunkOut) -> None:
         """``target_fps`` (reference §2.11, without needing --profile): once, at the stream's 4th output, the
