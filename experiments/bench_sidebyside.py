@@ -4,10 +4,18 @@ GPU call; writes ``experiments/results/sidebyside_<gpu>.{json,md}`` (the README'
     python experiments/bench_sidebyside.py --ref-bench .refbench/ref_bench.py \
         --configs 1.3B:1:wan,1.3B:4:wan,1.3B:1:taehv,1.3B:1:taehv_full,1.3B:1:wan:512x512,14B:1:wan,14B:1:wan::fp8
 
-A configuration is ``model:steps:vae[:HxW[:precision]]``; ``vae`` is ``wan`` (Wan encode and decode),
-``taehv`` (Wan encode, TAEHV decode: the reference's --use_taehv) or ``taehv_full`` (TAEHV both ways; the
-reference has no such mode). Ours: the engine's fastest settings (CUDA-graph DiT step, stages overlapped on
-CUDA streams, fused Wan VAE), one discarded warm-up stream, then one timed stream of ``--frames`` frames.
+A configuration is ``model:steps:vae[:HxW[:precision[:streams]]]``; ``vae`` is ``wan`` (Wan encode and decode),
+``taehv`` (Wan encode, TAEHV decode: the reference's --use_taehv), ``taehv_full`` (TAEHV both ways),
+``lightvae`` (LightVAE both ways: the Wan VAE at width 24), ``lighttae`` (Wan encode, LightTAE decode),
+``lighttae_full`` (LightTAE both ways), or any ``conf/vae`` name (``wan_tiny`` for the CPU smoke run); the
+reference has only ``wan`` and ``taehv`` (it reads no plugin VAE file), so the others have no reference column.
+``streams`` (default 1): that many streams at once through one engine (one DiT call and one VAE call per stage
+for all; the FPS columns are then totals over the streams). Ours: the engine's fastest settings (CUDA-graph DiT
+step, stages overlapped on CUDA streams, fused Wan VAE), one discarded warm-up stream, then one timed stream of
+``--frames`` frames (per stream).
+
+    python experiments/bench_sidebyside.py --device cpu --ref-bench '' --frames 17 --out /tmp/sbs \
+        --configs tiny:1:wan_tiny:32x48,tiny:1:lightvae_tiny:32x48::2   # the CPU smoke run
 The reference: its own offline loop (``ref_bench.py``: model builders patched to random init), one process per
 configuration, its own logged steady-state average beside its end-to-end FPS. Weights are DUMMY on both sides.
 """
@@ -28,31 +36,37 @@ from sdv2_lab.io.synthetic import synthetic_clip
 from sdv2_lab.stream.clips import stream_clips
 
 BACKBONES = {"1.3B": "wan_1_3b", "14B": "wan_14b", "tiny": "tiny"}   # tiny: a CPU smoke run of this script
-OUR_VAE = {"wan": "wan", "taehv": "taehv", "taehv_full": "taehv_full"}
+OUR_VAE = {"wan": "wan", "taehv": "taehv", "taehv_full": "taehv_full", "lightvae": "lightvae", "lighttae": "lighttae",
+           "lighttae_full": "lighttae_full"}   # any other conf/vae name is used as it is
 DEVICE, EXTRA = "cuda", []
 REF_VAE = {"wan": "wan", "taehv": "taehv"}
 
 
 def parse(spec: str) -> dict:
-    parts = spec.split(":") + [""] * 5
-    model, steps, vae, res, precision = parts[:5]
+    parts = spec.split(":") + [""] * 6
+    model, steps, vae, res, precision, streams = parts[:6]
     h, w = map(int, (res or "480x832").split("x"))
-    return dict(model=model, steps=int(steps), vae=vae, height=h, width=w, precision=precision or "bf16")
+    return dict(model=model, steps=int(steps), vae=vae, height=h, width=w, precision=precision or "bf16",
+                streams=int(streams or 1))
 
 
 def ours(c: dict, frames: int) -> dict:
+    n = c["streams"]
     ov = [f"backbone={BACKBONES[c['model']]}", f"steps={c['steps']}", f"device={DEVICE}", f"height={c['height']}",
-          f"width={c['width']}", f"vae={OUR_VAE[c['vae']]}", "cuda_graph=true", "overlap=true",
-          f"dit_precision={c['precision']}", *EXTRA]
+          f"width={c['width']}", f"vae={OUR_VAE.get(c['vae'], c['vae'])}", "cuda_graph=true", "overlap=true",
+          f"dit_precision={c['precision']}", f"streams={n}", *EXTRA]
     cfg = compose_config("config", ov)
     pipe = build_pipeline(cfg)
     cuda = pipe.device.type == "cuda"
-    clip = synthetic_clip(frames, c["height"], c["width"])[0].to(pipe.device)
-    stream_clips(pipe, [clip[:, :1 + 4 * (cfg.num_kv_cache + c["steps"] + 4)]], ["warm-up"], seeds=[0])  # graphs too
+    clips = [synthetic_clip(frames, c["height"], c["width"], seed=i)[0].to(pipe.device) for i in range(n)]
+    prompts = [f"a dog walks on the grass, realistic {i}" for i in range(n)]
+    warm = 1 + 4 * (cfg.num_kv_cache + c["steps"] + 4)
+    stream_clips(pipe, [clip[:, :warm] for clip in clips], prompts, seeds=list(range(n)))  # graphs too
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    s = stream_clips(pipe, [clip], ["a dog walks on the grass, realistic"], seeds=[0]).per_stream[0]
+    r = stream_clips(pipe, clips, prompts, seeds=list(range(n)))
+    s = r.per_stream[0] if n == 1 else r.total
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     flops = flops_per_output_frame(backbone_config(cfg), c["height"], c["width"], c["steps"], cfg.num_kv_cache,
                                    vae=OmegaConf.to_container(cfg.vae, resolve=True))
@@ -68,7 +82,7 @@ def ours(c: dict, frames: int) -> dict:
 
 
 def reference(c: dict, ref_bench: str, frames: int, timeout: int) -> dict:
-    if c["vae"] not in REF_VAE or c["precision"] != "bf16":
+    if c["vae"] not in REF_VAE or c["precision"] != "bf16" or c["streams"] != 1:
         return {}
     chunks = (frames - 1) // 4
     cmd = [sys.executable, ref_bench, c["model"], str(c["steps"]), REF_VAE[c["vae"]], str(chunks), str(c["height"]),
@@ -113,9 +127,10 @@ def main():
     out_json = Path(a.out) / f"sidebyside_{tag}.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    header = ("| model | steps | VAE | res | precision | ours e2e FPS | ref e2e FPS | ratio | ours / ref steady FPS | "
-              "ours / ref enc · DiT · dec FPS | TTFF s (compute) | latency p50/p95 ms | peak GiB | MFU |")
-    lines = [header, "|" + "---|" * 14]
+    header = ("| model | steps | VAE | res | precision | streams | ours e2e FPS | ref e2e FPS | ratio | "
+              "ours / ref steady FPS | ours / ref enc · DiT · dec FPS | TTFF s (compute) | latency p50/p95 ms | "
+              "peak GiB | MFU |")
+    lines = [header, "|" + "---|" * 15]
     print(header, flush=True)
     for spec in a.configs.split(","):
         c = parse(spec)
@@ -133,6 +148,7 @@ def main():
                 row["steady_ratio"] = row["ours_steady_fps"] / row["ref_steady_fps"]
         rows.append(row)
         line = (f"| {c['model']} | {c['steps']} | {c['vae']} | {c['height']}x{c['width']} | {c['precision']} | "
+                f"{c['streams']} | "
                 f"{f(row.get('ours_e2e_fps'))} | {f(row.get('ref_e2e_fps'))} | {f(row.get('ratio'), '.2f')}× | "
                 f"{f(row.get('ours_steady_fps'))} / {f(row.get('ref_steady_fps'))} | "
                 f"{f(row.get('ours_encode_fps'), '.0f')}·{f(row.get('ours_dit_fps'), '.0f')}·{f(row.get('ours_decode_fps'), '.0f')}"

@@ -252,7 +252,8 @@ class StreamDiffusionV2Pipeline:
     ``checkpoint_folder``: the folder holding ``model.pt``; the Wan2.1 folder, VAE, T5, tokenizer and TAEHV are
     found from it as the reference finds them (``sdv2_lab.seed_config``), and every size comes from the files.
     ``None``: the tiny model with dummy weights (for trying the API on a CPU). Extra arguments: ``wan_folder``,
-    ``taehv`` (name those files directly) and ``overrides`` (Hydra overrides of ``conf/``, applied last, e.g.
+    ``taehv`` (name those files directly), ``vae`` (``wan``, ``taehv``, ``taehv_full``, ``lightvae``, ``lighttae``,
+    ``lighttae_full``: ``seed_config.VAES``) and ``overrides`` (Hydra overrides of ``conf/``, applied last, e.g.
     ``["attention=flex", "num_kv_cache=8"]``). On a GPU the fast paths (CUDA graphs, overlapped stages, fused VAE)
     are on and a warm-up runs at build. ``close()`` (or ``with``) frees the models."""
 
@@ -260,7 +261,7 @@ class StreamDiffusionV2Pipeline:
                  device=None, noise_scale: float = 0.8, height: int = 480, width: int = 832, fps: int = 16,
                  step: int = 2, seed: int = 0, model_type: str = "T2V-1.3B", use_taehv: bool = False,
                  use_tensorrt: bool = False, fast: bool = False, profile: bool = False,
-                 wan_folder: Optional[str] = None, taehv: Optional[str] = None,
+                 wan_folder: Optional[str] = None, taehv: Optional[str] = None, vae: Optional[str] = None,
                  overrides: Optional[list[str]] = None):
         from . import build
 
@@ -271,7 +272,7 @@ class StreamDiffusionV2Pipeline:
             raise ValueError(f"step must be an integer from 1 to 4, got {step!r}")
         self._seed_args = dict(checkpoint_folder=checkpoint_folder, mode=mode, config_path=config_path,
                                device=device, noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
-                               seed=seed, model_type=model_type, wan_folder=wan_folder, taehv=taehv)
+                               seed=seed, model_type=model_type, wan_folder=wan_folder, taehv=taehv, vae=vae)
         self._overrides = list(overrides or [])
         self.cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         torch.manual_seed(seed)
@@ -475,12 +476,14 @@ def _progress(enabled: bool, total: int):
 def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_path, mode="single", config_path=None,
                        device=None, gpu_ids=None, num_gpus=None, noise_scale=0.8, height=480, width=832, fps=16,
                        step=2, seed=0, model_type="T2V-1.3B", use_taehv=False, use_tensorrt=False, fast=False,
-                       profile=False, schedule_block=False, wan_folder=None, taehv=None, overrides=None) -> str:
+                       profile=False, schedule_block=False, wan_folder=None, taehv=None, vae=None,
+                       overrides=None) -> str:
     """Restyle a video file and write the result; returns ``output_path``. In process for single modes. The
     output path and the input video are checked before any model is built."""
     options = dict(config_path=config_path, device=device, noise_scale=noise_scale, height=height, width=width,
                    fps=fps, step=step, seed=seed, model_type=model_type, use_taehv=use_taehv,
-                   use_tensorrt=use_tensorrt, fast=fast, wan_folder=wan_folder, taehv=taehv, overrides=overrides)
+                   use_tensorrt=use_tensorrt, fast=fast, wan_folder=wan_folder, taehv=taehv, vae=vae,
+                   overrides=overrides)
     if mode == "pipe":  # the DiT's blocks over num_gpus GPUs, one process each (sdv2_lab/parallel/launch.py)
         from .parallel.launch import video_to_video
         return video_to_video(checkpoint_folder=checkpoint_folder, video_path=video_path, prompt=prompt,

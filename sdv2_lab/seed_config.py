@@ -8,9 +8,12 @@ folder ``wan_models/Wan2.1-<model_type>/`` (``config.json``, ``Wan2.1_VAE.pth``,
 ``google/umt5-xxl/`` tokenizer) and ``ckpts/taew2_1.pth`` under a project root, which is, in this order:
 ``$STREAMDIFFUSIONV2_ROOT``, the working directory, and the root the checkpoint folder sits in
 (``<root>/ckpts/<name>/model.pt``). ``wan_folder=`` / ``$SDV2_WAN_ROOT`` and ``taehv=`` / ``$SDV2_TAEHV`` name the
-pieces directly. Model sizes come from the files (the DiT's from ``config.json``, the VAE's and the text
-encoder's from their tensors' shapes), so a checkpoint of any size loads as that size. A missing piece is a
-``FileNotFoundError`` naming the file expected and every place it was looked for.
+pieces directly; the LightX2V plugin VAEs ``lightvaew2_1`` and ``lighttaew2_1`` (``.pth`` or ``.safetensors``)
+are found under ``ckpts/`` as ``taew2_1.pth`` is, or named by ``lightvae=`` / ``$SDV2_LIGHTVAE`` and
+``lighttae=`` / ``$SDV2_LIGHTTAE``. ``vae=`` picks the VAE (``VAES``). Model sizes come from the files (the
+DiT's from ``config.json`` here, the text encoder's from its tensors' shapes; a VAE's from the file it loads,
+when it loads it: so any VAE choice, here or in later overrides, reads its own file's size). A missing piece
+is a ``FileNotFoundError`` naming the file expected and every place it was looked for.
 """
 from __future__ import annotations
 
@@ -33,6 +36,16 @@ VAE_FILE = "Wan2.1_VAE.pth"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 TAEHV_FILE = "taew2_1.pth"
+# the plugin VAEs (lightx2v/Autoencoders), each published as .pth and .safetensors: weights key -> file names
+PLUGIN_FILES = {"lightvae": ("lightvaew2_1.pth", "lightvaew2_1.safetensors"),
+                "lighttae": ("lighttaew2_1.pth", "lighttaew2_1.safetensors")}
+PLUGIN_ENV = {"lightvae": "SDV2_LIGHTVAE", "lighttae": "SDV2_LIGHTTAE"}
+# the seed's vae= choices -> (conf/vae config with a checkpoint folder, without one: the tiny CPU demo), and
+# the file each needs beyond the Wan folder
+VAES = {"wan": ("wan", "wan_tiny", None), "taehv": ("taehv", "taehv_tiny", "taehv"),
+        "taehv_full": ("taehv_full", "taehv_full_tiny", "taehv"), "lightvae": ("lightvae", "lightvae_tiny", "lightvae"),
+        "lighttae": ("lighttae", "lighttae_tiny", "lighttae"),
+        "lighttae_full": ("lighttae_full", "lighttae_full_tiny", "lighttae")}
 # the reference's wan_causal_dmd_v2v_fast.yaml (reference.md §4.7)
 FAST_CONFIG = ["num_kv_cache=5", "sink_frames=2", "adapt_sink_threshold=-1"]
 # reference YAML key -> our key (the inference keys of wan_causal_dmd_v2v*.yaml)
@@ -50,6 +63,8 @@ class CheckpointLayout:
     t5: Path                      # models_t5_umt5-xxl-enc-bf16.pth
     tokenizer: Path               # google/umt5-xxl/
     taehv: Optional[Path] = None  # taew2_1.pth (only when found or needed)
+    lightvae: Optional[Path] = None   # lightvaew2_1.pth / .safetensors (found, or where it is expected)
+    lighttae: Optional[Path] = None   # lighttaew2_1.pth / .safetensors (likewise)
 
 
 # ---------------------------------------------------------------------------------------------- finding files
@@ -113,6 +128,33 @@ def find_taehv(checkpoint_folder: Path, taehv: Optional[str | Path] = None) -> P
                            "ckpts/, or name it with $SDV2_TAEHV.", is_dir=False)
 
 
+def plugin_candidates(kind: str, checkpoint_folder: Path, explicit: Optional[str | Path] = None) -> list:
+    """Where ``lightvaew2_1`` / ``lighttaew2_1`` (``kind``: a ``PLUGIN_FILES`` key) is looked for, in order."""
+    env = PLUGIN_ENV[kind]
+    if explicit:
+        return [(Path(explicit).expanduser(), kind)]
+    if os.environ.get(env):
+        return [(Path(os.environ[env]).expanduser(), f"${env}")]
+    return [(root / "ckpts" / name, why) for root, why in project_roots(checkpoint_folder)
+            for name in PLUGIN_FILES[kind]]
+
+
+def expected_plugin(kind: str, checkpoint_folder: Path, explicit: Optional[str | Path] = None) -> Path:
+    """Where a plugin VAE that was not found should be: the path named, else beside the checkpoint folder
+    (``<root>/ckpts/lightvaew2_1.pth``)."""
+    candidates = plugin_candidates(kind, checkpoint_folder, explicit)
+    if len(candidates) == 1:
+        return candidates[0][0]
+    return candidates[-len(PLUGIN_FILES[kind])][0]
+
+
+def find_plugin(kind: str, checkpoint_folder: Path, explicit: Optional[str | Path] = None) -> Path:
+    names = " or ".join(PLUGIN_FILES[kind])
+    return _first_existing(plugin_candidates(kind, checkpoint_folder, explicit), f"the {kind} weights ckpts/{names}",
+                           f"Get {names} from the Hugging Face repo lightx2v/Autoencoders into ckpts/, or name it "
+                           f"with ${PLUGIN_ENV[kind]} (weights.{kind}=...).", is_dir=False)
+
+
 def _require(folder: Path, name: str, what: str, is_dir: bool = False) -> Path:
     return _first_existing([(folder / name, "the Wan2.1 folder")], f"{what} {name}",
                            f"{folder} must hold the official Wan2.1 files (Wan-AI/Wan2.1-T2V-*)", is_dir)
@@ -120,8 +162,11 @@ def _require(folder: Path, name: str, what: str, is_dir: bool = False) -> Path:
 
 def resolve_checkpoint_folder(checkpoint_folder: str | Path, model_type: str = "T2V-1.3B", *,
                               wan_folder: Optional[str | Path] = None, taehv: Optional[str | Path] = None,
-                              need_taehv: bool = False) -> CheckpointLayout:
-    """Every official file behind ``checkpoint_folder``, checked to exist (and not to look truncated)."""
+                              need_taehv: bool = False, lightvae: Optional[str | Path] = None,
+                              lighttae: Optional[str | Path] = None, need: tuple = ()) -> CheckpointLayout:
+    """Every official file behind ``checkpoint_folder``, checked to exist (and not to look truncated). The
+    plugin VAEs are optional unless named in ``need`` (``"lightvae"``, ``"lighttae"``); one not found is set to
+    where it is expected beside the checkpoint (``<root>/ckpts/``), so that a later ``vae=lightvae`` says it."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
     generator = find_generator(checkpoint_folder)
@@ -138,10 +183,17 @@ def resolve_checkpoint_folder(checkpoint_folder: str | Path, model_type: str = "
     try:
         layout.taehv = find_taehv(folder, taehv)
     except FileNotFoundError:
-        if need_taehv:
+        if need_taehv or "taehv" in need:
             raise
-    for path in (layout.checkpoint, layout.vae, layout.t5, layout.taehv):
-        if path is not None:
+    for kind, explicit in (("lightvae", lightvae), ("lighttae", lighttae)):
+        try:
+            setattr(layout, kind, find_plugin(kind, folder, explicit))
+        except FileNotFoundError:
+            if kind in need:
+                raise
+            setattr(layout, kind, expected_plugin(kind, folder, explicit))
+    for path in (layout.checkpoint, layout.vae, layout.t5, layout.taehv, layout.lightvae, layout.lighttae):
+        if path is not None and path.is_file():
             check_torch_file(path)
     return layout
 
@@ -179,15 +231,6 @@ def _shapes(path: Path) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
 
 
-def vae_dim(path: Path) -> int:
-    """The Wan VAE's base width from ``Wan2.1_VAE.pth`` (``encoder.conv1.weight``: [dim, 3, 3, 3, 3])."""
-    shapes = _shapes(path)
-    if "encoder.conv1.weight" not in shapes:
-        raise ValueError(f"{path}: not a Wan2.1 VAE state dict (no encoder.conv1.weight; keys e.g. "
-                         f"{sorted(shapes)[:4]})")
-    return shapes["encoder.conv1.weight"][0]
-
-
 def t5_size(path: Path) -> dict:
     """The UMT5 encoder's size keys (``conf/text_encoder``) from Wan's T5 ``.pth``."""
     s = _shapes(path)
@@ -204,10 +247,13 @@ def t5_size(path: Path) -> dict:
 
 
 def size_overrides(layout: CheckpointLayout) -> list[str]:
-    """``backbone.*``, ``vae.dim`` and ``text_encoder.*`` overrides from the files' sizes."""
+    """``backbone.*`` and ``text_encoder.*`` overrides from the files' sizes. No ``vae.*``: every VAE reads its
+    architecture from the file it loads (``vae/checkpoints.py``), so that whichever VAE the config ends up
+    with (``vae=``, or a later override) gets its own file's size, and no internal key of one VAE's config can
+    clash with another's."""
     ov = [f"backbone.{k}={v}" for k, v in dit_size(layout.config, str(layout.wan_folder / CONFIG_FILE)).items()]
-    ov.append(f"vae.dim={vae_dim(layout.vae)}")
-    ov += [f"text_encoder.{k}={v}" for k, v in t5_size(layout.t5).items()]
+    # "++": set or add, so that a later text_encoder choice (text_encoder=hashed) does not fail on a key it lacks
+    ov += [f"++text_encoder.{k}={v}" for k, v in t5_size(layout.t5).items()]
     return ov
 
 
@@ -238,32 +284,44 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
                    model_type: str = "T2V-1.3B", step: int = 2, height: int = 480, width: int = 832, fps: int = 16,
                    seed: int = 0, noise_scale: float = 0.8, device: Optional[str] = None, use_taehv: bool = False,
                    use_tensorrt: bool = False, fast: bool = False, config_path: Optional[str | Path] = None,
-                   wan_folder: Optional[str | Path] = None, taehv: Optional[str | Path] = None) -> list[str]:
+                   wan_folder: Optional[str | Path] = None, taehv: Optional[str | Path] = None,
+                   vae: Optional[str] = None, lightvae: Optional[str | Path] = None,
+                   lighttae: Optional[str | Path] = None) -> list[str]:
     """The Hydra overrides of the seed's constructor / CLI arguments (reference.md §4.2, §4.5).
 
     Flags are normalised as the seed does: ``fast`` implies ``use_tensorrt``, which implies ``use_taehv``. There
-    is no TensorRT here: the accelerated decode path is TAEHV's CUDA-graph replay (on a GPU). Without a
-    checkpoint folder the pipeline is the tiny model with dummy weights (for trying things on a CPU)."""
+    is no TensorRT here: the accelerated decode path is TAEHV's CUDA-graph replay (on a GPU). ``vae``: one of
+    ``VAES`` (default: ``taehv`` with ``use_taehv``, else ``wan``); it wins over ``use_taehv``'s choice, except
+    that a VAE without a tiny decoder (wan, lightvae) contradicts ``use_taehv``. Without a checkpoint folder the
+    pipeline is the tiny model with dummy weights (for trying things on a CPU) and each VAE its tiny variant."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)} here, got {mode!r} (pipe: run_v2v.sh pipe)")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
+    if vae is not None and vae not in VAES:
+        raise ValueError(f"vae must be one of {sorted(VAES)}, got {vae!r}")
     use_tensorrt = use_tensorrt or fast
     use_taehv = use_taehv or use_tensorrt
+    if use_taehv and vae in ("wan", "lightvae"):
+        raise ValueError(f"vae={vae!r} decodes with a full VAE, but use_taehv / use_tensorrt / fast ask for the TAEHV "
+                         f"decoder: drop one (vae='taehv' or 'lighttae' decode with a tiny decoder)")
+    vae = vae or ("taehv" if use_taehv else "wan")
     device = str(device or default_device())
     ov = [f"mode={MODES[mode]}", f"steps={step}", f"height={height}", f"width={width}", f"fps={fps}",
           f"seed={seed}", f"noise_scale={noise_scale}", f"device={device}"]
+    real, tiny, needs = VAES[vae]
     if checkpoint_folder is not None:
         layout = resolve_checkpoint_folder(checkpoint_folder, model_type, wan_folder=wan_folder, taehv=taehv,
-                                           need_taehv=use_taehv)
+                                           lightvae=lightvae, lighttae=lighttae, need=(needs,) if needs else ())
         ov += [f"backbone={MODEL_TYPES[model_type]}", "weights=real",
                f"weights.checkpoint={quote(layout.checkpoint)}", f"weights.wan_folder={quote(layout.wan_folder)}",
-               f"weights.taehv={quote(layout.taehv) if layout.taehv else 'null'}", "text_encoder=umt5_xxl",
-               f"text_encoder.checkpoint={quote(layout.t5)}", f"text_encoder.tokenizer={quote(layout.tokenizer)}",
-               f"vae={'taehv' if use_taehv else 'wan'}"]
+               f"weights.taehv={quote(layout.taehv) if layout.taehv else 'null'}",
+               f"weights.lightvae={quote(layout.lightvae)}", f"weights.lighttae={quote(layout.lighttae)}",
+               "text_encoder=umt5_xxl", f"++text_encoder.checkpoint={quote(layout.t5)}",
+               f"++text_encoder.tokenizer={quote(layout.tokenizer)}", f"vae={real}"]
         ov += size_overrides(layout)
-    elif use_taehv:
-        ov.append("vae=taehv_tiny")
+    elif vae != "wan":
+        ov.append(f"vae={tiny}")
     if not device.startswith("cuda"):
         ov.append("vae.accelerate=none")  # CUDA graphs need a GPU: eager, said once here instead of per build
     elif use_tensorrt:

@@ -5,12 +5,13 @@
     /tmp/tiny/wan_models/Wan2.1-T2V-1.3B/   config.json  diffusion_pytorch_model.safetensors  Wan2.1_VAE.pth
                                             models_t5_umt5-xxl-enc-bf16.pth  google/umt5-xxl/ (spiece.model, ...)
     /tmp/tiny/ckpts/wan_causal_dmd_v2v/model.pt
-    /tmp/tiny/ckpts/taew2_1.pth
+    /tmp/tiny/ckpts/taew2_1.pth  lightvaew2_1.pth  lighttaew2_1.safetensors
 
 Every file has the official format and key names, at tiny sizes (a 2-layer DiT of width 256, a Wan VAE of base
-width 16, a 2-layer UMT5 of width 4096 with a small SentencePiece vocabulary): the real loading path runs on a
-CPU in seconds. The weights are random, so the videos it makes are noise; it exists for trying the API and for
-the tests.
+width 16, a 2-layer UMT5 of width 4096 with a small SentencePiece vocabulary); TAEHV, LightVAE (the Wan VAE at
+base width 24) and LightTAE (TAEHV's shapes) are small already and written at their published shapes, LightTAE
+in the ``.safetensors`` container it is also published in. The real loading path runs on a CPU in seconds.
+The weights are random, so the videos it makes are noise; it exists for trying the API and for the tests.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import torch
 
 DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
 VAE_DIM = 16
+LIGHTVAE_DIM = 24            # lightvaew2_1.pth: the Wan VAE with every width x 0.25 (plugins.md)
+LIGHTVAE_FILE, LIGHTTAE_FILE = "lightvaew2_1.pth", "lighttaew2_1.safetensors"
 T5 = dict(dim=4096, heads=2, head_dim=32, ffn=256, layers=2)   # width 4096: the DiT's text_embedding input
 CORPUS = ["a watercolor painting of a moving red square", "a dog walks on the grass, realistic",
           "an oil painting in the style of van gogh", "a cat sitting on a mat, anime style",
@@ -42,6 +45,8 @@ def write_tiny_checkpoint(root: str | Path, *, model_type: str = "T2V-1.3B", see
     write_wan_vae(wan / "Wan2.1_VAE.pth", gen)
     write_t5(wan / "models_t5_umt5-xxl-enc-bf16.pth", vocab, seed)
     write_taehv(root / "ckpts" / "taew2_1.pth", gen)
+    write_wan_vae(root / "ckpts" / LIGHTVAE_FILE, gen, dim=LIGHTVAE_DIM)
+    write_taehv(root / "ckpts" / LIGHTTAE_FILE, gen)
     return ckpt
 
 
@@ -73,14 +78,25 @@ def write_dit(wan: Path, ckpt: Path, gen: torch.Generator) -> None:
     torch.save({"generator": generator}, ckpt / "model.pt")
 
 
-def write_wan_vae(path: Path, gen: torch.Generator) -> None:
+def write_wan_vae(path: Path, gen: torch.Generator, dim: int = VAE_DIM) -> None:
+    """A Wan VAE state dict (``Wan2.1_VAE.pth`` names; ``lightvaew2_1.pth`` at ``dim=24``)."""
     from .vae.wan_vae import WanVAE
-    torch.save(_randomise(WanVAE(dim=VAE_DIM), gen), path)
+    _save(_randomise(WanVAE(dim=dim), gen), path)
 
 
 def write_taehv(path: Path, gen: torch.Generator) -> None:
+    """A TAEHV state dict (``taew2_1.pth``; ``lighttaew2_1`` has the same names and shapes)."""
     from .vae.taehv import TAEHV
-    torch.save(_randomise(TAEHV(), gen), path)
+    _save(_randomise(TAEHV(), gen), path)
+
+
+def _save(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """A torch pickle, or a safetensors file for a ``.safetensors`` path (both containers are published)."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
 
 
 def write_t5(path: Path, vocab: int, seed: int) -> None:

@@ -1,6 +1,7 @@
 """The reference's command-line interface (``run_v2v.sh`` / ``streamdiffusionv2-single``) over ``sdv2 run``.
 
     ./run_v2v.sh single --video_path in.mp4 --prompt_file_path prompt.txt --output_folder outputs --step 2
+    ./run_v2v.sh single --checkpoint_folder ckpts/wan_causal_dmd_v2v --vae lightvae   # lightvaew2_1 from ckpts/
     OUTPUT_FOLDER=out STEP=1 ./run_v2v.sh single-wo --checkpoint_folder ckpts/wan_causal_dmd_v2v
 
 Writes ``<output_folder>/output_000.mp4`` as the reference does, and nothing else there (the timings are
@@ -35,7 +36,8 @@ FLAGS = {
     "seed": ("SEED", "0", int), "model_type": ("MODEL_TYPE", "T2V-1.3B", str),
     "num_frames": ("NUM_FRAMES", "81", int), "target_fps": ("TARGET_FPS", None, float),
     "gpu_id": ("GPU_ID", None, int), "device": ("DEVICE", None, str), "wan_folder": ("SDV2_WAN_ROOT", None, str),
-    "taehv": ("SDV2_TAEHV", None, str),
+    "taehv": ("SDV2_TAEHV", None, str), "vae": ("SDV2_VAE", None, str),
+    "lightvae": ("SDV2_LIGHTVAE", None, str), "lighttae": ("SDV2_LIGHTTAE", None, str),
     "num_gpus": ("NPROC_PER_NODE", None, int), "gpu_ids": ("GPU_IDS", None, str),   # pipe mode
 }
 SWITCHES = {"use_taehv": "USE_TAEHV", "use_tensorrt": "USE_TENSORRT", "fast": "FAST", "profile": "PROFILE",
@@ -46,6 +48,7 @@ KEY_TO_FLAG = {"input.prompt_file": "--prompt_file_path", "input.prompt": "--pro
                "input.video": "--video_path", "input.frames": "--video_path",
                "weights.checkpoint": "--checkpoint_folder",
                "weights.wan_folder": "--wan_folder", "weights.taehv": "--taehv", "output.dir": "--output_folder",
+               "weights.lightvae": "--lightvae", "weights.lighttae": "--lighttae",
                "noise_scale": "--noise_scale", "target_fps": "--target_fps",
                "config_path": "--config_path", "checkpoint_folder": "--checkpoint_folder", "wan_folder": "--wan_folder",
                "model_type": "--model_type", "height": "--height", "width": "--width"}
@@ -57,8 +60,10 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="run_v2v.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=sorted(MODES), help="single | single-wo | pipe (and the reference's aliases)")
+    from .seed_config import VAES
     for flag, (env, default, kind) in FLAGS.items():
-        p.add_argument(f"--{flag}", type=kind, default=os.environ.get(env, default), help=f"(env {env})")
+        extra = {"choices": sorted(VAES)} if flag == "vae" else {}
+        p.add_argument(f"--{flag}", type=kind, default=os.environ.get(env, default), help=f"(env {env})", **extra)
     for flag, env in SWITCHES.items():
         p.add_argument(f"--{flag}", action="store_true", default=os.environ.get(env, "0") not in ("0", "", "false"),
                        help=f"(env {env})")
@@ -126,7 +131,9 @@ def to_overrides(a) -> list[str]:
         noise_scale=noise_scale, device=device, use_taehv=a.use_taehv, use_tensorrt=a.use_tensorrt, fast=a.fast,
         config_path=caller_path(a.config_path) if a.config_path else None,
         wan_folder=caller_path(a.wan_folder) if a.wan_folder else None,
-        taehv=caller_path(a.taehv) if a.taehv else None)
+        taehv=caller_path(a.taehv) if a.taehv else None, vae=a.vae,
+        lightvae=caller_path(a.lightvae) if a.lightvae else None,
+        lighttae=caller_path(a.lighttae) if a.lighttae else None)
     ov += [f"output.dir={quote(caller_path(a.output_folder))}", "output.name=output_000.mp4", "output.timings=null"]
     if a.t2v:
         ov += ["t2v=true", f"num_frames={a.num_frames}"]

@@ -15,7 +15,7 @@ from sdv2_lab.metrics import (DISFlow, LPIPSDistance, MetricUnavailable, RAFTFlo
 from sdv2_lab.metrics.clip import _embeddings
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "metrics"
-ALL_METRICS = ["clip_consistency", "clip_score", "lpips", "warp_error", "flicker", "ssim", "psnr"]
+ALL_METRICS = ["clip_consistency", "clip_score", "lpips", "warp_error", "flicker", "ssim", "psnr", "vae_fidelity"]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -142,16 +142,21 @@ def test_streams_independent(ours):
 
 def test_taehv_encoder_streaming_equals_one_shot(ours):
     """encoder=taehv: frame 0 repeated into a group of its own; later chunks of 4 frames -> 1 latent each,
-    equal to encoding the whole (padded) clip at once."""
-    vae = TAEHVVAE(ours)
+    equal to encoding the whole (padded) clip at once. taew2_1.pth's latents are normalised: handed to the DiT
+    as they are when it takes normalised latents, de-normalised (z * std + mean) for the reference's DiT, which
+    takes the Wan encoder's raw mu (normalize_on_encode=False)."""
+    from sdv2_lab.vae import LATENT_MEAN, LATENT_STD
     video = torch.rand(1, 3, 1 + 4 * 4, H, W, generator=torch.Generator().manual_seed(8)) * 2 - 1
-    state = vae.new_state()
-    parts = [vae.encode(state, video[:, :, :5])] + [vae.encode(state, video[:, :, 1 + 4 * c:5 + 4 * c])
-                                                      for c in range(1, 4)]
-    assert [p.shape[1] for p in parts] == [2, 1, 1, 1]
     x = (video * 0.5 + 0.5).transpose(1, 2)
     padded = torch.cat([x[:, :1].expand(-1, 3, -1, -1, -1), x], 1)
-    torch.testing.assert_close(torch.cat(parts, 1), ours.encode_video(padded), rtol=1e-5, atol=1e-5)
+    z = ours.encode_video(padded)
+    mean, std = torch.tensor(LATENT_MEAN).view(1, 1, 16, 1, 1), torch.tensor(LATENT_STD).view(1, 1, 16, 1, 1)
+    for vae, want in ((TAEHVVAE(ours, normalize_on_encode=True), z), (TAEHVVAE(ours), z * std + mean)):
+        state = vae.new_state()
+        parts = [vae.encode(state, video[:, :, :5])] + [vae.encode(state, video[:, :, 1 + 4 * c:5 + 4 * c])
+                                                          for c in range(1, 4)]
+        assert [p.shape[1] for p in parts] == [2, 1, 1, 1]
+        torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-5, atol=1e-5)
 
 
 def test_build_from_conf_with_wan_encoder(ckpt):

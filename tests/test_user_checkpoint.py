@@ -42,6 +42,7 @@ def test_the_fixture_writes_every_official_file(tiny_root):
                  "google/umt5-xxl/tokenizer_config.json"):
         assert (wan / name).is_file(), name
     assert (tiny_root / CKPT / "model.pt").is_file() and (tiny_root / "ckpts/taew2_1.pth").is_file()
+    assert (tiny_root / "ckpts/lightvaew2_1.pth").is_file() and (tiny_root / "ckpts/lighttaew2_1.safetensors").is_file()
     assert "generator" in torch.load(tiny_root / CKPT / "model.pt", weights_only=True)
 
 
@@ -61,15 +62,20 @@ def test_layout_is_found_from_the_checkpoint_folder_wherever_the_command_runs(ti
 
 def test_overrides_select_real_weights_umt5_and_sizes_from_the_files(tiny_root):
     """The issue: the API composed text_encoder=hashed and the tiny VAE, and said DUMMY. Now every part is real,
-    and the sizes (DiT from config.json, VAE and T5 from their tensors) need no override."""
-    cfg = compose_config("config", seed_overrides(checkpoint_folder=tiny_root / CKPT, device="cpu"))
+    and the sizes (DiT from config.json, T5 from its tensors) need no override; the VAE reads its width from the
+    file it loads (no vae.* override, which would clash with another VAE's config)."""
+    from sdv2_lab.build import build_vae
+    ov = seed_overrides(checkpoint_folder=tiny_root / CKPT, device="cpu")
+    assert not [o for o in ov if o.startswith(("vae.dim", "+vae", "++vae"))]
+    cfg = compose_config("config", ov)
     assert cfg.weights.kind == "real" and cfg.backbone.name == "wan_1_3b"
     assert {k: cfg.backbone[k] for k in DIT} == DIT                       # from config.json
-    assert cfg.vae.name == "wan" and cfg.vae.dim == VAE_DIM              # from Wan2.1_VAE.pth
+    assert cfg.vae.name == "wan" and build_vae(cfg, "cpu", torch.float32).encoder.conv1.weight.shape[0] == VAE_DIM
     assert cfg.text_encoder.name == "umt5" and cfg.text_encoder.dim == 4096 and cfg.text_encoder.layers == 2
     assert Path(cfg.text_encoder.tokenizer) == tiny_root / WAN / "google/umt5-xxl"
     fast = compose_config("config", seed_overrides(checkpoint_folder=tiny_root / CKPT, device="cpu", fast=True))
-    assert fast.vae.name == "taehv" and fast.vae.dim == VAE_DIM and Path(fast.weights.taehv).name == "taew2_1.pth"
+    assert fast.vae.name == "taehv" and Path(fast.weights.taehv).name == "taew2_1.pth"
+    assert build_vae(fast, "cpu", torch.float32).wan.encoder.conv1.weight.shape[0] == VAE_DIM
     assert (fast.num_kv_cache, fast.sink_frames, fast.adapt_sink_threshold) == (5, 2, -1)
 
 

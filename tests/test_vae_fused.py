@@ -29,9 +29,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def plain_norm_silu(x, gamma, add=None, silu=True):
+def plain_norm_silu(x, gamma, add=None, silu=True, bias=None):
     """The reference formula in float64: F.normalize over channels * sqrt(C) * gamma, then SiLU."""
     s = x.double() if add is None else x.double() + add.double()
+    if bias is not None:
+        s = s + bias.double().reshape(1, -1, 1, 1, 1)
     y = F.normalize(s, dim=1) * math.sqrt(x.shape[1]) * gamma.double().reshape(1, -1, 1, 1, 1)
     return F.silu(y) if silu else y
 
@@ -45,17 +47,26 @@ def check_norm(impl, dtype, tol):
     b, c, t, h, w = 2, 24, 3, 5, 7
     x, add = rand(b, c, t, h, w, seed=1, dtype=dtype), rand(b, c, t, h, w, seed=2, dtype=dtype, cl=False)
     gamma = rand(c, 1, 1, 1, seed=3, dtype=dtype, cl=False)
-    for with_add in (False, True):
+    bias = rand(c, seed=5, dtype=dtype, cl=False)   # a producing conv's deferred bias
+    for with_add, with_bias in ((False, False), (True, False), (False, True), (True, True)):
         for silu in (False, True):
             # write into the tail of a padded history buffer; the head (history) must stay untouched
             buf = torch.full((b, c, 2 + t, h, w), float("nan"), dtype=dtype).contiguous(memory_format=CL3)
             s = torch.full_like(x, float("nan"))
-            fused_ops.rms_norm_silu(x, gamma, add=add if with_add else None, out=buf[:, :, 2:],
-                                    sum_out=s if with_add else None, silu=silu, impl=impl)
+            a, bb = add if with_add else None, bias if with_bias else None
+            fused_ops.rms_norm_silu(x, gamma, add=a, bias=bb, out=buf[:, :, 2:],
+                                    sum_out=s if with_add or with_bias else None, silu=silu, impl=impl)
             assert torch.isnan(buf[:, :, :2]).all()
-            assert rel(buf[:, :, 2:], plain_norm_silu(x, gamma, add if with_add else None, silu)) <= tol
-            if with_add:
-                assert rel(s, x.double() + add.double()) <= tol
+            assert rel(buf[:, :, 2:], plain_norm_silu(x, gamma, a, silu, bb)) <= tol
+            if with_add or with_bias:
+                want = x.double() + (0 if a is None else a.double()) + \
+                    (0 if bb is None else bb.double().reshape(1, -1, 1, 1, 1))
+                assert rel(s, want) <= tol
+            # the stream's history (the output's last 2 frames) written as the output is
+            tail = torch.full((b, c, 2, h, w), float("nan"), dtype=dtype).contiguous(memory_format=CL3)
+            again = torch.empty_like(buf)
+            fused_ops.rms_norm_silu(x, gamma, add=a, bias=bb, out=again[:, :, 2:], tail=tail, silu=silu, impl=impl)
+            torch.testing.assert_close(tail, again[:, :, -2:], rtol=0, atol=0)
 
 
 def test_fused_norm_cpu_fallback_equals_float64_formula():
@@ -66,6 +77,10 @@ def test_fused_norm_cpu_fallback_equals_float64_formula():
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), impl="cuda")
     with pytest.raises(ValueError, match="shape"):
         fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), add=torch.zeros(1, 8, 2, 3, 5))
+    with pytest.raises(ValueError, match="bias has 7 values for 8 channels"):
+        fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="cannot hold the last frames"):
+        fused_ops.rms_norm_silu(rand(1, 8, 2, 3, 4, seed=4), torch.ones(8), tail=torch.zeros(1, 8, 3, 3, 4))
 
 
 def test_row_strides_decide_what_the_kernel_takes():
@@ -139,7 +154,7 @@ def stream(vae, seed, latent_sizes=(2, 1, 1, 2, 1)):
     return enc, dec
 
 
-@pytest.mark.parametrize("options", [{}, {"fuse_upsample": False, "pad_rgb": False}])
+@pytest.mark.parametrize("options", [{}, {"fuse_upsample": False, "pad_rgb": False}, {"defer_bias": False}])
 def test_fused_stream_equals_eager(eager, options):
     fused = install_fused(copy.deepcopy(eager), **options)
     assert isinstance(fused.fused, FusedWan) and fused._steps["decode"] == fused.fused.decode_step
@@ -150,16 +165,22 @@ def test_fused_stream_equals_eager(eager, options):
     assert [d.shape[1] for d in got[1]] == [5, 4, 4, 8, 4]
 
 
-def test_fused_state_shares_the_eager_history(eager):
-    """The eager cache's history tensors are views of the fused buffers' heads (one copy of the state)."""
+def test_fused_state_is_the_history_only(eager):
+    """A stream keeps its history tensors and nothing else: the fused path's padded buffers are the call's
+    workspace, so a fused stream holds exactly the bytes an eager one does (channels-last after its first
+    fused call, so that the copies in and out keep one layout)."""
+    from sdv2_lab.vae.state import state_nbytes
     fused = install_fused(copy.deepcopy(eager))
-    s = fused.new_state()
-    fused.encode(s, torch.zeros(1, 3, 5, H, W))
-    heads = {slot: buf for (kind, slot), buf in s.enc.fused_buffers.items() if kind == "hist"}
-    assert heads and set(heads) == set(s.enc.history)
-    for slot, buf in heads.items():  # lookback 2 (3-tap convs) or 1 (the temporal downsamplers' last frame)
-        hist = s.enc.history[slot]
-        assert hist.data_ptr() == buf.data_ptr() and hist.shape[2] in (1, 2) and buf.shape[2] > hist.shape[2]
+    s, e = fused.new_state(), eager.new_state()
+    for vae, st in ((fused, s), (eager, e)):
+        vae.encode(st, torch.zeros(1, 3, 5, H, W))
+        vae.encode(st, torch.zeros(1, 3, 4, H, W))
+        vae.decode(st, torch.zeros(1, 2, 16, H // 8, W // 8))
+        vae.decode(st, torch.zeros(1, 1, 16, H // 8, W // 8))
+    assert set(vars(s.enc)) == set(vars(e.enc)) and set(s.enc.history) == set(e.enc.history)
+    assert {k: v.shape for k, v in s.dec.history.items()} == {k: v.shape for k, v in e.dec.history.items()}
+    assert state_nbytes(s) == state_nbytes(e) > 0
+    assert all(h.is_contiguous(memory_format=CL3) for h in s.dec.history.values() if h.shape[1] > 1)
     assert fused.encoder.conv1.weight.is_contiguous(memory_format=CL3)  # weights converted once, in place
 
 

@@ -46,7 +46,15 @@ def test_configs_are_taehv_both_ways():
 
 
 def test_frame_arithmetic_and_round_trip_equals_one_shot(vae):
+    """In one latent space (normalize_on_encode=True: the symmetric VAE) a streamed round trip equals TAEHV's
+    one-shot encode and decode; with the reference's flags the DiT gets the Wan encoder's raw space."""
+    from sdv2_lab.vae import LATENT_MEAN, LATENT_STD
+    from sdv2_lab.vae.taehv import TAEHVVAE
     assert vae.wan is None and vae.weights_are_dummy
+    assert (vae.latent_space, vae.dit_in, vae.dit_out) == ("normalized", "raw", "normalized")
+    mean, std = torch.tensor(LATENT_MEAN).view(1, 1, 16, 1, 1), torch.tensor(LATENT_STD).view(1, 1, 16, 1, 1)
+    reference_flags = vae
+    vae = TAEHVVAE(vae.taehv, normalize_on_encode=True)
     video = clip(1)
     state = vae.new_state()
     chunks = [video[:, :, :5]] + [video[:, :, 1 + 4 * c:5 + 4 * c] for c in range(1, 4)]
@@ -64,6 +72,8 @@ def test_frame_arithmetic_and_round_trip_equals_one_shot(vae):
     got = torch.cat(frames, 1)
     assert got.shape == y.shape == (1, 17, 3, H, W)
     assert rel(got, y) <= 1e-5
+    raw = reference_flags.encode(reference_flags.new_state(), video[:, :, :5])
+    assert rel(raw, z[:, :2] * std + mean) <= 1e-5
 
 
 def test_bad_chunks_are_errors(vae):
@@ -73,8 +83,10 @@ def test_bad_chunks_are_errors(vae):
     vae.encode(state, torch.zeros(1, 3, 5, H, W))
     with pytest.raises(ValueError, match="multiple of 4"):
         vae.encode(state, torch.zeros(1, 3, 6, H, W))
-    with pytest.raises(ValueError, match="Wan VAE options"):
-        build_vae({"name": "taehv", "encoder": "taehv", "dim": 16}, dummy=True)
+    with pytest.raises(ValueError, match="unknown TAEHV VAE options"):
+        build_vae({"name": "taehv", "encoder": "taehv", "colour": "red"}, dummy=True)
+    with pytest.raises(ValueError, match="latent_space"):
+        build_vae({"name": "taehv", "encoder": "taehv", "latent_space": "scaled"}, dummy=True)
 
 
 def test_full_config_on_cpu_runs_eager_with_a_logged_reason(vae, caplog):

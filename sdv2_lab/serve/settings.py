@@ -63,6 +63,11 @@ class ServeSettings:
                              f"{self.allowed_origins!r}")
         if not str(self.default_prompt).strip():
             raise ValueError("serve.default_prompt is empty")
+        from ..build import CONF_DIR
+        names = sorted(p.stem for p in (CONF_DIR / "vae").glob("*.yaml"))
+        if self.taehv_vae not in names:   # the VAE a client's "taehv" switch restarts its stream with
+            raise ValueError(f"serve.taehv_vae={self.taehv_vae!r}: not a VAE config; choose one of {names} "
+                             f"(a tiny decoder: taehv, lighttae, or their _tiny / _full forms)")
         return self
 
     @property

@@ -7,9 +7,10 @@ server) streams through it.
     outs = driver.step()                                  # one chunk of every ready stream, one DiT job for all
     outs += driver.flush(s); driver.close(s)
 
-One chunk's path, top to bottom, is ``_run``: the scheduler (pure logic) forms chunks and jobs; the VAE
-encodes and the motion-aware controller noises each chunk; an executor runs one DiT job for all streams;
-the VAE decodes the finished chunks. Listeners get ``ChunkIn`` / ``StageRun`` / ``ChunkOut`` events
+One chunk's path, top to bottom, is ``_run``: the scheduler (pure logic) forms chunks and jobs; one VAE call
+encodes every stream's chunk (their rows stacked, each stream's causal state its own: ``vae/state.py``) and
+the motion-aware controller noises each chunk; an executor runs one DiT job for all streams; one VAE call
+decodes the chunks that finished. Listeners get ``ChunkIn`` / ``StageRun`` / ``ChunkOut`` events
 (``timing.py``): the CLI, the harness and the server subscribe; nothing is monkey-patched.
 
 ``overlap=True`` (GPU): encode, DiT and decode run on three CUDA streams ordered by events, so the encode of
@@ -27,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
+from ..vae.registry import decode_streams, encode_streams, release
 from .config import PipelineConfig
 from .noise_controller import MotionNoiseController, mix_noise
 from .scheduler import Chunk, DiTJob, Scheduler, Stream
@@ -198,6 +200,8 @@ class StreamDriver:
 
     def close(self, s: Stream) -> None:
         """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
+        if not s.closed and s.vae is not None:
+            release(s.vae, s.vae_state)
         self.scheduler.close(s)
 
     @torch.no_grad()
@@ -272,7 +276,7 @@ class StreamDriver:
         self._end_input(s)
         out = []
         while s.flush_calls:
-            out += [x0 for _, x0 in self._denoised([self.scheduler.next_chunk(s)])]
+            out += [x0 for done in self._denoised([self.scheduler.next_chunk(s)]) for _, x0 in done]
         return out
 
     def _end_input(self, s: Stream) -> None:
@@ -295,52 +299,84 @@ class StreamDriver:
 
     # ------------------------------------------------------------------ one chunk's path
     def _run(self, chunks: list[Chunk]) -> list[ChunkOut]:
-        return [self.decode(s, x0) for s, x0 in self._denoised(chunks)]   # VAE decode of what finished
+        outs = []
+        for done in self._denoised(chunks):                               # job by job: the chunks that finished
+            outs += self.decode_chunks([s for s, _ in done], [x0 for _, x0 in done])   # one VAE decode
+        return outs
 
-    def _denoised(self, chunks: list[Chunk]) -> Iterator[tuple[Stream, torch.Tensor]]:
-        """Encode the chunks, run their DiT jobs; yields (stream, x0) for each chunk that finished, job by job
-        (so a job's outputs are decoded before the next job runs)."""
-        encoded = [self.encode(c) for c in chunks]                       # VAE encode + motion-aware noise
+    def _denoised(self, chunks: list[Chunk]) -> Iterator[list[tuple[Stream, torch.Tensor]]]:
+        """Encode the chunks (one VAE call), run their DiT jobs; yields, job by job, (stream, x0) of each chunk
+        that finished (so a job's outputs are decoded before the next job runs)."""
+        encoded = self.encode_chunks(chunks)                             # one VAE encode + motion-aware noise
         for job in self.scheduler.dit_jobs([e.chunk for e in encoded]):  # first chunks alone; the rest in one job
             mine = [next(e for e in encoded if e.chunk is c) for c in job.chunks]
-            for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit):
-                if emitted:
-                    yield s, x0
+            done = [(s, x0) for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit) if emitted]
+            if done:
+                yield done
             self.scheduler.finished(job)
 
     def encode(self, c: Chunk, previous: Optional[Previous] = None, after=()) -> Encoded:
-        """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller: from the
-        stream's own state, or from ``previous`` (the staged API's explicit inputs), on the encode lane after the
-        events ``after``."""
+        """One chunk -> noisy latents; ``previous``: the staged API's explicit controller inputs."""
+        return self.encode_chunks([c], {id(c): previous} if previous is not None else None, after)[0]
+
+    def encode_chunks(self, chunks: list[Chunk], previous: Optional[dict] = None, after=()) -> list[Encoded]:
+        """Chunks -> noisy latents: one VAE call for the chunks of streams that share a VAE (``_vae_encode``),
+        then each chunk noised with its stream's own draws, in chunk order. Chunks after the first go through
+        the stream's noise controller, from its own state or from ``previous[id(chunk)]``; all on the encode
+        lane, after the events ``after``."""
+        real = [c for c in chunks if c.frames is not None and self.encodes]
+        encoded = {}
+        if real:
+            with self._stage("encode", [c.stream for c in real], [c.frames.shape[2] for c in real], after) as run:
+                noise_levels = [self._noise_level(c, (previous or {}).get(id(c))) for c in real]
+                latents = self._vae_encode(real)
+                for c, (scale, step) in zip(real, noise_levels):
+                    z = latents[id(c)]
+                    encoded[id(c)] = Encoded(c, mix_noise(z, self._randn(c.stream, z.shape), scale), scale, step)
+                    c.stream.last_frame = c.frames[:, :, -1:]
+            for e in encoded.values():
+                e.ready = run.end.event
+                if e.chunk.real:
+                    e.chunk.stream.scales.append(e.scale)
+                for t in (e.noisy, e.scale, e.step):
+                    self.lanes.handoff(t, "dit")
+        return [encoded[id(c)] if id(c) in encoded else self._noise_chunk(c) for c in chunks]
+
+    def _vae_encode(self, chunks: list[Chunk]) -> dict:
+        """id(chunk) -> its latents [1, F, 16, h, w]: one VAE call per group of chunks of one VAE, one phase
+        (a stream's first chunk is special-cased inside the VAE) and one length."""
+        latents = {}
+        for group in _groups(chunks, key=lambda c: (id(c.stream.vae), c.first, c.frames.shape[2])):
+            video = torch.cat([c.frames for c in group]) if len(group) > 1 else group[0].frames
+            z = encode_streams(group[0].stream.vae, [c.stream.vae_state for c in group], video)
+            latents.update(zip(map(id, group), z.to(self.dtype).split(1)))
+        return latents
+
+    def _noise_level(self, c: Chunk, previous: Optional[Previous]) -> tuple:
+        """(scale, step) of a chunk: the stream's s0 for its first chunk, else the controller's (from ``previous``
+        when given, the staged API's explicit inputs)."""
+        s = c.stream
+        if c.first:
+            return s.controller.s0, None
+        if previous is None:
+            return s.controller.update(c.frames, s.last_frame)
+        scale, step = s.controller.next_scale(c.frames, self._check_frames(previous.last_frame[0])[None],
+                                              self._scalar(previous.scale), self._scalar(previous.initial))
+        s.controller.scale = scale
+        return scale, step
+
+    def _noise_chunk(self, c: Chunk) -> Encoded:
+        """A chunk of pure noise (text-to-video, flush), or (a pipe stage after the first) only its shape."""
         s = c.stream
         shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
         if not self.encodes:  # a pipe stage after the first: the chunk's shape is all it needs
             if c.real:
                 s.scales.append(None)
             return Encoded(c, torch.empty(shape, device="meta", dtype=self.dtype))
-        if c.frames is None:  # text-to-video or flush: a chunk of pure noise
-            with self._stage("noise", [s], [0]) as run:
-                noisy = self._randn(s, shape)
-            self.lanes.handoff(noisy, "dit")
-            return Encoded(c, noisy, ready=run.end.event)
-        with self._stage("encode", [s], [c.frames.shape[2]], after) as run:
-            frames, step = c.frames, None
-            if c.first:
-                scale = s.controller.s0
-            elif previous is not None:
-                scale, step = s.controller.next_scale(frames, self._check_frames(previous.last_frame[0])[None],
-                                                      self._scalar(previous.scale), self._scalar(previous.initial))
-                s.controller.scale = scale
-            else:
-                scale, step = s.controller.update(frames, s.last_frame)
-            latents = s.vae.encode(s.vae_state, frames).to(self.dtype)
-            noisy = mix_noise(latents, self._randn(s, latents.shape), scale)
-            s.last_frame = frames[:, :, -1:]
-        if c.real:
-            s.scales.append(scale)
-        for t in (noisy, scale, step):
-            self.lanes.handoff(t, "dit")
-        return Encoded(c, noisy, scale, step, ready=run.end.event)
+        with self._stage("noise", [s], [0]) as run:
+            noisy = self._randn(s, shape)
+        self.lanes.handoff(noisy, "dit")
+        return Encoded(c, noisy, ready=run.end.event)
 
     def denoise(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
         """One DiT job; returns x0 [1, F, C, h, w] per stream (what leaves; placeholders included)."""
@@ -400,20 +436,40 @@ class StreamDriver:
         return torch.cat([s.hidden for s in streams])
 
     def decode(self, s: Stream, x0: torch.Tensor) -> ChunkOut:
-        """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, and a ``ChunkOut`` event."""
+        """Finished latents of one stream -> its ``ChunkOut`` (``decode_chunks`` for several)."""
+        return self.decode_chunks([s], [x0])[0]
+
+    def decode_chunks(self, streams: list[Stream], x0s: list[torch.Tensor]) -> list[ChunkOut]:
+        """Finished latents -> frames [T, H, W, 3] in [0, 1] on the device, one ``ChunkOut`` event per stream.
+        The streams that share a VAE (and their phase and chunk length) are decoded in one call."""
         if not self.decodes:  # a pipe stage before the last: the last stage decodes (no frames here)
-            out = ChunkOut(s.id, torch.empty(0, self.cfg.height, self.cfg.width, 3), self.clock.host(),
-                           s.scales.popleft() if s.scales else None, s.shown)
+            outs = [ChunkOut(s.id, torch.empty(0, self.cfg.height, self.cfg.width, 3), self.clock.host(),
+                             s.scales.popleft() if s.scales else None, s.shown) for s in streams]
+            for out in outs:
+                self._emit(out)
+            return outs
+        with self._stage("decode", streams, [FRAMES_PER_LATENT * x0.shape[1] for x0 in x0s], [self._dit_done]) as run:
+            frames = self._vae_decode(streams, x0s)
+        outs = []
+        for s in streams:
+            self.lanes.handoff(frames[s.id], "current")
+            out = ChunkOut(s.id, frames[s.id], run.end, s.scales.popleft() if s.scales else None, s.shown)
             self._emit(out)
-            return out
-        with self._stage("decode", [s], [FRAMES_PER_LATENT * x0.shape[1]], [self._dit_done]) as run:
-            frames = to_unit(s.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
-        self.lanes.handoff(frames, "current")
-        out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown)
-        self._emit(out)
-        if self.cfg.target_fps:
-            self._adapt_chunk_size(s, out)
-        return out
+            if self.cfg.target_fps:
+                self._adapt_chunk_size(s, out)
+            outs.append(out)
+        return outs
+
+    def _vae_decode(self, streams: list[Stream], x0s: list[torch.Tensor]) -> dict:
+        """stream id -> its frames [T, H, W, 3] in [0, 1]: one VAE call per group of streams of one VAE, one
+        phase and one chunk length."""
+        frames = {}
+        for group in _groups(list(zip(streams, x0s)), key=lambda p: (id(p[0].vae), _first_decode(p[0]), p[1].shape[1])):
+            z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
+            out = decode_streams(group[0][0].vae, [s.vae_state for s, _ in group], z)
+            for (s, _), f in zip(group, out):
+                frames[s.id] = to_unit(f).permute(0, 2, 3, 1)
+        return frames
 
     def _adapt_chunk_size(self, s: Stream, out: ChunkOut) -> None:
         """``target_fps`` (reference §2.11, without needing --profile): once, at the stream's 4th output, the
@@ -461,6 +517,20 @@ class StreamDriver:
             # across devices in the source dtype, then cast on the device: a cast on the way would be made on the
             # host, into pageable memory, and the copy from there would block the host
             return frames.to(self.device, non_blocking=True).to(self.dtype)
+
+
+def _groups(items: list, key) -> list[list]:
+    """``items`` grouped by ``key``, groups in order of first appearance, items in order within a group."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def _first_decode(s: Stream):
+    """Whether the stream's VAE has decoded nothing yet (None when its state does not say: decoded alone)."""
+    n = getattr(s.vae_state, "latents_in", None)
+    return id(s) if n is None else n == 0
 
 
 def wait(outs: list[ChunkOut]) -> None:

@@ -1,20 +1,23 @@
 """Optional acceleration of a VAE's steady-state steps: ``torch.compile`` or CUDA-graph replay.
 
-A VAE exposes ``_steps``: name -> ``fn(x, cache)``, pure functions of an input tensor and a per-stream cache
-whose tensors are updated in place and never re-allocated after the stream's first call of that step with
-a given input shape. That is what makes both modes possible:
+A VAE exposes ``_steps``: name -> ``fn(x, cache)``, pure functions of an input tensor and a ``state.Batch`` of
+stream caches whose history tensors are updated in place and never re-allocated after each stream's first
+call. That is what makes both modes possible:
 
 * ``compile``: ``torch.compile(fn, dynamic=False)``; chunks have fixed shapes, so it compiles once per shape.
-* ``cuda_graph``: one graph per (stream cache, step), for one input shape at a time. The step's first call
-  with a shape runs eager (it makes the cache's tensors, JIT-compiles kernels, autotunes cuDNN and advances
-  the stream as usual); the second captures the graph and replays it; later calls only replay. A new input
-  shape drops the graph and starts over. The output is cloned out of the graph's memory.
+* ``cuda_graph``: one graph per (batch of streams, input shape), the batch named by its streams' cache ids.
+  A key's first call runs eager (it makes any missing history, JIT-compiles kernels, autotunes cuDNN for the
+  batch size and advances the streams as usual); the second captures the graph and replays it; later calls
+  only replay. The output is cloned out of the graph's memory. A step keeps its ``max_graphs`` most recent
+  graphs; ``forget`` drops those of streams that ended (``vae.release``).
 
-Concurrency (the stream engine encodes chunk k+1 while it decodes chunk k-1): every (cache, step) has its
-own graph memory pool and its own capture stream, so graphs of different steps or different streams'
-states never share memory and may replay at the same time on different CUDA streams. A replay (and the
-copies around it) runs on the caller's current CUDA stream; capture works from any current stream. Calls
-on ONE cache must not overlap (they advance the same state), which the streaming order guarantees.
+Memory and concurrency (the stream engine encodes chunk k+1 while it decodes chunk k-1): the graphs of one
+step share one memory pool (they never run at the same time: one call of a step at a time, its output
+copied out before the next), so a new batch of streams costs a capture, not another workspace; different
+steps have their own pools and capture streams and may replay at the same time on different CUDA streams.
+A replay (and the copies around it) runs on the caller's current CUDA stream; capture works from any
+current stream. Calls on ONE stream must not overlap (they advance its state): the streaming order
+guarantees that.
 
 Either mode falls back to eager (for good, with a logged reason) when it cannot run: CUDA graphs on a
 non-CUDA device, or any exception while compiling / capturing.
@@ -22,6 +25,7 @@ non-CUDA device, or any exception while compiling / capturing.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -68,47 +72,55 @@ class Compiled(_Accelerated):
 
 
 class _Graph:
-    """The graph of one (cache, step) for one input key; ``graph`` is None until captured."""
+    """The graph of one (batch of streams, input) key; ``graph`` is None until captured."""
 
-    def __init__(self, key):
-        self.key, self.graph, self.static_in, self.static_out = key, None, None, None
+    def __init__(self):
+        self.graph, self.static_in, self.static_out = None, None, None
 
 
 class CUDAGraphed(_Accelerated):
-    def __init__(self, fn: Callable, name: str):
+    def __init__(self, fn: Callable, name: str, max_graphs: int = 8):
         super().__init__(fn, name)
-        self.captures = 0
+        self.captures, self.max_graphs = 0, max_graphs
+        self.graphs: OrderedDict = OrderedDict()   # (stream ids, shape, dtype, device) -> _Graph, oldest first
+        self.pool = self.stream = None
 
     def _run(self, x, cache):
         if x.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA device, the input is on {x.device}")
-        graphs = cache.__dict__.setdefault("graphs", {})  # graphs live and die with the stream's cache
-        key = (tuple(x.shape), x.dtype, x.device)  # any strides: static_in.copy_(x) takes them
-        g = graphs.get(self.name)
-        if g is None or g.key != key:  # first call with this shape: eager; it makes the cache's tensors
-            graphs[self.name] = _Graph(key)
+        key = (cache.key, tuple(x.shape), x.dtype, x.device)  # any strides: static_in.copy_(x) takes them
+        g = self.graphs.get(key)
+        if g is None:  # first call with this key: eager (any missing history is made, cuDNN tuned)
+            self.graphs[key] = _Graph()
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
             return self.fn(x, cache), False
+        self.graphs.move_to_end(key)
         if g.graph is None:
             self._capture(g, x, cache)
         g.static_in.copy_(x)
         g.graph.replay()  # on the caller's current stream
         return g.static_out.clone(), True
 
+    def forget(self, uids) -> None:
+        """Drop the graphs of batches that include any of these streams (they have ended)."""
+        for key in [k for k in self.graphs if set(k[0]) & set(uids)]:
+            del self.graphs[key]
+
     def _capture(self, g: _Graph, x, cache) -> None:
-        """Record the step (nothing runs: the cache is not advanced by capturing) into a graph with its own
-        memory pool, on the cache's own capture stream, after the caller's pending work."""
-        pools = cache.__dict__.setdefault("graph_pools", {})
-        if self.name not in pools:
-            pools[self.name] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=x.device))
-        pool, stream = pools[self.name]
+        """Record the step (nothing runs: the streams are not advanced by capturing) into the step's memory
+        pool, on the step's own capture stream, after the caller's pending work."""
+        if self.pool is None:
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=x.device)
         static_in = torch.empty_like(x)  # filled by every replay
-        stream.wait_stream(torch.cuda.current_stream(x.device))
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             static_out = self.fn(static_in, cache)
         g.graph, g.static_in, g.static_out = graph, static_in, static_out
         self.captures += 1
-        log.info("VAE %s step: captured a CUDA graph for input %s", self.name, tuple(x.shape))
+        log.info("VAE %s step: captured a CUDA graph for %d stream(s), input %s", self.name, len(cache.key),
+                 tuple(x.shape))
 
 
 def accelerate_vae(vae, mode: str = "none", backend: str = "inductor", compile_mode: str | None = None):

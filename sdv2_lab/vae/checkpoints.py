@@ -4,7 +4,13 @@ Formats:
   * ``Wan2.1_VAE.pth``: a torch pickle of the Wan module names (read with ``weights_only=True``, mmap);
   * a diffusers ``AutoencoderKLWan`` folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``
     (or a pipeline root holding ``vae/``); keys converted to the Wan names by ``diffusers_to_wan``;
-  * ``taew2_1.pth``: the TAEHV state dict (``encoder.<i>.*`` / ``decoder.<i>.*``).
+  * ``taew2_1.pth``: the TAEHV state dict (``encoder.<i>.*`` / ``decoder.<i>.*``);
+  * the LightX2V plugin files (``lightx2v/Autoencoders``): ``lightvaew2_1.pth`` / ``.safetensors`` is the Wan VAE
+    at base width 24 under the same key names; ``lighttaew2_1.pth`` / ``.safetensors`` is TAEHV trained on raw
+    Wan latents, under TAEHV's key names.
+
+A Wan VAE's architecture comes from its file (the base width from ``encoder.conv1.weight``, a diffusers folder's
+``config.json``), as the DiT's comes from ``config.json``: the config's ``dim`` is the width of dummy weights.
 
 Models are built on the meta device and receive the checked tensors with ``load_state_dict(assign=True)``,
 each tensor cast once to the target device/dtype: no full fp32 model is ever materialised.
@@ -26,10 +32,22 @@ WAN_VAE_FILE = "Wan2.1_VAE.pth"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
+def existing_file(path: str | Path) -> Path:
+    """``path``, or the same file in the other container (``.pth`` <-> ``.safetensors``) when only that exists
+    (the plugin VAEs are published in both)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        for a, b in ((".pth", ".safetensors"), (".safetensors", ".pth")):
+            if path.suffix == a and path.with_suffix(b).is_file():
+                log.info("%s not found; reading %s", path, path.with_suffix(b).name)
+                return path.with_suffix(b)
+    return path
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat name -> tensor dict from a ``.pth``/``.pt``/``.bin`` (torch pickle, weights only) or
     ``.safetensors`` file. A ``{"state_dict": ...}`` wrapper is unwrapped."""
-    path = Path(path)
+    path = existing_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"VAE weights not found: {path}")
     if path.suffix == ".safetensors":
@@ -110,7 +128,7 @@ def resolve_wan_vae(path: Optional[str | Path], wan_folder: Optional[str | Path]
     if path is None and wan_folder is None:
         raise ValueError(f"the Wan VAE needs vae.path (a {WAN_VAE_FILE}, a .safetensors file or a diffusers "
                          f"AutoencoderKLWan folder) or weights.wan_folder (a folder holding {WAN_VAE_FILE})")
-    p = Path(path) if path is not None else Path(wan_folder)
+    p = existing_file(path) if path is not None else Path(wan_folder)
     if p.is_dir():
         if (p / WAN_VAE_FILE).is_file():
             return p / WAN_VAE_FILE
@@ -136,7 +154,15 @@ def read_wan_vae(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         sd = read_state_dict(path)
     if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "quant_conv.")) for k in sd):
         sd = diffusers_to_wan(sd, arch.get("num_res_blocks", 2))
-    return sd, arch
+    return sd, {**wan_arch_from_tensors(sd), **arch}
+
+
+def wan_arch_from_tensors(sd: Mapping[str, torch.Tensor]) -> dict:
+    """What a Wan VAE state dict says of its architecture: the base width (``encoder.conv1.weight`` is
+    [dim, 3, 3, 3, 3]: 96 for ``Wan2.1_VAE.pth``, 24 for ``lightvaew2_1.pth``). Nothing when the key is absent
+    (the strict check then names it)."""
+    w = sd.get("encoder.conv1.weight")
+    return {"dim": int(w.shape[0])} if isinstance(w, torch.Tensor) and w.dim() == 5 else {}
 
 
 def diffusers_arch(cfg: dict, source: str) -> dict:

@@ -5,14 +5,18 @@
     state = vae.new_state()            # one per stream: every cache of that stream lives here
     z = vae.encode(state, video)       # [B, 3, T, H, W] in [-1, 1] -> [B, F, 16, H/8, W/8]
     x = vae.decode(state, z)           # [B, F, 16, h, w] -> [B, T, 3, H, W] float32 in [-1, 1]
+    zs = encode_streams(vae, [s0, s1, s2], videos)   # one call for three streams (row i = stream i)
+    xs = decode_streams(vae, [s0, s1, s2], zs)       # each row equal to that stream alone
+    vae.release(state)                 # the stream has ended (optional: drops its CUDA graphs)
 
 Frame arithmetic (identical for every VAE, so that the pipeline never branches on the VAE):
   encode: the first call of a stream takes 1 + 4k frames -> 1 + k latents; later calls 4k frames -> k.
   decode: the first call takes F latents -> 1 + 4(F - 1) frames; later calls F latents -> 4F frames.
 Anything else is a ``ValueError`` (frames are never dropped silently).
 
-A new VAE is a class with this interface plus a builder registered with ``@register_vae(name)`` and a
-file in ``conf/vae/``. Builders take keyword arguments only: the config's options and the run's context
+``encode_streams`` / ``decode_streams`` run several streams' chunks as one batched call when the VAE has them
+(every VAE here: ``state.py``), else one call per stream. A new VAE is a class with this interface plus a
+builder registered with ``@register_vae(name)`` and a file in ``conf/vae/``. Builders take keyword arguments only: the config's options and the run's context
 (``wan_folder``, ``taehv_path``, ``dummy``, ``device``, ``dtype``).
 """
 from __future__ import annotations
@@ -54,6 +58,30 @@ def build_vae(name_or_cfg: str | Mapping, **kwargs) -> StreamingVAE:
     builder = VAES.get(name)
     opts.update(kwargs)
     return builder(**opts)
+
+
+def encode_streams(vae: StreamingVAE, states: list, video: torch.Tensor) -> torch.Tensor:
+    """Row i of ``video`` [N, 3, T, H, W] continues stream ``states[i]``: one batched call when the VAE can
+    (``vae.encode_streams``), else one call per stream; the same latents either way."""
+    fn = getattr(vae, "encode_streams", None)
+    if fn is not None:
+        return fn(states, video)
+    return torch.cat([vae.encode(s, video[i:i + 1]) for i, s in enumerate(states)])
+
+
+def decode_streams(vae: StreamingVAE, states: list, latents: torch.Tensor) -> torch.Tensor:
+    """Row i of ``latents`` [N, F, 16, h, w] continues stream ``states[i]`` (as ``encode_streams``)."""
+    fn = getattr(vae, "decode_streams", None)
+    if fn is not None:
+        return fn(states, latents)
+    return torch.cat([vae.decode(s, latents[i:i + 1]) for i, s in enumerate(states)])
+
+
+def release(vae: StreamingVAE, state) -> None:
+    """A stream has ended: let the VAE drop what it kept for it beyond its state (its CUDA graphs)."""
+    fn = getattr(vae, "release", None)
+    if fn is not None and state is not None:
+        fn(state)
 
 
 def check_video(video: torch.Tensor, first: bool, temporal_stride: int = 4, spatial_stride: int = 8) -> None:

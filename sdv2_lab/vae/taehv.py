@@ -14,12 +14,19 @@ later calls 4F frames. The reference instead drops all 4 frames of latent 0 on i
 4 frames: our first-chunk frames [1:5]; the first input frame is lost, §5 item 21) and its later chunks
 differ from ours slightly because its context window restarts TAEHV's memory from zero.
 
-Output: TAEHV produces ~[0, 1]; we return ``2x - 1`` clamped to [-1, 1] (float32), as the reference. Its
-input is the DiT latent as is (no mean/std), as the reference.
+Output: TAEHV produces ~[0, 1]; we return ``2x - 1`` clamped to [-1, 1] (float32), as the reference.
+
+Latent spaces. The DiT sees what the Wan encoder gives it (raw mu unless ``normalize_on_encode``: reference
+§1.11) and its output is read as normalised latents (``denormalize_on_decode``: the Wan decoder applies
+z * std + mean). A TAE was trained in one of the two spaces (``latent_space``): ``taew2_1.pth`` in the
+normalised one (the reference feeds it the DiT output as is), LightX2V's ``lighttaew2_1.pth`` in the raw one
+(Scope and LightX2V de-normalise before its decoder and normalise after its encoder). ``TAEHVVAE`` converts
+between the TAE's space and the DiT's, so that every VAE hands the DiT the same kind of latent.
 
 The pipeline VAE ``TAEHVVAE`` (registry name ``taehv``) encodes with the Wan VAE (the reference's choice;
 ``encoder="taehv"`` uses TAEHV's own encoder instead: a stream's first frame is repeated 4x so that frame 0
-maps to its own latent) and decodes with TAEHV.
+maps to its own latent) and decodes with TAEHV. Like the Wan VAE it encodes / decodes several streams in one
+call (``encode_streams`` / ``decode_streams``, each stream's MemBlock memory a row of the batch).
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ import torch.nn as nn
 from .checkpoints import materialize, read_state_dict
 from ..units import to_unit
 from .registry import check_latents, check_video, register_vae
-from .wan_vae import StreamCache, WanVAE, WanVAEState
+from .state import Batch, StreamCache, check_same_phase, one_size, release_graphs
+from .wan_vae import ARCH_KEYS, LATENT_MEAN, LATENT_STD, OPTION_KEYS, WanVAE, WanVAEState
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +94,18 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(-1, x.shape[1], *x.shape[2:])
 
 
-def run_with_memory(layers: nn.Sequential, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+def run_with_memory(layers: nn.Sequential, x: torch.Tensor, cache) -> torch.Tensor:
     """Run [B, T, C, H, W] through ``layers``, all T frames at once; each MemBlock's memory of the previous
-    frame comes from ``cache`` (zeros at a stream's start) and is replaced by this chunk's last frame."""
+    frame comes from ``cache`` (a ``state.Batch`` or one stream's ``StreamCache``; zeros at a stream's start)
+    and is replaced by this chunk's last frame."""
+    cache = cache if isinstance(cache, Batch) else Batch([cache])
     b = x.shape[0]
     x = x.flatten(0, 1)
     for i, layer in enumerate(layers):
         if isinstance(layer, MemBlock):
             frames = x.unflatten(0, (b, -1))
-            mem = cache.history.get(i)
-            if mem is None:
-                mem = cache.history[i] = torch.zeros_like(frames[:, :1])
-            past = torch.cat([mem, frames[:, :-1]], 1).flatten(0, 1)
-            mem.copy_(frames[:, -1:])
+            past = torch.cat([cache.history(i, frames, 1, dim=1), frames[:, :-1]], 1).flatten(0, 1)
+            cache.keep(i, frames[:, -1:])
             x = layer(x, past)
         else:
             x = layer(x)
@@ -177,79 +184,146 @@ class TAEHVState:
     dec: StreamCache = field(default_factory=StreamCache)
     frames_in: int = 0
     latents_in: int = 0
+    size: Optional[tuple[int, int]] = None
+
+
+LATENT_SPACES = ("raw", "normalized")
 
 
 class TAEHVVAE(nn.Module):
-    """Streaming VAE: Wan VAE encoder (or TAEHV's) + TAEHV decoder, the ``StreamingVAE`` interface."""
+    """Streaming VAE: Wan VAE encoder (or TAEHV's) + TAEHV decoder, the ``StreamingVAE`` interface.
+    ``latent_space``: the space TAEHV's weights were trained in (see the module docstring); the two flags
+    say the DiT's, as the Wan VAE's options do."""
     latent_channels, temporal_stride, spatial_stride = 16, 4, 8
 
-    def __init__(self, taehv: TAEHV, wan: Optional[WanVAE] = None):
+    def __init__(self, taehv: TAEHV, wan: Optional[WanVAE] = None, *, latent_space: str = "normalized",
+                 normalize_on_encode: bool = False, denormalize_on_decode: bool = True,
+                 latents_mean: Sequence[float] = LATENT_MEAN, latents_std: Sequence[float] = LATENT_STD):
         super().__init__()
         if taehv.frames_to_trim != 3:
             raise ValueError("streaming needs TAEHV with x4 time upscaling (time_upscale=(True, True))")
+        if latent_space not in LATENT_SPACES:
+            raise ValueError(f"vae.latent_space must be one of {list(LATENT_SPACES)}, got {latent_space!r}")
         self.taehv, self.wan = taehv, wan
+        self.latent_space = latent_space
+        self.dit_in = "normalized" if normalize_on_encode else "raw"      # what the encoder hands the DiT
+        self.dit_out = "normalized" if denormalize_on_decode else "raw"   # how the decoder reads the DiT's output
+        self.latents_mean, self.latents_std = tuple(latents_mean), tuple(latents_std)
         self.weights_are_dummy = bool(taehv.weights_are_dummy or (wan is not None and wan.weights_are_dummy))
         self._steps = {"decode": self._decode_step, "encode": self._encode_step}  # accel.py may replace these
 
     def new_state(self, batch_size: int = 1) -> TAEHVState:
         return TAEHVState(wan=self.wan.new_state(batch_size) if self.wan is not None else None)
 
-    @torch.no_grad()
     def encode(self, state: TAEHVState, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1] -> [B, F, 16, H/8, W/8] (same frame rules as the Wan VAE)."""
-        if self.wan is not None:
-            return self.wan.encode(state.wan, video)
-        first = state.frames_in == 0
-        check_video(video, first, self.temporal_stride, self.spatial_stride)
-        x = to_unit(video, self.taehv.encoder[0].weight.dtype).transpose(1, 2)
-        state.frames_in += video.shape[2]
-        if first:  # frame 0 repeated to a group of 4 of its own -> its own latent
-            x = torch.cat([x[:, :1].expand(-1, 3, -1, -1, -1), x], 1)
-            return self._encode_step(x, state.enc)
-        return self._steps["encode"](x, state.enc)
+        return self.encode_streams([state], video)
 
-    @torch.no_grad()
     def decode(self, state: TAEHVState, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, F, 16, h, w] -> frames [B, T, 3, 8h, 8w] float32 in [-1, 1]; T = 4F - 3 on a stream's
         first call (TAEHV's warm-up frames of latent 0 trimmed), 4F afterwards."""
-        check_latents(latents, self.latent_channels)
-        z = latents.to(self.taehv.decoder[1].weight.dtype)
-        if state.latents_in == 0:
-            y = self._decode_step(z, state.dec)[:, self.taehv.frames_to_trim:]
+        return self.decode_streams([state], latents)
+
+    @torch.no_grad()
+    def encode_streams(self, states: list[TAEHVState], video: torch.Tensor) -> torch.Tensor:
+        """One call for several streams: row i of ``video`` continues stream ``states[i]``."""
+        if self.wan is not None:
+            return self.wan.encode_streams([s.wan for s in states], video)
+        first = check_same_phase(states, "frames_in")
+        check_video(video, first, self.temporal_stride, self.spatial_stride)
+        one_size(states, video.shape[-2:], "video")
+        cache = Batch([s.enc for s in states])
+        x = to_unit(video, self.taehv.encoder[0].weight.dtype).transpose(1, 2)
+        for s in states:
+            s.frames_in += video.shape[2]
+        if first:  # frame 0 repeated to a group of 4 of its own -> its own latent
+            x = torch.cat([x[:, :1].expand(-1, 3, -1, -1, -1), x], 1)
+            z = self._encode_step(x, cache)
+            cache.first = False
         else:
-            y = self._steps["decode"](z, state.dec)
-        state.latents_in += latents.shape[1]
+            z = self._steps["encode"](x, cache)
+        return self._convert(z, self.latent_space, self.dit_in)
+
+    @torch.no_grad()
+    def decode_streams(self, states: list[TAEHVState], latents: torch.Tensor) -> torch.Tensor:
+        """One call for several streams: row i of ``latents`` continues stream ``states[i]``."""
+        check_latents(latents, self.latent_channels)
+        first = check_same_phase(states, "latents_in")
+        one_size(states, tuple(s * self.spatial_stride for s in latents.shape[-2:]), "latents (x8)")
+        cache = Batch([s.dec for s in states])
+        z = self._convert(latents, self.dit_out, self.latent_space).to(self.taehv.decoder[1].weight.dtype)
+        if first:
+            y = self._decode_step(z, cache)[:, self.taehv.frames_to_trim:]
+            cache.first = False
+        else:
+            y = self._steps["decode"](z, cache)
+        for s in states:
+            s.latents_in += latents.shape[1]
         return y.float().mul_(2).sub_(1).clamp_(-1, 1)
 
-    def _decode_step(self, z: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def release(self, state: TAEHVState) -> None:
+        """The stream has ended: drop the CUDA graphs captured for batches that include it."""
+        release_graphs(self._steps, [state], ("enc", "dec"))
+        if self.wan is not None and state.wan is not None:
+            self.wan.release(state.wan)
+
+    def _convert(self, z: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        """Latents [B, F, 16, h, w] from space ``src`` to ``dst`` (in float32, back in z's dtype)."""
+        if src == dst:
+            return z
+        shape = (1, 1, self.latent_channels, 1, 1)
+        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=z.device).view(shape)
+        std = torch.tensor(self.latents_std, dtype=torch.float32, device=z.device).view(shape)
+        out = z.float() * std + mean if src == "normalized" else (z.float() - mean) / std
+        return out.to(z.dtype)
+
+    def _decode_step(self, z: torch.Tensor, cache: Batch) -> torch.Tensor:
         return run_with_memory(self.taehv.decoder, z, cache)
 
-    def _encode_step(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def _encode_step(self, x: torch.Tensor, cache: Batch) -> torch.Tensor:
         return run_with_memory(self.taehv.encoder, x, cache)
 
 
+WAN_ENCODER_KEYS = tuple(k for k in ARCH_KEYS + OPTION_KEYS if k not in ("normalize_on_encode", "latents_mean",
+                                                                             "latents_std")) + ("wan_path", "fused")
+
+
 @register_vae("taehv")
-def build_taehv_vae(*, path=None, taehv_path=None, wan_path=None, wan_folder=None, encoder: str = "wan",
-                    dummy: bool = False, device="cpu", dtype: torch.dtype = torch.float32, taehv_dtype=None,
-                    accelerate: str = "none", fused="auto", **wan_options) -> TAEHVVAE:
-    """Registry entry ``taehv`` (``conf/vae/taehv.yaml``, ``taehv_full.yaml``): TAEHV from ``path`` or the
-    run's ``taehv_path``; with ``encoder: wan`` the Wan encoder from ``wan_path`` or ``wan_folder``
-    (``wan_options``: ``WanVAE`` options such as ``dim``; ``fused``: its fused path, see ``wan_fused.py``),
-    with ``encoder: taehv`` TAEHV's own encoder (V2V with no Wan VAE at all). ``taehv_dtype``: TAEHV's
-    dtype (default: ``dtype``), e.g. ``float16`` as upstream intends."""
+def build_taehv_vae(*, path=None, taehv_path=None, wan_folder=None, encoder: str = "wan", dummy: bool = False,
+                    device="cpu", dtype: torch.dtype = torch.float32, taehv_dtype=None, accelerate: str = "none",
+                    latent_space: str = "normalized", normalize_on_encode: bool = False,
+                    denormalize_on_decode: bool = True, source: Optional[str] = None, **wan_options) -> TAEHVVAE:
+    """Registry entry ``taehv`` (``conf/vae/taehv*.yaml``, ``lighttae*.yaml``): TAEHV from ``path`` or the run's
+    ``taehv_path``; with ``encoder: wan`` the Wan encoder from ``wan_path`` or ``wan_folder`` (``wan_options``:
+    ``WanVAE`` options such as ``dim``; ``fused``: its fused path, see ``wan_fused.py``), with ``encoder:
+    taehv`` TAEHV's own encoder (V2V with no Wan VAE at all; the Wan encoder's options are then unused, said
+    once in the log). ``taehv_dtype``: TAEHV's dtype (default: ``dtype``), e.g. ``float16`` as upstream
+    intends. ``latent_space``: raw | normalized, the space TAEHV's weights were trained in. ``source``: where
+    the TAEHV file is configured, for the not-found message."""
     from .accel import accelerate_vae
     from .wan_vae import build_fast_wan_vae
     if encoder not in ("wan", "taehv"):
         raise ValueError(f"vae.encoder must be 'wan' or 'taehv', got {encoder!r}")
+    unknown = sorted(set(wan_options) - set(WAN_ENCODER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown TAEHV VAE options {unknown}; known: latent_space, normalize_on_encode, "
+                         f"denormalize_on_decode, taehv_dtype, accelerate, encoder and the Wan encoder's "
+                         f"{sorted(WAN_ENCODER_KEYS)}")
     if isinstance(taehv_dtype, str):
         taehv_dtype = getattr(torch, taehv_dtype)
-    taehv = load_taehv(path or taehv_path, dummy=dummy, device=device, dtype=taehv_dtype or dtype)
+    try:
+        taehv = load_taehv(path or taehv_path, dummy=dummy, device=device, dtype=taehv_dtype or dtype)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (set by {source})" if source else str(exc)) from None
     wan = None
     if encoder == "wan":
+        wan_path = wan_options.pop("wan_path", None)
         wan = build_fast_wan_vae(wan_path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
-                                 accelerate=accelerate, fused=fused, **wan_options)
+                                 accelerate=accelerate, normalize_on_encode=normalize_on_encode, **wan_options)
     elif wan_options:
-        raise ValueError(f"Wan VAE options {sorted(wan_options)} given but vae.encoder is 'taehv'")
+        log.info("vae.encoder=taehv: the Wan encoder's options %s are not used", sorted(wan_options))
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return accelerate_vae(TAEHVVAE(taehv, wan), accelerate)
+    vae = TAEHVVAE(taehv, wan, latent_space=latent_space, normalize_on_encode=normalize_on_encode,
+                   denormalize_on_decode=denormalize_on_decode)
+    return accelerate_vae(vae, accelerate)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .checkpoints import materialize, read_wan_vae, resolve_wan_vae
 from .registry import check_latents, check_video, register_vae
+from .state import Batch, StreamCache, check_same_phase, one_size, release_graphs
 
 log = logging.getLogger(__name__)
 
@@ -52,39 +53,15 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
 
-class StreamCache:
-    """The memory of one encoder or decoder for one stream: a history tensor per cached module (by slot),
-    made at the stream's first call and updated in place afterwards."""
-
-    def __init__(self):
-        self.history: dict[int, torch.Tensor] = {}
-        self.first = True  # the stream's first call (frame 0 / latent 0 alone) is special-cased
-
-    def get(self, slot: int, x: torch.Tensor, frames: int) -> torch.Tensor:
-        h = self.history.get(slot)
-        if h is None:
-            fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
-            h = torch.zeros(x.shape[0], x.shape[1], frames, *x.shape[3:], dtype=x.dtype, device=x.device)
-            self.history[slot] = h = h.contiguous(memory_format=fmt)
-        return h
-
-    def tensors(self) -> list[torch.Tensor]:
-        return list(self.history.values())
-
-
 @dataclass
 class WanVAEState:
-    """Per-stream state of ``WanVAE``: two caches and counters (frames in, latents in)."""
+    """Per-stream state of ``WanVAE``: the encoder's and decoder's history (``state.StreamCache``) and
+    counters (frames in, latents in)."""
     enc: StreamCache = field(default_factory=StreamCache)
     dec: StreamCache = field(default_factory=StreamCache)
     frames_in: int = 0
     latents_in: int = 0
     size: Optional[tuple[int, int]] = None  # (H, W) of the stream, fixed after its first call
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 5 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last_3d) \
-        and not x.is_contiguous()
 
 
 class CausalConv3d(nn.Conv3d):
@@ -98,12 +75,11 @@ class CausalConv3d(nn.Conv3d):
         self.lookback = 2 * padding[0]
         self.slot = -1  # set by WanVAE: where this conv's history lives in a StreamCache
 
-    def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[Batch] = None) -> torch.Tensor:
         if self.lookback == 0:
             return super().forward(x)
-        hist = cache.get(self.slot, x, self.lookback)
-        x = torch.cat([hist, x], dim=2)
-        hist.copy_(x[:, :, -self.lookback:])
+        x = torch.cat([cache.history(self.slot, x, self.lookback), x], dim=2)
+        cache.keep(self.slot, x[:, :, -self.lookback:])
         return super().forward(x)
 
 
@@ -128,7 +104,7 @@ class ResidualBlock(nn.Module):
                                       CausalConv3d(cout, cout, 3, padding=1))
         self.shortcut = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Batch) -> torch.Tensor:
         r = self.residual
         h = r[2](r[1](r[0](x)), cache)
         h = r[6](r[4](r[3](h)), cache)  # r[5] is a p=0 dropout
@@ -157,7 +133,7 @@ class AttentionBlock(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # [n, 1, hw, c]
         return x + self.proj(y.squeeze(1).transpose(1, 2).unflatten(2, (h, w)))
 
-    def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[Batch] = None) -> torch.Tensor:
         return _per_frame(self._frame, x)
 
 
@@ -181,19 +157,19 @@ class Resample(nn.Module):
             if mode == "downsample3d":
                 self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Batch) -> torch.Tensor:
         if self.mode == "upsample3d" and not cache.first:  # the stream's first latent is not doubled in time
             y = self.time_conv(x, cache)  # [B, 2C, T, H, W]: channel halves are the even / odd output frames
             b, c2, t, h, w = y.shape
             x = y.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
         x = _per_frame(self.resample, x)
         if self.mode == "downsample3d":
-            last = cache.get(self.slot, x, 1)
             if cache.first:  # frame 0 keeps its own latent: remember it, no temporal downsampling
-                last.copy_(x[:, :, -1:])
+                cache.history(self.slot, x, 1)
+                cache.keep(self.slot, x[:, :, -1:])
             else:
-                x = torch.cat([last, x], dim=2)
-                last.copy_(x[:, :, -1:])
+                x = torch.cat([cache.history(self.slot, x, 1), x], dim=2)
+                cache.keep(self.slot, x[:, :, -1:])
                 x = self.time_conv(x)
         return x
 
@@ -215,7 +191,7 @@ class Encoder3d(nn.Module):
         self.middle = nn.Sequential(ResidualBlock(cout, cout), AttentionBlock(cout), ResidualBlock(cout, cout))
         self.head = nn.Sequential(RMSNorm(cout, images=False), nn.SiLU(), CausalConv3d(cout, z_dim, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Batch) -> torch.Tensor:
         x = self.conv1(x, cache)
         for layer in (*self.downsamples, *self.middle):
             x = layer(x, cache)
@@ -242,7 +218,7 @@ class Decoder3d(nn.Module):
         self.upsamples = nn.Sequential(*blocks)
         self.head = nn.Sequential(RMSNorm(cout, images=False), nn.SiLU(), CausalConv3d(cout, 3, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Batch) -> torch.Tensor:
         x = self.conv1(x, cache)
         for layer in (*self.middle, *self.upsamples):
             x = layer(x, cache)
@@ -283,23 +259,35 @@ class WanVAE(nn.Module):
     def new_state(self, batch_size: int = 1) -> WanVAEState:
         return WanVAEState()
 
-    @torch.no_grad()
     def encode(self, state: WanVAEState, video: torch.Tensor) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1] -> latents [B, F, 16, H/8, W/8]; T = 1 + 4k on a stream's first
         call (k + 1 latents), 4k afterwards (k latents)."""
-        first = state.frames_in == 0
+        return self.encode_streams([state], video)
+
+    def decode(self, state: WanVAEState, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, F, 16, h, w] -> frames [B, T, 3, 8h, 8w] float32 in [-1, 1]; T = 1 + 4(F - 1) on a
+        stream's first call, 4F afterwards."""
+        return self.decode_streams([state], latents)
+
+    @torch.no_grad()
+    def encode_streams(self, states: list[WanVAEState], video: torch.Tensor) -> torch.Tensor:
+        """One call for several streams: row i of ``video`` continues stream ``states[i]`` (all at their first
+        call, or all past it); equal to encoding each stream alone."""
+        first = check_same_phase(states, "frames_in")
         check_video(video, first, self.temporal_stride, self.spatial_stride)
-        self._check_size(state, video.shape[-2:], "video")
+        one_size(states, video.shape[-2:], "video")
+        cache = Batch([s.enc for s in states])
         x = self._layout(video.to(self.conv1.weight.dtype))
         if first:  # frame 0 alone (its own latent), then the rest in one call
-            mus = [self._encode_step(x[:, :, :1], state.enc)]
-            state.enc.first = False
+            mus = [self._encode_step(x[:, :, :1], cache)]
+            cache.first = False
             if x.shape[2] > 1:
-                mus.append(self._steps["encode"](x[:, :, 1:], state.enc))
+                mus.append(self._steps["encode"](x[:, :, 1:], cache))
             mu = torch.cat(mus, dim=2) if len(mus) > 1 else mus[0]
         else:
-            mu = self._steps["encode"](x, state.enc)
-        state.frames_in += video.shape[2]
+            mu = self._steps["encode"](x, cache)
+        for s in states:
+            s.frames_in += video.shape[2]
         mu = mu.transpose(1, 2).contiguous()
         if self.normalize_on_encode:
             mean, inv_std = self._scale(mu)
@@ -307,33 +295,39 @@ class WanVAE(nn.Module):
         return mu
 
     @torch.no_grad()
-    def decode(self, state: WanVAEState, latents: torch.Tensor) -> torch.Tensor:
-        """latents [B, F, 16, h, w] -> frames [B, T, 3, 8h, 8w] float32 in [-1, 1]; T = 1 + 4(F - 1) on a
-        stream's first call, 4F afterwards."""
+    def decode_streams(self, states: list[WanVAEState], latents: torch.Tensor) -> torch.Tensor:
+        """One call for several streams: row i of ``latents`` continues stream ``states[i]``."""
         check_latents(latents, self.z_dim)
-        self._check_size(state, tuple(s * self.spatial_stride for s in latents.shape[-2:]), "latents (x8)")
+        first = check_same_phase(states, "latents_in")
+        one_size(states, tuple(s * self.spatial_stride for s in latents.shape[-2:]), "latents (x8)")
+        cache = Batch([s.dec for s in states])
         z = latents.to(self.conv2.weight.dtype)
         if self.denormalize_on_decode:
             mean, inv_std = self._scale(z)
             z = z / inv_std + mean  # divide by 1/std as the reference does, so bf16 rounding matches
         z = self._layout(z.transpose(1, 2))
-        if state.latents_in == 0:  # latent 0 alone (one frame), then the rest in one call
-            out = [self._decode_step(z[:, :, :1], state.dec)]
-            state.dec.first = False
+        if first:  # latent 0 alone (one frame), then the rest in one call
+            out = [self._decode_step(z[:, :, :1], cache)]
+            cache.first = False
             if z.shape[2] > 1:
-                out.append(self._steps["decode"](z[:, :, 1:], state.dec))
+                out.append(self._steps["decode"](z[:, :, 1:], cache))
             x = torch.cat(out, dim=2) if len(out) > 1 else out[0]
         else:
-            x = self._steps["decode"](z, state.dec)
-        state.latents_in += latents.shape[1]
+            x = self._steps["decode"](z, cache)
+        for s in states:
+            s.latents_in += latents.shape[1]
         return x.float().clamp_(-1, 1).transpose(1, 2)
+
+    def release(self, state: WanVAEState) -> None:
+        """The stream has ended: drop the CUDA graphs captured for batches that include it."""
+        release_graphs(self._steps, [state], ("enc", "dec"))
 
     @torch.no_grad()
     def warmup(self, height: int, width: int, batch_size: int = 1, chunks: int = 3) -> float:
         """Run a throw-away stream (a first chunk, then ``chunks - 1`` steady ones, encode and decode) at
         this size so that kernel JIT compilation and cuDNN autotuning happen now, at start-up, not in a
         user's first chunks; returns the seconds it took. Streams made later still capture their own CUDA
-        graph (on their second steady chunk, ~ one chunk's time)."""
+        graph (on their batch's second call, ~ one chunk's time)."""
         import time
         p = next(self.parameters())
         t0 = time.perf_counter()
@@ -345,17 +339,18 @@ class WanVAE(nn.Module):
             self.decode(st, self.encode(st, video[:, :, 1:]))
         if p.device.type == "cuda":
             torch.cuda.synchronize(p.device)
+        self.release(st)   # its graphs are not needed again (a new stream's batch captures its own)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ one encoder / decoder call
     # Pure functions of (input, cache tensors): no Python-side state changes, so that accel.py can compile
     # them or replay them from a CUDA graph.
-    def _encode_step(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def _encode_step(self, x: torch.Tensor, cache: Batch) -> torch.Tensor:
         h = self.encoder(x, cache)
         w, b = self.conv1.weight[: self.z_dim], self.conv1.bias[: self.z_dim]  # mu only; log-variance unused
         return F.conv3d(h, w, b)
 
-    def _decode_step(self, z: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def _decode_step(self, z: torch.Tensor, cache: Batch) -> torch.Tensor:
         return self.decoder(self.conv2(z), cache)
 
     # ------------------------------------------------------------------ helpers
@@ -372,36 +367,35 @@ class WanVAE(nn.Module):
             self._scales[key] = (mean, 1.0 / std)
         return self._scales[key]
 
-    @staticmethod
-    def _check_size(state: WanVAEState, size, what: str) -> None:
-        size = tuple(int(s) for s in size)
-        if state.size is None:
-            state.size = size
-        elif state.size != size:
-            raise ValueError(f"{what} size {size[0]}x{size[1]} differs from this stream's {state.size[0]}x"
-                             f"{state.size[1]}; start a new stream (new_state) for a new size")
-
 
 ARCH_KEYS = ("dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample", "latents_mean", "latents_std")
 OPTION_KEYS = ("normalize_on_encode", "denormalize_on_decode", "channels_last")
 
 
 def load_wan_vae(path: Optional[str | Path] = None, *, wan_folder: Optional[str | Path] = None, dummy: bool = False,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, **options) -> WanVAE:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, source: Optional[str] = None,
+                 **options) -> WanVAE:
     """A ready ``WanVAE``: from an official ``.pth``, a ``.safetensors`` file, a diffusers folder, a Wan
-    folder, or random (``dummy=True``, flagged ``weights_are_dummy``). ``options``: ``ARCH_KEYS`` (checked
-    against a diffusers config when there is one) and ``OPTION_KEYS``."""
+    folder, or random (``dummy=True``, flagged ``weights_are_dummy``). ``options``: ``ARCH_KEYS`` and
+    ``OPTION_KEYS``. With a file, the architecture is the file's (its tensors' shapes, a diffusers config): an
+    option that says otherwise is logged and the file wins, as the DiT's sizes come from its ``config.json``
+    (the config's ``dim`` is the width of dummy weights). ``source``: where the file is configured, for the
+    not-found message (e.g. ``weights.lightvae``)."""
     unknown = sorted(set(options) - set(ARCH_KEYS) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"unknown Wan VAE options {unknown}; known: {sorted(ARCH_KEYS + OPTION_KEYS)}")
     if dummy:
         return materialize(lambda: WanVAE(**options), None, "dummy", device, dtype)
-    src = resolve_wan_vae(path, wan_folder)
+    try:
+        src = resolve_wan_vae(path, wan_folder)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (set by {source})" if source else str(exc)) from None
     sd, arch = read_wan_vae(src)
     for k, v in arch.items():
         if k in options and k not in ("latents_mean", "latents_std") and tuple(_listify(options[k])) != tuple(_listify(v)):
-            raise ValueError(f"vae option {k}={options[k]!r} contradicts {src} ({k}={v!r})")
-    return materialize(lambda: WanVAE(**{**arch, **options}), sd, str(src), device, dtype)
+            log.info("vae.%s=%r, but %s holds a Wan VAE with %s=%r: built as the file says", k, options[k], src, k, v)
+    own = {k: v for k, v in options.items() if k in ("latents_mean", "latents_std") or k not in arch}
+    return materialize(lambda: WanVAE(**{**arch, **own}), sd, str(src), device, dtype)
 
 
 def _listify(v):
@@ -425,11 +419,11 @@ def use_fused(fused, device, accelerate: str = "none") -> bool:
 
 def build_fast_wan_vae(path=None, *, wan_folder=None, dummy: bool = False, device="cpu",
                        dtype: torch.dtype = torch.float32, accelerate: str = "none", fused="auto",
-                       **options) -> WanVAE:
+                       source: Optional[str] = None, **options) -> WanVAE:
     """A loaded ``WanVAE`` with its steady-state steps fused (``wan_fused.py``) and/or accelerated."""
     from .accel import accelerate_vae
     from .wan_fused import install_fused
-    vae = load_wan_vae(path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
+    vae = load_wan_vae(path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype, source=source,
                        **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed conv shapes per chunk: autotuning pays off
@@ -440,8 +434,10 @@ def build_fast_wan_vae(path=None, *, wan_folder=None, dummy: bool = False, devic
 
 @register_vae("wan")
 def build_wan_vae(*, path=None, wan_folder=None, taehv_path=None, dummy: bool = False, device="cpu",
-                  dtype: torch.dtype = torch.float32, accelerate: str = "none", fused="auto", **options) -> WanVAE:
-    """Registry entry ``wan`` (``conf/vae/wan.yaml``). ``taehv_path`` is part of the shared build context
-    and unused here."""
+                  dtype: torch.dtype = torch.float32, accelerate: str = "none", fused="auto", source=None,
+                  **options) -> WanVAE:
+    """Registry entry ``wan`` (``conf/vae/wan.yaml``; ``lightvae.yaml`` is the same module at base width 24,
+    its ``path`` the ``weights.lightvae`` file). ``taehv_path`` is part of the shared build context and unused
+    here."""
     return build_fast_wan_vae(path, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
-                              accelerate=accelerate, fused=fused, **options)
+                              accelerate=accelerate, fused=fused, source=source, **options)
