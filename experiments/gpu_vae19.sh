@@ -3,7 +3,8 @@
 # root, .whl and .refbench carried, each part one call under 10 minutes:
 #   bash experiments/gpu_vae19.sh profile   -> $OUT/profile_vae.{txt,json}, $OUT/bench_vae_{96,24}.{txt,json}
 #   bash experiments/gpu_vae19.sh targets   -> $OUT/sidebyside_*.{json,md}, $OUT/targets.txt, $OUT/streams.txt
-# profile: the conv floor (the floor probe's method, same call), the Wan VAE (96) and LightVAE (24) by kind of work
+# profile: 3 streams (one joining late) in one fused + CUDA-graph call against each alone (fp32: PASS / FAIL),
+#   the conv floor (the floor probe's method, same call), the Wan VAE (96) and LightVAE (24) by kind of work
 #   against it, whole steps for 1 and 4 streams in one call, each stream's state and the peak per added stream at
 #   480x832; bench_vae rows with and without the deferred conv bias.
 # targets: the table (1.3B, 1 step, 480x832, dummy weights): Wan; LightVAE both ways; Wan encode + LightTAE
@@ -17,7 +18,7 @@ source experiments/gpu_common.sh
 case "$PART" in
   profile)
     step profile_vae 300 python3 experiments/profile_vae.py --json "$OUT/profile_vae.json" --streams 1,4
-    step bench_vae_96 120 python3 experiments/bench_vae.py --chunks 12 --warmup 3 --json "$OUT/bench_vae_96.json" \
+    step bench_vae_96 150 python3 experiments/bench_vae.py --check --chunks 12 --warmup 3 --json "$OUT/bench_vae_96.json" \
       --variants wan_fused_graph,wan_fused_graph_bias,wan_fused,taehv_graph,taehv_full_graph
     step bench_vae_24 100 python3 experiments/bench_vae.py --dim 24 --chunks 12 --warmup 3 --json "$OUT/bench_vae_24.json" \
       --variants wan_fused_graph,wan_fused_graph_bias,wan_fused,wan

@@ -17,6 +17,9 @@ Sections, every number per steady-state chunk (4 frames <-> 1 latent) of the fus
 * ``steps``: ms per chunk of eager, fused, fused + CUDA graph, for 1 stream and N streams in one call.
 * ``memory`` (CUDA): a stream's state (its history) and the peak memory each added stream costs a batched
   call (fused + CUDA graph), at the run's size: the issue's <= 2 GiB per added stream at 480x832.
+* ``check``: three streams (one joining late) in one fused + CUDA-graph call per chunk, float32 with TF32 off,
+  against each stream alone through the fused path without graphs: the largest relative error (<= 1e-5
+  expected), graphs captured, fallbacks.
 """
 import argparse
 import contextlib
@@ -332,6 +335,43 @@ def memory(make, height, width, dev, dt, counts=(1, 2, 4)):
     return out
 
 
+def check_streams(dim, a, dev, chunks=4):
+    """Streams A, B from chunk 0 and C from chunk 1, batched per phase (fused + CUDA graph), against each alone."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        base = load_wan_vae(dummy=True, dim=dim, device=dev, dtype=torch.float32)
+        alone = install_fused(copy.deepcopy(base))
+        batched = accelerate_vae(install_fused(copy.deepcopy(base)), "cuda_graph" if dev.type == "cuda" else "none")
+        g = torch.Generator(device="cpu").manual_seed(5)
+        video = {n: [(torch.rand(1, 3, 5 if c == 0 else 4, a.height, a.width, generator=g) * 2 - 1).to(dev)
+                     for c in range(chunks)] for n in "ABC"}
+        join = {"A": 0, "B": 0, "C": 1}
+        want = {}
+        for n in "ABC":
+            st = alone.new_state()
+            want[n] = [alone.decode(st, alone.encode(st, x)) for x in video[n]]
+        states, got = {n: batched.new_state() for n in "ABC"}, {n: [] for n in "ABC"}
+        for step in range(chunks + 1):
+            live = [n for n in "ABC" if join[n] <= step < join[n] + chunks]
+            for first in (True, False):
+                group = [n for n in live if (step == join[n]) == first]
+                if group:
+                    sts = [states[n] for n in group]
+                    z = batched.encode_streams(sts, torch.cat([video[n][step - join[n]] for n in group]))
+                    for n, x in zip(group, batched.decode_streams(sts, z).split(1)):
+                        got[n].append(x)
+        err = max(((x.double() - y.double()).norm() / y.double().norm()).item()
+                  for n in "ABC" for x, y in zip(got[n], want[n]))
+        return dict(dim=dim, max_rel_err=err, chunks_per_stream={n: len(got[n]) for n in "ABC"},
+                    graphs_captured={k: getattr(v, "captures", None) for k, v in batched._steps.items()},
+                    fallbacks=[f"{k}: {v.fallback_reason}" for k, v in batched._steps.items()
+                               if getattr(v, "fallback_reason", None)], passed=err <= 1e-5)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def profile_vae(dim, a, dev, dt):
     torch.manual_seed(0)
     eager = load_wan_vae(dummy=True, dim=dim, device=dev, dtype=dt)
@@ -389,6 +429,7 @@ def main():
     p.add_argument("--streams", default="1,4", help="streams per call for the steps section")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-floor", dest="floor", action="store_false")
+    p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     dev = torch.device(a.device)
@@ -414,6 +455,18 @@ def main():
                       f"{r['three_conv2d_ms']} | {r['best']} | {r['best_tflops']} | {r['conv3d_tflops']} | "
                       f"{r['max_rel_err']:.1e} |", flush=True)
             save()
+        if a.check:
+            report["check"] = []
+            for dim in map(int, a.dims.split(",")):
+                try:
+                    report["check"].append(check_streams(dim, a, dev))
+                except Exception as exc:  # noqa: BLE001
+                    report["check"].append({"dim": dim, "error": f"{type(exc).__name__}: {exc}", "passed": False})
+                print("check (3 streams in one graphed call vs alone, fp32):", json.dumps(report["check"][-1]),
+                      "PASS" if report["check"][-1].get("passed") else "FAIL", flush=True)
+                save()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
         for dim in map(int, a.dims.split(",")):
             try:
                 report["vaes"].append(profile_vae(dim, a, dev, dt))

@@ -29,6 +29,7 @@ def test_profile_vae_cpu_smoke(scripts, monkeypatch, tmp_path):
     run_main("profile_vae", ["--device", "cpu", "--height", "16", "--width", "32", "--dims", "8", "--iters", "1",
                              "--streams", "1,2", "--no-floor", "--json", str(out)], monkeypatch)
     r = json.loads(out.read_text())
+    assert r["check"][0]["passed"] and r["check"][0]["chunks_per_stream"] == {"A": 4, "B": 4, "C": 4}
     (v,) = r["vaes"]
     assert v["dim"] == 8 and "error" not in v
     for step in ("encode", "decode"):

@@ -105,17 +105,10 @@ class Batch:
             if h.data_ptr() != row.data_ptr() or h.stride() != row.stride():
                 h.copy_(row)
 
-    def has(self, slot) -> bool:
-        return all(slot in c.history for c in self.caches)
-
     def sole_history(self, slot) -> Optional[torch.Tensor]:
         """The history tensor of ``slot`` when the call runs over ONE stream (a producer may then write the new
         history itself instead of ``keep`` copying it afterwards), else None."""
         return self.caches[0].history.get(slot) if len(self.caches) == 1 else None
-
-
-def as_batch(cache) -> Batch:
-    return cache if isinstance(cache, Batch) else Batch([cache])
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -123,16 +116,12 @@ def _is_channels_last(x: torch.Tensor) -> bool:
         and not x.is_contiguous()
 
 
-def caches_of(states: Iterable, attr: str) -> list[StreamCache]:
-    return [getattr(s, attr) for s in states]
-
-
 def state_nbytes(state) -> int:
     """Bytes of device memory a stream's VAE state holds (its history tensors, shared storage counted once)."""
     seen, total = set(), 0
     for cache in _caches_in(state):
-        for t in cache.tensors():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        for t in cache.tensors():   # (meta tensors have no storage: each counts)
+            key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
             if key not in seen:
                 seen.add(key)
                 total += t.numel() * t.element_size()
@@ -188,6 +177,8 @@ def per_stream_bytes(vae, height: int, width: int, dtype: Optional[torch.dtype] 
     vae.encode(state, first[:, :, 1:])
     vae.decode(state, z)
     vae.decode(state, z[:, :1])
+    if hasattr(vae, "release"):
+        vae.release(state)
     if dtype is None:
         return state_nbytes(state)
     size = torch.empty((), dtype=dtype).element_size()
