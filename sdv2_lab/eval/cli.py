@@ -99,6 +99,21 @@ def accelerator(cfg: DictConfig) -> str:
     return "gpu" if str(cfg.device).startswith("cuda") else "cpu"
 
 
+def with_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``paths.output_dir`` is Hydra's run folder; composed outside a Hydra app (the API, tests) it is
+    ``run_dir``."""
+    from omegaconf.errors import InterpolationResolutionError
+    if "paths" not in cfg:
+        return cfg
+    try:
+        cfg.paths.output_dir   # noqa: B018  (resolves, or not)
+        return cfg
+    except InterpolationResolutionError:
+        cfg = cfg.copy()
+        cfg.paths.output_dir = str(run_dir)
+        return cfg
+
+
 def _outcome():
     """A callback that keeps what stopped the run (Lightning turns Ctrl-C into ``sys.exit(1)``)."""
     from lightning.pytorch.callbacks import Callback
@@ -127,6 +142,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     from .module import StreamingEvalModule
 
     run_dir = Path(run_dir)
+    cfg = with_run_dir(cfg, run_dir)
     from ..parallel.launch import launches
     if launches(cfg):  # mode=pipe on several GPUs: one process per stage, all on the same videos in lockstep
         from ..parallel.launch import evaluate as evaluate_pipe

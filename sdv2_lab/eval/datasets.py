@@ -262,7 +262,7 @@ class FolderDataset(_Source):
         try:
             info = probe_video(video_path)
         except Exception as exc:  # PyAV raises many types; all mean "cannot use this file"
-            return self._fail(item_id, f"{label}: unreadable video {video_path}: {exc}", ValueError, exc)
+            return self._fail(item_id, f"{label}: {exc}", ValueError, exc)
         if info.is_image:  # said now, by name, not as a short clip when the loop reaches it
             return self._fail(item_id, f"{label}: {video_path} is a single image ({info.codec or info.container}), "
                                        f"not a video")

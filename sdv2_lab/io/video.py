@@ -78,7 +78,7 @@ def _open(path):
     try:
         return av.open(str(path))
     except Exception as exc:  # PyAV raises several error types for unreadable input
-        raise ValueError(f"cannot read video {path}: {exc}") from exc
+        raise ValueError(f"cannot read video {path}: {_reason(exc)}") from exc
 
 
 def probe_video(path) -> VideoInfo:
