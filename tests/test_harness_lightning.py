@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from lightning.pytorch.loggers import Logger
 
-from sdv2_lab.configs import compose_config
+from sdv2_lab.build import compose_config
 from test_user_checkpoint import tiny_root  # noqa: F401  (the session fixture)
 
 FAST = ["eval.warmup=false", "metrics=none", "eval.save_videos=0", "height=32", "width=48"]
@@ -67,8 +67,8 @@ def test_a_run_logs_through_lightning_and_returns_the_summary_metric(tmp_path):
     RecordingLogger.runs.clear()
     cfg = compose_config("eval", [f"output.dir={tmp_path}", *FAST, "dataset.n=3", "dataset.frames=13", "steps=1",
                                   "+trainer.limit_test_batches=2", "logger=csv",
-                                  "logger._target_=test_harness_lightning.RecordingLogger", f"logger.save_dir={tmp_path}",
-                                  "optimized_metric=summary/e2e_fps"])
+                                  "logger._target_=test_harness_lightning.RecordingLogger",
+                                  f"logger.save_dir={tmp_path}", "optimized_metric=summary/e2e_fps"])
     value = cli._main(cfg)   # Hydra's task function, given a config
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["videos"] == 2 and summary["status"] == "complete"
