@@ -76,32 +76,43 @@ def input_frames(cfg: DictConfig):
     return _until_damaged(frames), info.fps, desc, count
 
 
-_DAMAGED: list = []   # the VideoDecodeError of an input cut short, for run_checked to report after the stream
+class _Damage:
+    """An input cut short, in the process where ``run_checked`` runs: its stream ends at the cut and the error
+    waits there to be reported. Anywhere else (a pipe rank, the API) the error is raised as it comes."""
+    owner: Optional[int] = None
+    errors: list = []
 
 
 def _until_damaged(frames):
     """A file's frames up to where they stop decoding: the stream ends there, so that the pipeline flushes and
     the output is written with what was made; the error is reported after (``run_checked``)."""
+    import os
+
     from .io.video import VideoDecodeError
     try:
         yield from frames
     except VideoDecodeError as exc:
-        _DAMAGED.append(exc)
+        if _Damage.owner != os.getpid():
+            raise
+        _Damage.errors.append(exc)
 
 
 def run_checked(cfg: DictConfig) -> dict:
     """``run`` for the command lines: an input cut short ends in its error (exit 1) after the frames before the
     cut were streamed and written."""
-    _DAMAGED.clear()
+    import os
+    _Damage.owner, _Damage.errors = os.getpid(), []
     try:
         stats = run(cfg)
     except ValueError as exc:
-        if not _DAMAGED:
+        if not _Damage.errors:
             raise
-        raise ValueError(f"{_DAMAGED[0]}; nothing was written ({exc})") from None
-    if _DAMAGED:
-        raise ValueError(f"{_DAMAGED[0]}; {stats.get('output')} holds the {stats.get('output_frames')} frames "
-                         f"made before it")
+        raise ValueError(f"{_Damage.errors[0]}; nothing was written ({exc})") from None
+    finally:
+        _Damage.owner = None
+    if _Damage.errors:
+        raise ValueError(f"{_Damage.errors[0]}; {stats.get('output')} holds the {stats.get('output_frames')} "
+                         f"frames made before it")
     return stats
 
 

@@ -36,6 +36,17 @@ def conf_dir() -> Path:
 CONF_DIR = conf_dir()
 
 
+def run_dir() -> str:
+    """``${sdv2.run_dir:}`` (``paths.output_dir``): Hydra's run folder in a Hydra app; outside one (the API,
+    ``run_v2v.sh``, a notebook's ``compose_config``) the working directory, so that every key resolves."""
+    from hydra.core.hydra_config import HydraConfig
+    return str(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else os.getcwd()
+
+
+if not OmegaConf.has_resolver("sdv2.run_dir"):
+    OmegaConf.register_new_resolver("sdv2.run_dir", run_dir)
+
+
 class ConfigError(ValueError):
     """A wrong override or config choice, said in one line (the command lines print it without a traceback)."""
 

@@ -101,17 +101,13 @@ def accelerator(cfg: DictConfig) -> str:
 
 def with_run_dir(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """``paths.output_dir`` is Hydra's run folder; composed outside a Hydra app (the API, tests) it is
-    ``run_dir``."""
-    from omegaconf.errors import InterpolationResolutionError
-    if "paths" not in cfg:
+    ``run_dir`` (not the working directory)."""
+    from hydra.core.hydra_config import HydraConfig
+    if "paths" not in cfg or HydraConfig.initialized():
         return cfg
-    try:
-        cfg.paths.output_dir   # noqa: B018  (resolves, or not)
-        return cfg
-    except InterpolationResolutionError:
-        cfg = cfg.copy()
-        cfg.paths.output_dir = str(run_dir)
-        return cfg
+    cfg = cfg.copy()
+    cfg.paths.output_dir = str(run_dir)
+    return cfg
 
 
 def _outcome():
