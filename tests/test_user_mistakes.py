@@ -106,10 +106,10 @@ def assert_nothing_left(workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("args, texts", [
-    (["eval", "dataset=folder"], ["dataset=folder needs dataset.root=... and dataset.prompts_file=..."]),
+    (["eval", "dataset=folder"], ["give dataset.root=... and dataset.prompts_file=..."]),
     (["eval", "dataset=folder", "dataset.root=", "dataset.prompts_file=p.jsonl"], ["dataset.root is empty"]),
     (["eval", "dataset=folder", "dataset.root=nowhere", "dataset.prompts_file=p.jsonl"],
-     ["dataset.root=nowhere: not found"]),
+     ["dataset root is not a folder: nowhere (not found; dataset.root"]),
     (["eval", "dataset=folder", "dataset.root=clips", "dataset.prompts_file=bad.json"],
      ["bad.json line 1: invalid JSON"]),
     (["eval", "dataset=folder", "dataset.root=clips", "dataset.prompts_file=p.jsonl", "logger=none", "metrics=none"],

@@ -126,7 +126,7 @@ def read_prompts_file(path: str | Path) -> list[PromptEntry]:
     mapping video to prompt). Chosen by extension (.csv, .jsonl, .json), else by the first character."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset.prompts_file {path} not found")
+        raise FileNotFoundError(f"prompts file not found: {path} (dataset.prompts_file)")
     from ..io.text import read_text
     text = read_text(path, "dataset.prompts_file").lstrip("\ufeff")
     suffix = path.suffix.lower()
@@ -230,8 +230,9 @@ class FolderDataset(_Source):
             raise ValueError("dataset.root is empty: give dataset.root=<the folder of videos>")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset.root={root}: {'not a folder' if self.root.exists() else 'not found'} "
-                                    f"(relative paths are taken from {Path.cwd()})")
+            what = "a file" if self.root.exists() else "not found"
+            raise FileNotFoundError(f"dataset root is not a folder: {root} ({what}; dataset.root, relative paths are "
+                                    f"taken from {Path.cwd()})")
         self.prompts_file = self._resolve_prompts_file(prompts_file)
         self.height, self.width, self.max_frames, self.on_error = height, width, max_frames, on_error
         seen: dict[str, str] = {}
@@ -262,7 +263,8 @@ class FolderDataset(_Source):
         try:
             info = probe_video(video_path)
         except Exception as exc:  # PyAV raises many types; all mean "cannot use this file"
-            return self._fail(item_id, f"{label}: {exc}", ValueError, exc)
+            reason = str(exc).replace(f"cannot read video {video_path}: ", "")
+            return self._fail(item_id, f"{label}: unreadable video {video_path}: {reason}", ValueError, exc)
         if info.is_image:  # said now, by name, not as a short clip when the loop reaches it
             return self._fail(item_id, f"{label}: {video_path} is a single image ({info.codec or info.container}), "
                                        f"not a video")
@@ -345,7 +347,8 @@ def build_dataset(cfg: Mapping, height: int, width: int, min_frames: int = 1):
         raise ValueError(f"dataset {name!r}: unknown option(s) {unknown}; valid: {accepted}")
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and options.get(p) in (None, "???")]
     if missing:
-        raise ValueError(f"dataset={name} needs " + " and ".join(f"dataset.{p}=..." for p in missing)
+        raise ValueError(f"dataset {name!r}: missing required option(s) {missing}: give "
+                         + " and ".join(f"dataset.{p}=..." for p in missing)
                          + (" (dataset.root: the folder of videos; dataset.prompts_file: a CSV, JSONL or JSON list "
                             "of video and prompt)" if name == "folder" else ""))
     context = {"min_frames": min_frames} if "min_frames" in params else {}
