@@ -1,10 +1,8 @@
-"""sdv2_lab: streaming video diffusion with a causal Wan2.1 DiT, and the harness that measures it."""
-import os as _os
+"""sdv2_lab: streaming video diffusion with a causal Wan2.1 DiT, and the harness that measures it.
 
-# Nothing in this package may wait on a network: weights come from local files only.
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-_os.environ.setdefault("WANDB_MODE", "offline")
+Importing it changes nothing in the caller's environment. Nothing here waits on a network all the same: the
+loaders read local files only (``local_files_only=True``), and the command lines set the hubs' offline
+defaults for themselves (``sdv2_lab/entry.py``)."""
 
 __version__ = "0.1.0"
 

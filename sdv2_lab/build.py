@@ -3,8 +3,6 @@ knows every registry; the models themselves know nothing of Hydra."""
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -15,23 +13,9 @@ from .backbones.fp8 import apply_dit_precision
 from .backbones.wan_dit import WanDiTConfig
 from .stream.noise_controller import NoiseControllerConfig
 from .stream.pipeline import PipelineConfig, StreamPipeline
+from .configs import CONF_DIR, compose_config  # noqa: F401  (defined in configs.py; imported from here too)
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(os.environ.get("SDV2_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
-
-
-def compose_config(name: str = "config", overrides: Optional[list[str]] = None) -> DictConfig:
-    """Compose a config from ``conf/`` outside of a Hydra app (API, tests, notebooks)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if not CONF_DIR.is_dir():
-        raise FileNotFoundError(f"config folder {CONF_DIR} not found (set SDV2_CONF_DIR)")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=list(overrides or []), return_hydra_config=False)
-    return cfg
 
 
 def resolve_device(spec: str) -> torch.device:

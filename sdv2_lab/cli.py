@@ -4,7 +4,9 @@
     sdv2 run backbone=wan_1_3b weights=real device=cuda input=file input.video=in.mp4 input.prompt="..."
     sdv2 eval -m steps=1,2,3,4 vae=wan,taehv   # the harness (Hydra multirun sweep)
 
-Every option lives in ``conf/``; an unknown choice is an error listing the valid ones (Hydra's).
+Every option lives in ``conf/``. A wrong override, file or setting ends in one line (an unknown key with the
+nearest valid ones, an unknown choice with the valid ones) before any folder is made or model built; Ctrl-C ends
+in one line (exit 130) saying what was kept (``entry.py``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from .build import CONF_DIR  # importing sdv2_lab sets the offline environment (sdv2_lab/__init__.py)
+from .configs import CONF_DIR
+from .entry import check_command_line, guard, offline_defaults, run_task
 
 log = logging.getLogger("sdv2")
 
@@ -29,7 +32,8 @@ def read_prompt(cfg: DictConfig) -> str:
         path = Path(pfile).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"input.prompt_file {path} not found (relative paths are taken from {Path.cwd()})")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        from .io.text import read_text
+        lines = [ln.strip() for ln in read_text(path, "input.prompt_file").splitlines() if ln.strip()]
         if not lines:
             raise ValueError(f"input.prompt_file {path} is empty: write the prompt on its first line")
         prompt = lines[0]  # as the reference: the first line
@@ -69,7 +73,47 @@ def input_frames(cfg: DictConfig):
     count = min(info.frames, limit) if limit and info.frames else (limit or info.frames)
     frames = iter_video_frames(cfg.input.video, height=cfg.height, width=cfg.width, max_frames=limit, batch=4)
     desc = f"{cfg.input.video} ({info.frames or 'unknown number of'} frames at {info.fps:.1f} fps)"
-    return frames, info.fps, desc, count
+    return _until_damaged(frames), info.fps, desc, count
+
+
+class _Damage:
+    """An input cut short, in the process where ``run_checked`` runs: its stream ends at the cut and the error
+    waits there to be reported. Anywhere else (a pipe rank, the API) the error is raised as it comes."""
+    owner: Optional[int] = None
+    errors: list = []
+
+
+def _until_damaged(frames):
+    """A file's frames up to where they stop decoding: the stream ends there, so that the pipeline flushes and
+    the output is written with what was made; the error is reported after (``run_checked``)."""
+    import os
+
+    from .io.video import VideoDecodeError
+    try:
+        yield from frames
+    except VideoDecodeError as exc:
+        if _Damage.owner != os.getpid():
+            raise
+        _Damage.errors.append(exc)
+
+
+def run_checked(cfg: DictConfig, **kwargs) -> dict:
+    """``run`` for the command lines: an input cut short ends in its error (exit 1) after the frames before the
+    cut were streamed and written."""
+    import os
+    _Damage.owner, _Damage.errors = os.getpid(), []
+    try:
+        stats = run(cfg, **kwargs)
+    except ValueError as exc:
+        if not _Damage.errors:
+            raise
+        raise ValueError(f"{_Damage.errors[0]}; nothing was written ({exc})") from None
+    finally:
+        _Damage.owner = None
+    if _Damage.errors:
+        raise ValueError(f"{_Damage.errors[0]}; {stats.get('output')} holds the {stats.get('output_frames')} "
+                         f"frames made before it")
+    return stats
 
 
 def run(cfg: DictConfig, *, name: str = "sdv2 run",
@@ -127,7 +171,7 @@ def run(cfg: DictConfig, *, name: str = "sdv2 run",
 def format_stats(s: dict) -> str:
     def f(key, fmt="{:.2f}", unit=""):
         v = s.get(key)
-        return "n/a" if v is None else fmt.format(v) + unit
+        return (s.get(f"{key}_note") or "n/a") if v is None else fmt.format(v) + unit
     return ("\n".join([
         f"wrote {s.get('output')} ({s.get('output_frames')} frames; weights: {s.get('weights')})",
         f"  end-to-end FPS {f('e2e_fps')}   steady-state FPS {f('steady_fps')}",
@@ -142,11 +186,7 @@ def format_stats(s: dict) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _run_main(cfg: DictConfig) -> None:
-    from .preflight import user_errors
-    try:
-        run(cfg)
-    except user_errors() as exc:  # one line saying what to change, not a traceback
-        raise SystemExit(f"sdv2 run: error: {exc}") from None
+    run_task("sdv2 run", run_checked, cfg)   # one line for a mistake or Ctrl-C, not a traceback
 
 
 def _serve_main() -> None:
@@ -169,7 +209,9 @@ main options (Hydra overrides; an unknown choice is an error listing the valid o
   input=file input.video=in.mp4 input.prompt="..." | input.prompt_file=prompt.txt   (sdv2 run)
   weights=real weights.checkpoint=ckpts/wan_causal_dmd_v2v weights.wan_folder=wan_models/Wan2.1-T2V-1.3B
   dataset=folder dataset.root=clips dataset.prompts_file=prompts.csv                (sdv2 eval)
-  -m key=a,b,...           a sweep (Hydra multirun): one output folder per combination
+  -m key=a,b,...           a sweep (Hydra multirun): one output folder per combination, then one table
+  trainer.precision=...  +trainer.limit_test_batches=2  debug=default   (sdv2 eval: Lightning's Trainer, a smoke run)
+  hydra.searchpath=[file:///abs/my_conf]   your own config folders (experiment=..., local/default.yaml, ...)
 
 examples:
   sdv2 run                                   # tiny model, CPU, a generated clip, dummy weights
@@ -185,6 +227,8 @@ def config_groups() -> str:
     lines = []
     for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
         choices = sorted(f.stem for f in folder.glob("*.yaml"))
+        if not choices:
+            continue
         lines.append(f"  {folder.name + '=':<16} {' | '.join(choices)}")
     return "\n".join(lines)
 
@@ -193,20 +237,29 @@ def print_help() -> None:
     print(HELP.format(groups=config_groups()))
 
 
+CONFIGS = {"run": "config", "eval": "eval", "serve": "serve"}
+
+
 def main(argv=None) -> None:
+    guard("sdv2", _main, argv)
+
+
+def _main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("help", "--help", "-h"):
         return print_help()
     cmd = "run"
     if argv and not argv[0].startswith("-") and "=" not in argv[0]:
         cmd = argv.pop(0)
-    if cmd in ("eval",):
+    if cmd not in CONFIGS:
+        print_help()
+        raise SystemExit(f"sdv2: unknown command {cmd!r}; commands: {', '.join([*CONFIGS, 'help'])}")
+    offline_defaults()
+    if cmd == "eval":
         from .eval.cli import main as eval_main
         sys.argv = [f"sdv2 {cmd}", *argv]
-        return eval_main()
-    if cmd not in COMMANDS:
-        print_help()
-        raise SystemExit(f"sdv2: unknown command {cmd!r}; commands: {', '.join([*COMMANDS, 'eval', 'help'])}")
+        return eval_main()   # checks its command line itself (it is also `python -m sdv2_lab.eval`)
+    check_command_line(f"sdv2 {cmd}", CONFIGS[cmd], argv)
     sys.argv = [f"sdv2 {cmd}", *argv]
     COMMANDS[cmd]()
 

@@ -22,13 +22,47 @@ def user_errors() -> tuple[type, ...]:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Sizes, steps, resolution, chunk and cache settings (``PipelineConfig.validate``), the backbone's
-    shape, and the weight files that exist (a truncated one is named)."""
+    """The device, the frame rates, sizes, steps, resolution, chunk and cache settings
+    (``PipelineConfig.validate``), the backbone's shape, and the weight files that exist (a truncated one is
+    named)."""
     from .build import backbone_config, pipeline_config
+    check_device(cfg)
+    check_rates(cfg)
     backbone_config(cfg)
     pipeline_config(cfg).validate()
     for path in weight_files(cfg):
         check_torch_file(path)
+
+
+def check_device(cfg: DictConfig, because: str = "") -> None:
+    """A GPU asked for (``device=cuda``, ``cuda:k``) on a machine without one (or with fewer), said before
+    anything is built or launched. ``because``: where the setting came from (`` (set by experiment=...)``)."""
+    spec = str(cfg.get("device", "cpu"))
+    if not spec.startswith("cuda"):
+        return
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec}{because} needs a CUDA GPU and this machine has none "
+                           f"(torch {torch.__version__}): run it on a GPU machine, or set device=cpu")
+    index = spec.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise RuntimeError(f"device={spec}{because}: this machine has {torch.cuda.device_count()} GPU(s) "
+                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def check_rates(cfg: DictConfig) -> None:
+    """Frame rates: the output video's ``fps`` and the input's ``input.fps`` (frames per second, at least 1:
+    an mp4 stores a whole number), ``target_fps`` (null or positive)."""
+    rates = [("fps", cfg.get("fps"))]
+    if cfg.get("input") is not None and "fps" in cfg.input:
+        rates.append(("input.fps", cfg.input.fps))
+    for key, value in rates:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+            raise ValueError(f"{key}={value!r}: expected a frame rate of at least 1 (frames per second, e.g. "
+                             f"{key}=16)")
+    target = cfg.get("target_fps")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0):
+        raise ValueError(f"target_fps={target!r}: expected a positive number of frames per second, or null")
 
 
 def weight_files(cfg: DictConfig) -> list[Path]:

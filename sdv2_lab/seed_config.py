@@ -264,7 +264,14 @@ def yaml_overrides(path: str | Path) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"config_path {p} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config_path {p}: not valid YAML ({getattr(exc, 'problem', None) or exc}{where})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config_path {p}: not UTF-8 text (byte at offset {exc.start})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config_path {p}: expected a YAML mapping, got {type(data).__name__}")
     ov = [f"{ours}={data[theirs]}" for theirs, ours in YAML_KEYS.items() if theirs in data]

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+from .io.files import default_file_mode
 
 DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)
 VAE_DIM = 16
@@ -73,6 +76,7 @@ def write_dit(wan: Path, ckpt: Path, gen: torch.Generator) -> None:
     model.init_weights(gen)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(wan / "diffusion_pytorch_model.safetensors"))
+    os.chmod(wan / "diffusion_pytorch_model.safetensors", default_file_mode())   # safetensors writes 0600
     # StreamDiffusionV2's model.pt: the distilled generator under "generator", keys prefixed "model."
     generator = {f"model.{k}": v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
     torch.save({"generator": generator}, ckpt / "model.pt")

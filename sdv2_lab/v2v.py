@@ -49,7 +49,7 @@ KEY_TO_FLAG = {"input.prompt_file": "--prompt_file_path", "input.prompt": "--pro
                "weights.checkpoint": "--checkpoint_folder",
                "weights.wan_folder": "--wan_folder", "weights.taehv": "--taehv", "output.dir": "--output_folder",
                "weights.lightvae": "--lightvae", "weights.lighttae": "--lighttae",
-               "noise_scale": "--noise_scale", "target_fps": "--target_fps",
+               "noise_scale": "--noise_scale", "target_fps": "--target_fps", "input.fps": "--fps",
                "config_path": "--config_path", "checkpoint_folder": "--checkpoint_folder", "wan_folder": "--wan_folder",
                "model_type": "--model_type", "height": "--height", "width": "--width"}
 SETTING_TO_FLAG = {"steps": "--step", "seed": "--seed", "device": "--device", "fps": "--fps",
@@ -182,22 +182,39 @@ def announce(a, cfg) -> None:
               f"(give --height {SEED_SIZE[0]} --width {SEED_SIZE[1]} for the seed's size)")
 
 
+def check_prompt(a) -> None:
+    """A prompt is needed (the first line of --prompt_file_path), unless an override gives one."""
+    if not a.prompt_file_path and not any(o.split("=", 1)[0].lstrip("+") in ("input.prompt", "input.prompt_file")
+                                          for o in a.overrides):
+        if a.video_path or a.t2v:
+            raise ValueError("no prompt: give --prompt_file_path <a text file whose first line is the prompt> "
+                             "(or PROMPT_FILE_PATH=...)")
+
+
 def main(argv=None):
+    from .entry import guard
+    guard("run_v2v.sh", _main, argv)
+
+
+def _main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from .build import compose_config
-    from .cli import run
-    from .preflight import user_errors
-    try:
-        found = seed_defaults(a)
-        if found:
-            print(f"run_v2v.sh: the seed's files found here: {', '.join(found)}")
-        cfg = compose_config("config", to_overrides(a))
-        announce(a, cfg)
-        run(cfg, name="run_v2v.sh",
-            dummy_hint="--checkpoint_folder ckpts/wan_causal_dmd_v2v (a folder with model.pt) loads the official files")
-    except user_errors() as exc:
-        raise SystemExit(f"run_v2v.sh: error: {name_flags(str(exc))}") from None
+    from .entry import offline_defaults, run_task
+    offline_defaults()
+    run_task("run_v2v.sh", _run, a, say=name_flags)
+
+
+def _run(a) -> None:
+    from .cli import run_checked
+    from .configs import compose_config
+    found = seed_defaults(a)
+    if found:
+        print(f"run_v2v.sh: the seed's files found here: {', '.join(found)}")
+    check_prompt(a)
+    cfg = compose_config("config", to_overrides(a))
+    announce(a, cfg)
+    run_checked(cfg, name="run_v2v.sh",
+                dummy_hint="--checkpoint_folder ckpts/wan_causal_dmd_v2v (a folder with model.pt) loads the official files")
 
 
 if __name__ == "__main__":

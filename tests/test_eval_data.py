@@ -201,7 +201,7 @@ def test_build_dataset_from_conf():
     cfg = OmegaConf.load(REPO / "conf/dataset/synthetic.yaml")
     ds = build_dataset(cfg, H, W)
     assert isinstance(ds, SyntheticDataset) and len(ds) == 2
-    assert ds[0].frames.shape == (3, 17, H, W) and ds[0].fps == 16 and ds[0].prompt != ds[1].prompt
+    assert ds[0].frames.shape == (3, 33, H, W) and ds[0].fps == 16 and ds[0].prompt != ds[1].prompt
     with pytest.raises(ValueError, match=r"unknown dataset 'webvid'; valid: \['folder', 'synthetic'\]"):
         build_dataset({"name": "webvid"}, H, W)
     with pytest.raises(ValueError, match=r"dataset 'synthetic': unknown option\(s\) \['clips'\]"):

@@ -31,6 +31,7 @@ from ..io.video import load_video, probe_video
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
+SKIP_HINT = "dataset.on_error=skip records such a video as skipped and goes on"
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif"}
 
 
@@ -100,7 +101,7 @@ class _Source:
     def _fail(self, item_id: str, reason: str, exc_type=ValueError, cause: Optional[BaseException] = None):
         """Raise, or record and log the skip (``on_error``)."""
         if self.on_error == "raise":
-            raise exc_type(reason) from cause
+            raise exc_type(f"{reason} ({SKIP_HINT})") from cause
         self.skipped.append((item_id, reason))
         log.warning("dataset: skipping %s: %s", item_id, reason)
 
@@ -125,8 +126,9 @@ def read_prompts_file(path: str | Path) -> list[PromptEntry]:
     mapping video to prompt). Chosen by extension (.csv, .jsonl, .json), else by the first character."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+        raise FileNotFoundError(f"prompts file not found: {path} (dataset.prompts_file)")
+    from ..io.text import read_text
+    text = read_text(path, "dataset.prompts_file").lstrip("\ufeff")
     suffix = path.suffix.lower()
     first = text.lstrip()[:1]
     if suffix == ".csv":
@@ -138,7 +140,8 @@ def read_prompts_file(path: str | Path) -> list[PromptEntry]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             if first != "{":
-                raise PromptsFileError(f"{path.name} line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+                raise PromptsFileError(f"dataset.prompts_file {path} line {exc.lineno}: invalid JSON ({exc.msg})") \
+                    from exc
             entries = _read_jsonl(path, text)  # several objects, one per line: JSONL under another name
         else:
             entries = _read_json(path, data)
@@ -189,7 +192,7 @@ def _read_jsonl(path: Path, text: str) -> list[PromptEntry]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PromptsFileError(f"{path.name} line {n}: invalid JSON ({exc.msg})") from exc
+            raise PromptsFileError(f"dataset.prompts_file {path} line {n}: invalid JSON ({exc.msg})") from exc
         if not isinstance(obj, dict):
             raise PromptsFileError(f"{path.name} line {n}: expected a JSON object, got {type(obj).__name__}")
         entries.append(_entry(obj, f"line {n}", path.name))
@@ -223,9 +226,13 @@ class FolderDataset(_Source):
         super().__init__()
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.root = Path(root)
+        if root is None or not str(root).strip():
+            raise ValueError("dataset.root is empty: give dataset.root=<the folder of videos>")
+        self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root is not a folder: {self.root}")
+            what = "a file" if self.root.exists() else "not found"
+            raise FileNotFoundError(f"dataset root is not a folder: {root} ({what}; dataset.root, relative paths are "
+                                    f"taken from {Path.cwd()})")
         self.prompts_file = self._resolve_prompts_file(prompts_file)
         self.height, self.width, self.max_frames, self.on_error = height, width, max_frames, on_error
         seen: dict[str, str] = {}
@@ -256,7 +263,8 @@ class FolderDataset(_Source):
         try:
             info = probe_video(video_path)
         except Exception as exc:  # PyAV raises many types; all mean "cannot use this file"
-            return self._fail(item_id, f"{label}: unreadable video {video_path}: {exc}", ValueError, exc)
+            reason = str(exc).replace(f"cannot read video {video_path}: ", "")
+            return self._fail(item_id, f"{label}: unreadable video {video_path}: {reason}", ValueError, exc)
         if info.is_image:  # said now, by name, not as a short clip when the loop reaches it
             return self._fail(item_id, f"{label}: {video_path} is a single image ({info.codec or info.container}), "
                                        f"not a video")
@@ -339,7 +347,10 @@ def build_dataset(cfg: Mapping, height: int, width: int, min_frames: int = 1):
         raise ValueError(f"dataset {name!r}: unknown option(s) {unknown}; valid: {accepted}")
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty and options.get(p) in (None, "???")]
     if missing:
-        raise ValueError(f"dataset {name!r}: missing required option(s) {missing}")
+        raise ValueError(f"dataset {name!r}: missing required option(s) {missing}: give "
+                         + " and ".join(f"dataset.{p}=..." for p in missing)
+                         + (" (dataset.root: the folder of videos; dataset.prompts_file: a CSV, JSONL or JSON list "
+                            "of video and prompt)" if name == "folder" else ""))
     context = {"min_frames": min_frames} if "min_frames" in params else {}
     return builder(height, width, **options, **context)
 
@@ -373,7 +384,7 @@ class EvalDataset(Dataset):
         except Exception as exc:
             reason = f"item {item.id!r}: cannot decode {item.path or 'frames'}: {exc}"
             if getattr(self.source, "on_error", "raise") != "skip":
-                raise ValueError(reason) from exc
+                raise ValueError(f"{reason} ({SKIP_HINT})") from exc
             item.error = reason
             self.source.skipped.append((item.id, reason))
             log.warning("dataset: skipping %s", reason)

@@ -8,10 +8,12 @@ step. Per video, in this order:
 2. **untimed** — peak GPU memory, MFU from the analytic FLOP model (``flops.py``), quality metrics on the
    output against the input, an optional sample video;
 3. the row is appended to ``results[.rank<k>].jsonl`` / ``.csv`` at once (a crash keeps every finished row)
-   and sent to the experiment logger (W&B, CSV, or none).
+   and its numbers are logged through Lightning (``self.log``: the experiment logger, W&B, CSV or none).
 
 At the end rank 0 gathers every rank's rows (files, not collectives: ranks may hold unequal numbers of
-videos), writes ``summary.json``, logs the summary and a results table, and prints the table.
+videos), writes ``summary.json``, logs the summary through ``self.log`` (so ``trainer.callback_metrics`` holds
+``summary/<measure>``: what a sweeper optimises) and a results table (numbers as numbers), and prints the table.
+A run that fails or is interrupted still writes ``summary.json`` over the videos it finished (``finish``).
 
 The pipeline is held outside Lightning's module tree on purpose: Lightning must neither move nor wrap it
 (its weights may be dummy, bf16, CUDA-graphed; there is nothing to train).
@@ -155,10 +157,9 @@ class StreamingEvalModule(pl.LightningModule):
                 log.warning("could not write the sample video of %s: %s: %s", item.id, type(exc).__name__, exc)
                 row["sample_video_error"] = f"{type(exc).__name__}: {exc}"
         row = self.writer.write(row)
-        if self.logger is not None:
-            numeric = {f"video/{k}": float(v) for k, v in row.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
-            self.logger.log_metrics(numeric, step=batch_idx * self.trainer.world_size + self.trainer.global_rank)
+        if self._trainer is not None:   # per video, to the logger (on_step); no collective: ranks hold unequal counts
+            self.log_dict({f"video/{k}": v for k, v in numbers(row).items()}, on_step=True, on_epoch=False,
+                          batch_size=1)
         return row
 
     def _mfu(self, stats: dict) -> dict:
@@ -170,7 +171,9 @@ class StreamingEvalModule(pl.LightningModule):
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         peak, source = peak_bf16_tflops(name, cfg.eval.peak_tflops) if device.type == "cuda" else (None, "cpu")
         out["peak_tflops"], out["peak_source"] = peak, source
-        fps, dit_fps = stats.get("steady_fps", float("nan")), stats.get("dit_fps", float("nan"))
+        fps = stats.get("steady_fps")
+        fps = float("nan") if fps is None else fps
+        dit_fps = stats.get("dit_fps", float("nan"))
         if peak and math.isfinite(fps):
             out["mfu"] = mfu(flops, fps, peak * 1e12)
             if math.isfinite(dit_fps):
@@ -211,31 +214,35 @@ class StreamingEvalModule(pl.LightningModule):
         return str(path)
 
     # ------------------------------------------------------------------ the end
-    def on_test_end(self) -> None:
+    def on_test_epoch_end(self) -> None:
         self.trainer.strategy.barrier()
         if not self.trainer.is_global_zero:
             return
+        summary = self.finish("complete")
+        self.log_dict({f"summary/{k}": v for k, v in numbers(summary).items()}, rank_zero_only=True)
+        if self.logger is not None and hasattr(self.logger, "log_table") and len(self.results):
+            try:
+                self.logger.log_table("results", dataframe=loggable_table(self.results))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not log the results table: %s", exc)
+
+    def finish(self, status: str = "complete") -> dict:
+        """Gather every rank's rows into ``self.results`` and write ``summary.json`` (with ``status``: complete,
+        interrupted or failed). Rank 0; also called when a run stops early, over the videos finished."""
         rows = []
         for path in sorted(self.run_dir.glob("results*.jsonl")):
             rows += read_jsonl(path)
         self.results = pd.DataFrame(rows)
-        if self.trainer.world_size > 1 and len(self.results):  # one table for the whole run, in dataset order
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and len(self.results):  # one table for the whole run, in dataset order
             self.results = self.results.sort_values("video", kind="stable").reset_index(drop=True)
             write_atomic(self.run_dir / "results.csv", lambda f: self.results.to_csv(f, index=False))
         summary = summarise(self.results, constant=set(config_columns(self.cfg)) | set(run_metadata()))
+        summary["status"] = status
         summary["metrics_missing"] = self.missing_metrics
         write_atomic(self.run_dir / "summary.json",
                      lambda f: json.dump(summary, f, indent=2, default=str, allow_nan=True))
-        if self.logger is not None:
-            numeric = {f"summary/{k}": v for k, v in summary.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            self.logger.log_metrics(numeric)
-            if hasattr(self.logger, "log_table") and len(self.results):
-                try:
-                    self.logger.log_table("results", dataframe=self.results.astype(str))
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("could not log the results table: %s", exc)
-
+        return summary
 
     def teardown(self, stage: str) -> None:
         """Free the models: a Hydra multirun runs its jobs in one process, and the next job's 14B pipeline does
@@ -251,6 +258,23 @@ class StreamingEvalModule(pl.LightningModule):
 # Row columns that describe a video or the run rather than measure it: never averaged into the summary.
 DESCRIPTIVE = {"seed", "frames", "input_fps", "input_frames", "output_frames", "chunks_out",
                "dropped_trailing_frames", "peak_tflops", "gpu_count"}
+
+
+def numbers(row: dict) -> dict:
+    """The finite numbers of a row (what a logger can plot); booleans, text and n/a left out."""
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def loggable_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The results for a logger's table: numeric and boolean columns as they are (W&B plots and sorts them),
+    the rest as text (mixed columns would be refused), missing cells empty."""
+    table = results.copy()
+    for col in table.columns:
+        if pd.api.types.is_numeric_dtype(table[col]) or pd.api.types.is_bool_dtype(table[col]):
+            continue
+        table[col] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in table[col]]
+    return table
 
 
 def is_measure(column: str) -> bool:
@@ -288,4 +312,10 @@ def summarise(results: pd.DataFrame, constant: set[str] = frozenset()) -> dict:
         values = pd.to_numeric(ok[col], errors="coerce") if col in ok else None
         if values is not None and ok[col].dtype != bool and values.notna().any():
             out[col] = float(values.mean())
+    for col in [c for c in results.columns if c.endswith("_note") and c in ok]:   # a measure n/a, and why
+        notes, measure = ok[col].dropna(), col[: -len("_note")]
+        if len(notes) and measure in out:
+            out[col] = f"{len(notes)} of {len(ok)} video(s): {notes.iloc[0]}"
+        elif len(notes):
+            out[measure], out[col] = None, str(notes.iloc[0])
     return out

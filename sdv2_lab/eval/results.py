@@ -300,18 +300,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default=None, help="CSV to write (default: <sweep_dir>/all_results.csv); a Parquet "
                                                "file with the same stem is written too when pyarrow is installed")
     a = p.parse_args(argv)
+    return report(a.sweep_dir, a.out)
+
+
+def report(sweep_dir: str | Path, out: Optional[str | Path] = None) -> int:
+    """Print the compact table of a sweep (one row per run) and write every column to ``out`` (default
+    ``<sweep_dir>/all_results.csv``, and a Parquet file beside it with pyarrow). Returns an exit code: 0, 1 when
+    there are no rows, 2 when the folder is missing. ``python -m sdv2_lab.eval.results`` and the end of every
+    ``sdv2 eval -m`` sweep (``eval/sweep.py``) print this."""
     try:
-        frame = gather_results(a.sweep_dir)
+        frame = gather_results(sweep_dir)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if frame.empty:
-        print(f"error: no results rows under {a.sweep_dir}", file=sys.stderr)
+        print(f"error: no results rows under {sweep_dir}", file=sys.stderr)
         return 1
     with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 30,
                            "display.float_format", "{:.3f}".format):
         print(compact_table(frame).to_string(index=False))
-    out = Path(a.out) if a.out else Path(a.sweep_dir) / "all_results.csv"
+    out = Path(out) if out else Path(sweep_dir) / "all_results.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: frame.to_csv(f, index=False))
     print(f"wrote {out}: every column ({len(frame)} rows, one per video; {len(frame.columns)} columns)")

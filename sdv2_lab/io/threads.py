@@ -100,8 +100,9 @@ class BackgroundWriter:
             self._q.put(frames)
 
     def _drain(self) -> None:
-        self._q.put(_END)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._q.put(_END)
+            self._thread.join()
 
     def close(self):
         self._drain()
@@ -117,8 +118,13 @@ class BackgroundWriter:
     def __enter__(self) -> "BackgroundWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb):
+        """Wait for the queued writes, then end as the writer itself ends a ``with`` block (a video writer keeps
+        what was written on Ctrl-C, drops it on an error)."""
+        self._drain()
         if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+            if self._failure is not None:
+                self.writer.abort()
+                self._check()
+            return self.writer.close()
+        return self.writer.__exit__(exc_type, exc, tb)

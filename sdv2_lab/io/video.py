@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,16 +36,36 @@ class VideoInfo:
     @property
     def is_image(self) -> bool:
         """A still image (png, jpeg, ...) rather than a video; a one-frame GIF counts as an image too."""
-        return self.frames == 1 or (self.container in IMAGE_FORMATS and self.frames <= 1)
+        return self.container in IMAGE_FORMATS and self.frames <= 1
 
     def check_length(self, needed: int, flag: str = "the input video") -> None:
         """Refuse, naming the file, a still image or a clip shorter than the first chunk (``needed`` frames)."""
         if self.is_image:
             raise ValueError(f"{flag} {self.path} is a single image ({self.codec or self.container}), not a video: "
                              f"give a video of at least {needed} frames")
+        if self.frames == 1:
+            raise ValueError(f"{flag} {self.path} is a one-frame video ({self.codec or self.container}); the first "
+                             f"chunk needs {needed} frames (1 + 4 x frames_per_block): give a longer video")
         if 0 < self.frames < needed:
             raise ValueError(f"{flag} {self.path} has {self.frames} frame(s); the first chunk needs {needed} "
                              f"(1 + 4 x frames_per_block): give a longer video")
+
+
+class VideoDecodeError(ValueError):
+    """A video whose frames stop decoding part-way (a file cut short or damaged): names the file and the
+    frame. ``decoded``: the frames read before it; ``frames``: what the header announced (0: unknown)."""
+
+    def __init__(self, path, decoded: int, frames: int, reason: str):
+        self.path, self.decoded, self.frames, self.reason = str(path), decoded, frames, reason
+        of = f" of {frames}" if frames else ""
+        super().__init__(f"video {path}: frame {decoded + 1}{of} cannot be decoded ({reason}): the file is cut "
+                         f"short or damaged (the {decoded} frame(s) before it decode)")
+
+
+def _reason(exc: BaseException) -> str:
+    """PyAV's message without its errno and C function ("Invalid data found when processing input")."""
+    text = str(getattr(exc, "strerror", None) or exc)
+    return re.sub(r"^\[Errno -?\d+\]\s*", "", text).split(": '")[0].strip() or type(exc).__name__
 
 
 def _open(path):
@@ -57,7 +78,7 @@ def _open(path):
     try:
         return av.open(str(path))
     except Exception as exc:  # PyAV raises several error types for unreadable input
-        raise ValueError(f"cannot read video {path}: {exc}") from exc
+        raise ValueError(f"cannot read video {path}: {_reason(exc)}") from exc
 
 
 def probe_video(path) -> VideoInfo:
@@ -84,6 +105,7 @@ def iter_video_frames(path, *, height: Optional[int] = None, width: Optional[int
     try:
         if not container.streams.video:
             raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
         buf, n = [], 0
         try:
             for frame in container.decode(video=0):
@@ -96,10 +118,8 @@ def iter_video_frames(path, *, height: Optional[int] = None, width: Optional[int
                     buf = []
                 if max_frames is not None and n >= max_frames:
                     break
-        except Exception as exc:
-            if isinstance(exc, (ValueError, FileNotFoundError)):
-                raise
-            raise ValueError(f"cannot decode video {path} after {n} frames: {exc}") from exc
+        except Exception as exc:   # PyAV's errors (some are ValueErrors) name neither the file nor the frame
+            raise VideoDecodeError(path, n, int(stream.frames or 0), _reason(exc)) from exc
         if buf:
             yield _to_model_range(buf, height, width)
         if n == 0:
@@ -160,17 +180,25 @@ def _to_uint8(frames) -> np.ndarray:
     return frames
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a video was being written; says what was kept."""
+
+
 class VideoWriter:
     """Incremental H.264 writer; the file appears at ``path`` only after ``close()`` succeeds.
 
         with VideoWriter("out.mp4", fps=16) as w:
             w.write(frames)      # [T, H, W, 3] in [0, 1], any number of calls
+
+    In a ``with`` block, an error drops the partial file (and the folders made for it); Ctrl-C keeps the frames
+    written so far as a complete, shorter video (as ffmpeg does) and says so (``Interrupted``).
     """
 
     def __init__(self, path, *, fps: float = 16, crf: int = 18):
         self.path = check_output_file(path, "output video")
         self.fps, self.crf = fps, crf
         parent = self.path.parent if str(self.path.parent) else Path(".")
+        self._made = [p for p in (parent, *parent.parents) if not p.exists()]   # removed again on abort
         try:
             parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp.mp4", dir=parent)
@@ -215,7 +243,7 @@ class VideoWriter:
         return self.path
 
     def abort(self) -> None:
-        """Drop the partial file (on any failure: nothing is left behind)."""
+        """Drop the partial file and the folders made for it (on any failure: nothing is left behind)."""
         if self._container is not None:
             try:
                 self._container.close()
@@ -223,6 +251,11 @@ class VideoWriter:
                 pass
             self._container = None
         self._tmp.unlink(missing_ok=True)
+        for folder in self._made:   # innermost first; a folder something else has filled meanwhile stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __enter__(self):
         return self
@@ -230,6 +263,12 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
+        elif issubclass(exc_type, KeyboardInterrupt) and not issubclass(exc_type, Interrupted):
+            if not self.frames_written:
+                self.abort()
+                raise Interrupted("no frame had been written: nothing kept") from None
+            self.close()
+            raise Interrupted(f"kept the {self.frames_written} frame(s) written so far in {self.path}") from None
         else:
             self.abort()
 

@@ -125,8 +125,11 @@ class StreamTimer:
             frames = sum(f for _, _, f in (steady if warmup_chunks > 0 else steady[1:]))
             dt = steady[-1][1] - ref
             out["steady_fps"] = frames / dt if dt > 0 else float("nan")
-        else:
-            out["steady_fps"] = float("nan")
+        else:   # not a number: n/a, with why (a NaN would read as a failed measurement)
+            chunk = ins[1][2] if len(ins) > 1 and self.stream is not None else max(1, first_chunk_frames - 1)
+            needed = first_chunk_frames + chunk * max(warmup_chunks, 1)
+            out["steady_fps"] = None
+            out["steady_fps_note"] = f"n/a: clip too short for a steady state (needs {needed} frames)"
         out["ttff_compute_s"] = min(t for _, t, _ in outs) - t0
         out["ttff_buffer_s"] = first_chunk_frames / input_fps
         out["ttff_s"] = out["ttff_compute_s"] + out["ttff_buffer_s"]
