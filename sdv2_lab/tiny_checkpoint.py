@@ -65,8 +65,6 @@ def _randomise(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.5
 
 def write_dit(wan: Path, ckpt: Path, gen: torch.Generator) -> None:
     """``config.json`` + ``diffusion_pytorch_model.safetensors`` (Wan names) and the generator's ``model.pt``."""
-    from safetensors.torch import save_file
-
     from .backbones.wan_dit import CausalWanDiT, WanDiTConfig
     config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v", "in_dim": 16,
               "out_dim": 16, "text_len": 512, "freq_dim": 256, "eps": 1e-6, "patch_size": [1, 2, 2],
@@ -75,8 +73,7 @@ def write_dit(wan: Path, ckpt: Path, gen: torch.Generator) -> None:
     model = CausalWanDiT(WanDiTConfig(name="tiny", **DIT))
     model.init_weights(gen)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(wan / "diffusion_pytorch_model.safetensors"))
-    os.chmod(wan / "diffusion_pytorch_model.safetensors", default_file_mode())   # safetensors writes 0600
+    save_safetensors(sd, wan / "diffusion_pytorch_model.safetensors")
     # StreamDiffusionV2's model.pt: the distilled generator under "generator", keys prefixed "model."
     generator = {f"model.{k}": v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
     torch.save({"generator": generator}, ckpt / "model.pt")
@@ -97,10 +94,16 @@ def write_taehv(path: Path, gen: torch.Generator) -> None:
 def _save(sd: dict[str, torch.Tensor], path: Path) -> None:
     """A torch pickle, or a safetensors file for a ``.safetensors`` path (both containers are published)."""
     if Path(path).suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        save_safetensors(sd, path)
     else:
         torch.save(sd, path)
+
+
+def save_safetensors(sd: dict, path: Path) -> None:
+    """A state dict as ``.safetensors`` with the umask's file mode (safetensors itself writes 0600)."""
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    os.chmod(path, default_file_mode())
 
 
 def write_t5(path: Path, vocab: int, seed: int) -> None:

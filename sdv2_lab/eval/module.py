@@ -112,17 +112,8 @@ class StreamingEvalModule(pl.LightningModule):
         if datamodule is not None and self.trainer.is_global_zero:  # items the dataset refused up front
             for video_id, reason in datamodule.skipped:
                 self.writer.write({"video": video_id, "status": "skipped", "error": reason})
-        if self.cfg.eval.warmup:
-            self._warm_up()
-
-    def _warm_up(self) -> None:
-        """One short clip through the pipeline, discarded: first-call costs (cuDNN autotuning, CUDA-graph
-        capture, compilation) must not land in the first video's TTFF."""
-        from ..io.synthetic import synthetic_clip
-        frames = 1 + 4 * (self.pipe.cfg.num_kv_cache + self.pipe.num_steps + 4)  # fills the cache: graphs captured
-        clip, _ = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)
-        streams = self.pipe.cfg.max_streams
-        stream_clips(self.pipe, [clip.to(self.pipe.device)] * streams, ["warm-up"] * streams)
+        if self.cfg.eval.warmup and self.pipe.warmup_s is None:   # the build warms up on CUDA (warmup=auto)
+            self.pipe.warm_up()   # first-call costs (autotuning, graph capture) must not land in a video's TTFF
 
     # ------------------------------------------------------------------ one video
     def test_step(self, item: VideoItem, batch_idx: int) -> dict:
