@@ -241,12 +241,15 @@ class StreamDiffusionV2Pipeline:
     def decode_chunk(self, chunk: DenoisedChunk) -> np.ndarray:
         """x0 latents -> frames [T, H, W, 3] float32 in [0, 1] (numpy)."""
         with torch.no_grad():
-            return self.pipeline.decode_frames(chunk.denoised_pred).cpu().numpy()
+            frames = self.pipeline.decode_frames(chunk.denoised_pred).cpu()
+        self.pipeline.driver.verify(self.pipeline.stream)   # bad input frames: an error naming chunk and frame
+        return frames.numpy()
 
     def flush(self) -> list[np.ndarray]:
         """The frames of the chunks still in the stream batch, as a list of [T, H, W, 3] arrays."""
-        out = self.pipeline.flush()
-        return [out.cpu().numpy()] if out.shape[0] else []
+        out = self.pipeline.flush().cpu()
+        self.pipeline.driver.verify(self.pipeline.stream)
+        return [out.numpy()] if out.shape[0] else []
 
     def __call__(self, video) -> np.ndarray:
         """Whole video in, whole restyled video out ([T, H, W, 3] in [0, 1])."""
@@ -254,8 +257,9 @@ class StreamDiffusionV2Pipeline:
             raise RuntimeError("call prepare(prompt) first")
         self.prepare(self._prompt)
         video = self._video(video)
-        out = [self.pipeline.push(video[0]), self.pipeline.flush()]
-        return torch.cat(out).cpu().numpy()
+        out = torch.cat([self.pipeline.push(video[0]), self.pipeline.flush()]).cpu()
+        self.pipeline.driver.verify(self.pipeline.stream)
+        return out.numpy()
 
 
 def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_path, mode="single", config_path=None,

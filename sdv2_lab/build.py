@@ -80,7 +80,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps, cuda_graph=cfg.cuda_graph,
         overlap=bool(cfg.get("overlap", False)), max_streams=int(cfg.get("streams", 1)),
-        rope_positions=backbone_config(cfg).rope_max_positions)
+        rope_positions=backbone_config(cfg).rope_max_positions, input_guard=str(cfg.get("input_guard", "raise")),
+        input_limit=float(cfg.get("input_limit", 1.5)))
 
 
 def dit_weights(cfg: DictConfig):

@@ -29,6 +29,8 @@ writes; per-row lengths only while the cache fills (then one static shape); the 
 not hidden module state; a clear error instead of an IndexError when no rolling slot exists; pending
 refreshes beyond ``queue_capacity`` are dropped (the reference's list would grow without bound; this only
 arises when a refresh fires on several passes of every chunk in ``single-wo``).
+One deliberate numeric difference: the refresh similarity is computed in fp32 (``sink_similarity``; the
+reference's is bf16), so a decision never hangs on one bf16 ulp (it can differ from the reference's only there).
 """
 from __future__ import annotations
 
@@ -164,6 +166,22 @@ class RowPositions:
         if d.register is not None:
             self.rolling.append(d.register)
         return d
+
+
+def sink_similarity(k_sink: torch.Tensor, v_sink: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                    sinks: int) -> torch.Tensor:
+    """The adaptive sink refresh's similarity [B, sinks] of each sink frame with the new chunk: the mean of the
+    cosine similarities of their mean keys and of their mean values. In fp32 whatever the cache's dtype: in bf16
+    one ulp at 0.5 is 0.004, so a similarity within an ulp of the threshold would decide by rounding (the
+    reference computes it in bf16; this is the value it approximates).
+
+    k_sink, v_sink: [B, sinks * S, H, dh]; k_new, v_new: [B, m, H, dh]."""
+    b = k_new.shape[0]
+    k_s = k_sink.float().reshape(b, sinks, -1, k_sink.shape[-2] * k_sink.shape[-1]).mean(2)
+    v_s = v_sink.float().reshape(b, sinks, -1, v_sink.shape[-2] * v_sink.shape[-1]).mean(2)
+    k_c = k_new.float().reshape(b, 1, k_new.shape[1], -1).mean(2)
+    v_c = v_new.float().reshape(b, 1, v_new.shape[1], -1).mean(2)
+    return (torch.cosine_similarity(k_s, k_c, dim=-1) + torch.cosine_similarity(v_s, v_c, dim=-1)) / 2
 
 
 class StreamKVCache:
@@ -381,11 +399,8 @@ class StreamKVCache:
 
         if plan.refresh_check:  # adaptive sink refresh (§1.7 step 1), all rows at once
             sinks, s = spec.sink_frames, spec.frame_tokens
-            k_sink = self._rows(self.k[li], plan)[:, : sinks * s].reshape(b, sinks, s, -1).mean(2)
-            v_sink = self._rows(self.v[li], plan)[:, : sinks * s].reshape(b, sinks, s, -1).mean(2)
-            k_cur = k_new.reshape(b, 1, m, -1).mean(2)
-            v_cur = v_new.reshape(b, 1, m, -1).mean(2)
-            sim = (torch.cosine_similarity(k_sink, k_cur, dim=-1) + torch.cosine_similarity(v_sink, v_cur, dim=-1)) / 2
+            sim = sink_similarity(self._rows(self.k[li], plan)[:, : sinks * s], self._rows(self.v[li], plan)[:, : sinks * s],
+                                  k_new, v_new, sinks)
             low, idx = sim.min(dim=1)
             fire = (low < spec.refresh_threshold) & (length < cap)
             head = torch.where(fire, (head - 1) % cap, head)

@@ -81,6 +81,7 @@ def stream_clips(pipe, clips: Sequence, prompts: Sequence[str], *, seeds: Option
             out = pending.popleft()
             if out.mark.event is not None:
                 out.mark.event.synchronize()
+            driver.verify(out)     # bad numbers in this stream: an error naming its chunk and frame (input_guard)
             frames = out.frames.cpu()
             if on_frames is not None:
                 on_frames(index[out.stream], frames)

@@ -28,6 +28,7 @@ import torch
 
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
 from .config import PipelineConfig
+from .input_guard import InputGuard
 from .noise_controller import MotionNoiseController, mix_noise
 from .scheduler import Chunk, DiTJob, Scheduler, Stream
 from .timing import ChunkIn, ChunkOut, Clock, StageRun
@@ -92,6 +93,7 @@ class StreamDriver:
         self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
                                    cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows)
         self.lanes = Lanes(self.device, cfg.overlap)
+        self.guard = InputGuard(cfg.input_guard, cfg.input_limit)   # bad numbers in (input_guard.py)
         self.clock = Clock(self.device)
         self.listeners: list[Callable] = []
         self._dit_done: Optional[torch.cuda.Event] = None     # the last DiT job's end (decode waits for it)
@@ -141,6 +143,7 @@ class StreamDriver:
         """A new stream: fresh KV rows, positions, noise controller and VAE state; the prompt encoded.
         ``seed``: this stream's own noise generator (its outputs then do not depend on other streams);
         ``steps`` (first entries of the config's denoising steps), ``noise_scale``, ``vae``: this stream's own."""
+        check_prompt(prompt)
         step_list = None
         if steps is not None:
             table = list(self.cfg.denoising_steps)
@@ -153,6 +156,7 @@ class StreamDriver:
             if not 0 < noise.noise_scale <= 1:
                 raise ValueError(f"noise_scale must be in (0, 1], got {noise.noise_scale}")
             s.controller = MotionNoiseController(noise, self.device)
+            s.checks = self.guard.new(self.device)
             s.t = torch.tensor(s.steps, dtype=torch.long, device=self.device)
             s.vae = vae if vae is not None else self.vae
             s.vae_state = s.vae.new_state(1) if s.vae is not None else None
@@ -200,8 +204,7 @@ class StreamDriver:
         s.prompt = prompt
 
     def _embed(self, prompt: str) -> Optional[torch.Tensor]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty: give a text describing the target style")
+        check_prompt(prompt)
         te = self.text_encoder
         if te is None:   # a pipe stage without the text encoder: the first stage sends the prompt's context
             return None
@@ -214,6 +217,7 @@ class StreamDriver:
     # ------------------------------------------------------------------ frames in, finished chunks out
     def feed(self, s: Stream, frames: torch.Tensor) -> None:
         """Buffer input frames [3, T, H, W] in [-1, 1] (moved to the device without blocking the host)."""
+        self.guard.require(s.id, s.checks)
         frames = self._check_frames(frames)
         self.scheduler.feed(s, frames)
         if frames.shape[1]:
@@ -222,6 +226,7 @@ class StreamDriver:
     def step(self, streams: Optional[list[Stream]] = None) -> list[ChunkOut]:
         """One chunk of every ready stream (or of ``streams``): encode each, one DiT job, decode what finished."""
         pool = streams if streams is not None else list(self.scheduler.streams.values())
+        pool = [s for s in pool if s.checks is None or not s.checks.refused]   # stopped after bad numbers
         chunks = [c for c in (self.scheduler.next_chunk(s) for s in pool if self.scheduler.ready(s)) if c]
         for c in chunks:
             if c.frames is not None:
@@ -250,12 +255,15 @@ class StreamDriver:
     def flush(self, s: Stream) -> list[ChunkOut]:
         """End of one stream's input: finish the chunks still in flight. Frames that do not fill a chunk are
         dropped (the VAE takes whole chunks); the number is logged."""
+        self.guard.require(s.id, s.checks)
         dropped = self.scheduler.flush(s)
         if dropped:
             log.info("stream %d: %d trailing frame(s) do not fill a chunk and were dropped", s.id, dropped)
         outs = []
         while s.flush_calls:
             outs += self.step([s])
+        if self.encodes and not self.decodes:   # a first pipe stage reads no output: it checks its input here
+            self.verify(s)
         return outs
 
     @torch.no_grad()
@@ -298,7 +306,8 @@ class StreamDriver:
             self.lanes.handoff(noisy, "dit")
             return Encoded(c, noisy, ready=run.end.event)
         with self._stage("encode", [s], [c.frames.shape[2]]) as run:
-            frames = c.frames
+            frames = self.guard.check_chunk(s.checks, c.frames)   # bad values replaced; the first one recorded
+            self.lanes.handoff(s.checks.record, "decode")
             if scale is None and c.first:
                 scale = s.controller.s0
             elif scale is None:
@@ -378,8 +387,11 @@ class StreamDriver:
             return out
         with self._stage("decode", [s], [FRAMES_PER_LATENT * x0.shape[1]], [self._dit_done]) as run:
             frames = to_unit(s.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
+            snap = self.guard.snapshot(s.checks, frames, s.shown)
         self.lanes.handoff(frames, "current")
-        out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown)
+        self.lanes.handoff(snap, "current")
+        out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown,
+                       checks=(s.checks, snap))
         self._emit(out)
         if self.cfg.target_fps:
             self._adapt_chunk_size(s, out)
@@ -402,6 +414,26 @@ class StreamDriver:
                 with self.lanes.on("dit"):
                     s.hidden = s.hidden.repeat(1, grow // s.hidden.shape[1], 1, 1, 1)
 
+    # ------------------------------------------------------------------ bad numbers (input_guard.py)
+    def verify(self, what: ChunkOut | Stream) -> None:
+        """Where the host reads a finished chunk (after its event, or after copying it to the host): raise
+        ``InputError`` naming the stream, chunk and frame if its input had non-finite or out-of-range values
+        (``input_guard=raise``) or its output went non-finite; warn once (``clamp``). No extra wait for the GPU:
+        ``what`` is a ``ChunkOut`` whose event was waited for, or a stream whose last decoded chunk was read."""
+        if isinstance(what, ChunkOut):
+            if what.checks is not None:
+                self.guard.verify(what.stream, *what.checks)
+            return
+        s = what
+        if s.checks is None:
+            return
+        snap = s.checks.last
+        if snap is None and self.guard.on:   # nothing decoded here (a first pipe stage): the input record, once
+            if self.lanes.streams is not None:
+                torch.cuda.current_stream().wait_stream(self.lanes.stream("encode"))
+            snap = torch.cat([s.checks.record, s.checks.out])
+        self.guard.verify(s.id, s.checks, snap)
+
     # ------------------------------------------------------------------ helpers
     def _randn(self, s: Stream, shape) -> torch.Tensor:
         if self.latent_device.type == "meta":
@@ -421,6 +453,14 @@ class StreamDriver:
             frames = frames.pin_memory()
         with self.lanes.on("encode"):
             return frames.to(self.device, self.dtype, non_blocking=True)
+
+
+def check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be a string (a text describing the target style), got "
+                        f"{type(prompt).__name__}: {prompt!r:.60}")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give a text describing the target style")
 
 
 def wait(outs: list[ChunkOut]) -> None:
