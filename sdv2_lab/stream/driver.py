@@ -144,6 +144,9 @@ class StreamDriver:
         ``seed``: this stream's own noise generator (its outputs then do not depend on other streams);
         ``steps`` (first entries of the config's denoising steps), ``noise_scale``, ``vae``: this stream's own."""
         check_prompt(prompt)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
+            got = f"an integer of {seed.bit_length()} bits" if isinstance(seed, int) else repr(seed)
+            raise ValueError(f"seed must be a 64-bit integer (a generator's seed), got {got}")
         step_list = None
         if steps is not None:
             table = list(self.cfg.denoising_steps)
