@@ -46,6 +46,7 @@ class Hub:
                        "controls_superseded": 0, "dropped": {k: 0 for k in DROP_KINDS}}
         self.latency = Latency(settings.target_latency_ms)   # every client's frames (the server's SLO numbers)
         self.held: set[int] = set()      # ids of the streams the engine holds for clients
+        self.releasing: set[int] = set() # of those, the ones whose close is queued on the engine's thread
         self.opening = 0                 # starts running now (their streams are not held yet)
         self.started_at = time.time()
 
@@ -68,6 +69,12 @@ class Hub:
     def active_streams(self) -> int:
         """Streams in use: held by the engine (a closed client's too, until the engine let it go) or opening."""
         return len(self.held) + self.opening
+
+    @property
+    def streams_free(self) -> int:
+        """Streams a start may take now: those whose close is already queued on the engine's thread count as
+        free (the engine runs calls in order: a start queued now opens after that close)."""
+        return self.settings.max_streams - (len(self.held - self.releasing) + self.opening)
 
     # ------------------------------------------------------------------ connections
     def connect(self, ws) -> Optional[Session]:
@@ -113,10 +120,12 @@ class Hub:
             await self._release(stream)
 
     async def _release(self, stream) -> None:
+        self.releasing.add(stream.id)
         try:
             await self.engine.call(self.engine.close, stream)
         finally:
             self.held.discard(stream.id)
+            self.releasing.discard(stream.id)
 
     # ------------------------------------------------------------------ messages
     async def on_message(self, s: Session, text: Optional[str], data: Optional[bytes]) -> None:
@@ -166,7 +175,7 @@ class Hub:
             opts = start_options(msg, default_prompt=self.settings.default_prompt,
                                  default_steps=self.engine.default_steps, default_noise=self.engine.default_noise,
                                  max_steps=self.settings.max_steps)
-            if self.active_streams >= self.settings.max_streams:
+            if self.streams_free <= 0:
                 self.totals["busy_replies"] += 1
                 s.spawn(s.send_json(self._busy_reply(f"all {self.settings.max_streams} streams are in use")))
                 return
