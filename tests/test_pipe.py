@@ -280,3 +280,25 @@ def test_transport_is_host_staged_when_gpus_repeat():
         resolve_transport("nccl", ["cuda:0", "cuda:1", "cuda:0"])
     with pytest.raises(ValueError, match="expected auto, nccl or host"):
         resolve_transport("tcp", ["cpu"])
+
+
+def test_run_video_to_video_pipe_in_a_script_without_a_main_guard(tmp_path):
+    """The seed's README calls run_video_to_video(mode="pipe", ...) at the top level of a script: the ranks must
+    not re-run that script (multiprocessing's spawn / forkserver children do, and fail while bootstrapping)."""
+    from sdv2_lab.io.synthetic import synthetic_clip
+    from sdv2_lab.io.video import export_video, probe_video
+    export_video((synthetic_clip(13, 32, 48)[0].permute(1, 2, 3, 0) + 1) / 2, tmp_path / "in.mp4", fps=16)
+    (tmp_path / "script.py").write_text(
+        'print("the script body ran", flush=True)\n'
+        "from sdv2_lab import run_video_to_video\n"
+        'run_video_to_video(mode="pipe", gpu_ids=[0, 1], num_gpus=2, video_path="in.mp4",\n'
+        '                   prompt="a watercolor painting", output_path="outputs/pipe.mp4", height=32, width=48)\n'
+        'print("finished", flush=True)\n')
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("the script body ran") == 1 and "finished" in run.stdout, run.stdout
+    assert "bootstrapping" not in run.stderr
+    assert probe_video(tmp_path / "outputs" / "pipe.mp4").frames == 13
