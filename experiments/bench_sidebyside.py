@@ -12,6 +12,7 @@ The reference: its own offline loop (``ref_bench.py``: model builders patched to
 configuration, its own logged steady-state average beside its end-to-end FPS. Weights are DUMMY on both sides.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -45,25 +46,32 @@ def ours(c: dict, frames: int) -> dict:
           f"width={c['width']}", f"vae={OUR_VAE[c['vae']]}", "cuda_graph=true", "overlap=true",
           f"dit_precision={c['precision']}", *EXTRA]
     cfg = compose_config("config", ov)
+    cuda = DEVICE.startswith("cuda")
+    if cuda:   # each configuration's peak measured alone: nothing of the previous one counted
+        gc.collect()
+        torch.cuda.empty_cache()
+        left_before = torch.cuda.memory_allocated()
     pipe = build_pipeline(cfg)
-    cuda = pipe.device.type == "cuda"
-    clip = synthetic_clip(frames, c["height"], c["width"])[0].to(pipe.device)
-    stream_clips(pipe, [clip[:, :1 + 4 * (cfg.num_kv_cache + c["steps"] + 4)]], ["warm-up"], seeds=[0])  # graphs too
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    s = stream_clips(pipe, [clip], ["a dog walks on the grass, realistic"], seeds=[0]).per_stream[0]
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    try:
+        clip = synthetic_clip(frames, c["height"], c["width"])[0].to(pipe.device)
+        stream_clips(pipe, [clip[:, :1 + 4 * (cfg.num_kv_cache + c["steps"] + 4)]], ["warm-up"], seeds=[0])  # graphs
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        s = stream_clips(pipe, [clip], ["a dog walks on the grass, realistic"], seeds=[0]).per_stream[0]
+        peak = (torch.cuda.max_memory_allocated() - left_before) / 2 ** 30 if cuda else float("nan")
+        del clip
+    finally:
+        pipe.close()   # models, KV cache, graphs and their pools given back before the next configuration (a
+                       # failed one too)
     flops = flops_per_output_frame(backbone_config(cfg), c["height"], c["width"], c["steps"], cfg.num_kv_cache,
                                    vae=OmegaConf.to_container(cfg.vae, resolve=True))
     tflops = peak_bf16_tflops(torch.cuda.get_device_name(), None)[0] if cuda else None
-    del pipe
-    if cuda:
-        torch.cuda.empty_cache()
     return dict(ours_e2e_fps=s.get("e2e_fps"), ours_steady_fps=s.get("steady_fps"), ours_encode_fps=s.get("encode_fps"),
                 ours_dit_fps=s.get("dit_fps"), ours_decode_fps=s.get("decode_fps"), ttff_s=s.get("ttff_s"),
                 ttff_compute_s=s.get("ttff_compute_s"), latency_p50_ms=s.get("latency_p50_ms"),
                 latency_p95_ms=s.get("latency_p95_ms"), peak_gib=round(peak, 2),
+                left_by_earlier_gib=round(left_before / 2 ** 30, 3) if cuda else None,
                 mfu=mfu(flops, s["steady_fps"], tflops * 1e12) if tflops and s.get("steady_fps") else None)
 
 

@@ -94,7 +94,8 @@ def small(**cfg) -> StreamPipeline:
     """A small DiT, the stand-in VAE, the hashed text encoder: the engine's whole path in a fraction of a second."""
     dit = load_backbone(WanDiTConfig(name="small", dim=64, ffn_dim=128, num_heads=1, num_layers=2), "dummy",
                         dtype=torch.float32, seed=0)
-    return StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), PipelineConfig(height=H, width=W, max_streams=2, **cfg),
+    cfg = {"max_streams": 2, **cfg}
+    return StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), PipelineConfig(height=H, width=W, **cfg),
                           device="cpu", dtype=torch.float32)
 
 
@@ -280,3 +281,27 @@ def test_the_staged_api_names_the_chunk():
     api.prepare("a watercolor painting")                              # a new stream runs clean
     out = api(synthetic_clip(13, H, W)[0])
     assert np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def test_close_gives_back_every_tensor_at_once():
+    """``close()`` frees the models, the KV cache and the streams' states while the caller still holds the
+    pipeline (on a GPU: memory_allocated back to its start, experiments/check_memory.py)."""
+    import gc
+    import weakref
+    pipe = small(max_streams=1)
+    stream_clip(pipe, synthetic_clip(13, H, W)[0], "a red square", seed=1)
+    pipe.start("still open")
+    pipe.push(synthetic_clip(9, H, W)[0])
+    tensors = [*pipe.dit.parameters(), *pipe.vae.parameters(), pipe.executor.cache.k, pipe.executor.cache.v,
+               pipe.executor.cache.cross_k]
+    refs = [weakref.ref(t) for t in tensors]
+    modules = [weakref.ref(m) for m in (pipe.dit, pipe.vae, pipe.driver, pipe.executor)]
+    del tensors
+    gc.disable()   # what close() itself frees, not what a later collection would
+    try:
+        pipe.close()
+        assert all(r() is None for r in refs), f"{sum(r() is not None for r in refs)} tensors still alive"
+        assert all(m() is None for m in modules)
+    finally:
+        gc.enable()

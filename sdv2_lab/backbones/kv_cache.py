@@ -243,6 +243,14 @@ class StreamKVCache:
         self.reset_rows(range(self.num_rows))
         self.cross_k = self.cross_v = None
 
+    def release(self) -> None:
+        """Give back the pool's device memory (a closed pipeline): rows of zero length, no plans, no prompts."""
+        empty = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.k = self.v = empty
+        self.queue = self.q_head = self.q_len = torch.empty(0, dtype=torch.long, device=self.device)
+        self.cross_k = self.cross_v = None
+        self._static_plans.clear()
+
     def copy_rows(self, src: int, dst: Sequence[int]) -> None:
         """Replicate row ``src`` into rows ``dst`` (stream batch after the first chunk, §2.6 step 4)."""
         dst = list(dst)

@@ -503,6 +503,17 @@ class PipeStage(DiTExecutor):
             out["pipe_imbalance"] = balance.imbalance(stages)
         return out
 
+    def release(self) -> None:
+        """Give back device memory: graphs, receive buffers, the KV cache (after ``close``)."""
+        if self.unit_graphs is not None:
+            self.unit_graphs.clear()
+        if self._whole is not None:
+            self._whole.release()
+        for link in self.links:
+            link.pool.free.clear()
+        self._ring, self._orphans = {}, []
+        super().release()
+
     def close(self) -> None:
         """Drain every send and receive still in flight (a run must end with none unmatched)."""
         self._doing("draining sends and receives")

@@ -198,6 +198,17 @@ class StreamDriver:
         """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
         self.scheduler.close(s)
 
+    def release(self) -> None:
+        """The end of this engine: every stream closed, every device tensor it holds given back (KV cache, CUDA
+        graphs and their pools, the streams' VAE states and latents); unusable afterwards."""
+        for s in list(self.scheduler.streams.values()):
+            s.vae_state = s.hidden = s.last_frame = None
+            s.buffer.clear()
+            self.scheduler.close(s)
+        self.listeners.clear()
+        self._last_ring, self._dit_done = (None, None), None
+        self.executor.release()
+
     @torch.no_grad()
     def set_prompt(self, s: Stream, prompt: str) -> None:
         """Change a stream's prompt mid-stream: only its rows' cross-attention K/V change."""

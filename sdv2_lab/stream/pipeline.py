@@ -73,6 +73,18 @@ class StreamPipeline:
     def cache(self) -> StreamKVCache:
         return self.executor.cache
 
+    def close(self) -> None:
+        """Give back the pipeline's device memory (models, KV cache, CUDA graphs and their pools, stream states)
+        now, not when the collector finds its cycles; the pipeline is unusable afterwards."""
+        import gc
+        if self.driver is not None:
+            self.driver.release()
+        self.stream, self._encoded = None, []
+        self.driver = self.executor = self.dit = self.vae = self.text_encoder = None
+        gc.collect()   # the modules' own cycles (a VAE keeps bound methods of itself)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @torch.no_grad()
     def start(self, prompt: str, seed: Optional[int] = None) -> Stream:
         """Begin a new stream (the previous one ends): fresh KV rows, positions, noise controller, VAE state."""
