@@ -5,6 +5,7 @@ finished run exits; stages load only their blocks; the block scheduler's and the
 real front ends (``sdv2 run``, a ``sdv2 eval`` sweep over single and pipe)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -245,14 +246,23 @@ def test_predictor(capsys, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the front ends
 def test_sdv2_run_and_an_eval_sweep_over_single_and_pipe(tmp_path):
+    """A pipe run as a user starts it (a file of another size, resized): the DUMMY and resize warnings are said
+    once (not once per rank), and the stage rates include rank 0's encode."""
+    from sdv2_lab.io.synthetic import synthetic_clip
+    from sdv2_lab.io.video import export_video
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     small = ["height=32", "width=48"]
     sdv2 = str(Path(sys.executable).parent / "sdv2")
-    run = subprocess.run([sdv2, "run", "mode=pipe", "num_gpus=2", *small,
-                          "input.frames=21", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+    export_video((synthetic_clip(21, 48, 64)[0].permute(1, 2, 3, 0) + 1) / 2, tmp_path / "in.mp4", fps=16)
+    run = subprocess.run([sdv2, "run", "mode=pipe", "num_gpus=2", *small, "input=file",
+                          f"input.video={tmp_path / 'in.mp4'}", "input.prompt=a watercolor street",
+                          f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
                          timeout=300, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pipe: 2 stage(s), blocks [1, 1]" in run.stdout and "rank 1:" in run.stdout
+    said = run.stdout + run.stderr
+    assert said.count("DUMMY weights") == 1 and said.count("resized 64x48 -> 48x32") == 1, said[-3000:]
+    assert "encode n/a" not in run.stdout and re.search(r"stages: encode [0-9.]+ FPS", run.stdout), run.stdout
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     assert timings["output_frames"] == 21 and timings["pipe_ranks"] == 2
     sweep = subprocess.run([sdv2, "eval", "-m", "mode=single,pipe", *small,
@@ -302,3 +312,26 @@ def test_run_video_to_video_pipe_in_a_script_without_a_main_guard(tmp_path):
     assert run.stdout.count("the script body ran") == 1 and "finished" in run.stdout, run.stdout
     assert "bootstrapping" not in run.stderr
     assert probe_video(tmp_path / "outputs" / "pipe.mp4").frames == 13
+
+
+def test_pipe_errors_are_one_line_and_settings_are_checked_before_any_rank_starts(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    sdv2 = str(Path(sys.executable).parent / "sdv2")
+    cases = [(["num_gpus=3"], "mode=pipe with 3 stages needs at least 3 blocks; backbone tiny has 2")]
+    if not torch.cuda.is_available():
+        cases.append((["num_gpus=2", "device=cuda"], "device=cuda was asked for but CUDA is not available"))
+    for args, want in cases:
+        run = subprocess.run([sdv2, "run", "mode=pipe", *args, "height=32", "width=48",
+                              f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=120,
+                             env=env, cwd=ROOT)
+        lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+        assert run.returncode != 0 and len(lines) == 1 and want in lines[0], run.stderr[-2000:]
+        assert "pipe rank" not in run.stderr and "Traceback" not in run.stderr       # no rank was started
+    # a rank that fails mid-run: one line says which and why; its traceback is in the file the line names
+    run = subprocess.run([sdv2, "run", "mode=pipe", "num_gpus=2", "height=32", "width=48", "input.frames=21",
+                          "+mode.debug.fail={rank: 1, job: 3, how: raise}", f"hydra.run.dir={tmp_path / 'fail'}"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    errors = [ln for ln in run.stderr.splitlines() if "error:" in ln]
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert len(errors) == 1 and "sdv2 run: error: pipe rank 1" in errors[0] and "injected failure at job 3" in errors[0]
+    assert "(rank tracebacks: " in errors[0]

@@ -254,6 +254,40 @@ def test_taehv_with_dummy_weights_is_visible_noise_not_black(engine):
     assert 60 < float(pixels.mean()) < 200 and float(pixels.std()) > 20, (float(pixels.mean()), float(pixels.std()))
 
 
+def test_a_stream_whose_output_went_non_finite_is_restarted(engine, monkeypatch):
+    """The server reads each chunk on the host anyway (JPEG): a chunk that is not finite ends that stream (the
+    client hears why) and it restarts with the same settings, instead of sending NaN frames forever."""
+    vae, calls = engine.driver.vae, {"n": 0}
+    real = vae.decode
+
+    def poisoned(state, x0):
+        calls["n"] += 1
+        out = real(state, x0)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(vae, "decode", poisoned)
+    with serve_in_thread(engine, settings()) as base:
+        c = Client(base)
+        s = c.start(steps=1)
+        parts = chunks()
+        feed_chunk(c, s["session"], parts[0])
+        c.wait_frames(5)
+        for f in parts[1]:
+            c.send_frame(f)
+        err = c.error("engine")
+        assert "output went non-finite" in err["message"] and "restarting it" in err["message"]
+        deadline = time.monotonic() + 30
+        while stream_info(base, s["session"])["stream"] == s["stream"]:
+            assert time.monotonic() < deadline, "the stream was not restarted"
+            time.sleep(0.05)
+        assert len(c.frames) == 5                                   # the bad chunk was not sent
+        feed_chunk(c, s["session"], parts[0])                       # the new stream: a first chunk, served
+        c.wait_frames(10)
+        assert all(np.isfinite(np.asarray(wire.decode_jpeg(j, 32, 48, resize=False, max_pixels=10 ** 6)[0],
+                                          dtype=np.float32)).all() for _, _, j in c.frames)
+        c.close()
+
+
 # ---------------------------------------------------------------------------------------------- SLO numbers
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")'
                     r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*\})? (NaN|[+-]Inf|-?[0-9.eE+-]+)$')
