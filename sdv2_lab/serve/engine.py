@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..build import CONF_DIR, build_pipeline, build_vae
+from ..stream.driver import wait
 from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream
 from ..stream.timing import percentile
@@ -179,6 +180,7 @@ class Engine:
             t0 = time.perf_counter()
             outs = self.driver.step(ready)
             if outs:
+                wait(outs)   # the frames are ready on this stream (decode may run on a lane of its own)
                 frames = torch.cat([o.frames for o in outs]).mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu()
                 for o, piece in zip(outs, frames.split([o.frames.shape[0] for o in outs])):
                     try:

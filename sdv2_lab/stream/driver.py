@@ -403,7 +403,6 @@ class StreamDriver:
             frames = to_unit(s.vae.decode(s.vae_state, x0)[0]).permute(0, 2, 3, 1)
             snap = self.guard.snapshot(s.checks, frames, s.shown)
         self.lanes.handoff(frames, "current")
-        self.lanes.handoff(snap, "current")
         out = ChunkOut(s.id, frames, run.end, s.scales.popleft() if s.scales else None, s.shown,
                        checks=(s.checks, snap))
         self._emit(out)
@@ -445,7 +444,7 @@ class StreamDriver:
         if snap is None and self.guard.on:   # nothing decoded here (a first pipe stage): the input record, once
             if self.lanes.streams is not None:
                 torch.cuda.current_stream().wait_stream(self.lanes.stream("encode"))
-            snap = torch.cat([s.checks.record, s.checks.out])
+            snap = torch.cat([s.checks.record, s.checks.out]).cpu()
         self.guard.verify(s.id, s.checks, snap)
 
     # ------------------------------------------------------------------ helpers

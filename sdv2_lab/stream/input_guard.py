@@ -104,13 +104,19 @@ class InputGuard:
             return None
         finite = torch.sum(frames, dtype=torch.float32).isfinite()       # frames in [0, 1] cannot overflow
         checks.out = torch.where((checks.out < NONE) | finite, checks.out, float(index))
-        checks.last = torch.cat([checks.record, checks.out])
-        return checks.last
+        snap = torch.cat([checks.record, checks.out])
+        if snap.is_cuda:   # to the host with the chunk's own work: reading it later waits for nothing
+            host = torch.empty(snap.shape, dtype=snap.dtype, pin_memory=True)
+            host.copy_(snap, non_blocking=True)
+            snap = host
+        checks.last = snap
+        return snap
 
     # ------------------------------------------------------------------ host side (where a chunk is read)
     def verify(self, stream_id: int, checks: Checks, snap: Optional[torch.Tensor]) -> None:
-        """Read a decoded chunk's snapshot (its event has been waited for: no extra wait). Raises ``InputError``
-        (raise mode, or non-finite output) and refuses the stream; warns once in clamp mode."""
+        """Read a decoded chunk's snapshot: a host tensor (copied asynchronously at the decode), valid once the
+        chunk's event has completed, so reading it waits for nothing. Raises ``InputError`` (raise mode, or
+        non-finite output) and refuses the stream; warns once in clamp mode."""
         if snap is None or checks.refused:
             return
         first, chunk, value, count, out_chunk = snap.tolist()
