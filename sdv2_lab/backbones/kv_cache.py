@@ -407,8 +407,9 @@ class StreamKVCache:
 
         if plan.refresh_check:  # adaptive sink refresh (§1.7 step 1), all rows at once
             sinks, s = spec.sink_frames, spec.frame_tokens
-            sim = sink_similarity(self._rows(self.k[li], plan)[:, : sinks * s], self._rows(self.v[li], plan)[:, : sinks * s],
-                                  k_new, v_new, sinks)
+            k_sink = self._rows(self.k[li], plan)[:, : sinks * s]
+            v_sink = self._rows(self.v[li], plan)[:, : sinks * s]
+            sim = sink_similarity(k_sink, v_sink, k_new, v_new, sinks)
             low, idx = sim.min(dim=1)
             fire = (low < spec.refresh_threshold) & (length < cap)
             head = torch.where(fire, (head - 1) % cap, head)

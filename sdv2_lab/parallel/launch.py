@@ -170,7 +170,8 @@ def rank_process(rank: int, job: dict, fn, args) -> None:
                                    health_store=dist.PrefixStore("sdv2", store), transport=job["transport"],
                                    stall_timeout_s=job["stall_timeout_s"], quiet=True),
               fn, args, os.path.join(folder, f"{rank}.pt"), job["threads"],
-              fallback_store=dist.PrefixStore("sdv2", store), traceback_path=os.path.join(folder, f"rank{rank}.traceback"))
+              fallback_store=dist.PrefixStore("sdv2", store),
+              traceback_path=os.path.join(folder, f"rank{rank}.traceback"))
 
 
 def rank_main(make_context, fn, args, out_path: Optional[str], threads: Optional[int], fallback_store=None,

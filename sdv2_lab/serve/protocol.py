@@ -111,8 +111,7 @@ def start_options(msg: dict, *, default_prompt: str, default_steps: int, default
                   max_steps: int) -> StreamOptions:
     seed = msg.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-        raise ProtocolError("bad_value", f"seed must be an integer from 0 to 2**63-1 or null, got "
-                                         f"{seed if isinstance(seed, int) and seed.bit_length() <= 128 else _short(seed)}")
+        raise ProtocolError("bad_value", f"seed must be an integer from 0 to 2**63-1 or null, got {_short(seed)}")
     output = msg.get("output", "ws")
     if output not in OUTPUTS:
         raise ProtocolError("bad_value", f"output must be one of {OUTPUTS}, got {output!r}")

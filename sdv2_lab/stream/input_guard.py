@@ -135,7 +135,8 @@ class InputGuard:
                                     f"clamps such values instead). The stream was stopped: open a new one")
         if out_chunk < NONE and not checks.refused:
             self.refuse(checks, f"stream {stream_id}: its output went non-finite (NaN or inf in output chunk "
-                                f"{int(out_chunk)}) although its input was finite; the stream was stopped: open a new one")
+                                f"{int(out_chunk)}) although its input was finite; the stream was stopped: open a new "
+                                f"one")
 
     def refuse(self, checks: Checks, msg: str) -> None:
         checks.refused = msg
