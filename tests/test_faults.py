@@ -278,6 +278,9 @@ def test_the_staged_api_names_the_chunk():
             denoised = api.denoise_chunk(encoded)
             if denoised is not None:
                 api.decode_chunk(denoised)
+    chunk = api.chunk_video(video)[2]
+    with pytest.raises(StreamRefused, match="open a new stream"):    # the stopped stream takes no more chunks
+        api.encode_chunk(video, chunk, previous_noise_scale=noise)
     api.prepare("a watercolor painting")                              # a new stream runs clean
     out = api(synthetic_clip(13, H, W)[0])
     assert np.isfinite(out).all()

@@ -309,6 +309,7 @@ class StreamDriver:
         """Chunk -> noisy latents. Chunks after the first go through the stream's noise controller, unless
         ``scale``/``step`` are given (the staged API's explicit previous noise scale)."""
         s = c.stream
+        self.guard.require(s.id, s.checks)   # a stream stopped after bad numbers takes no more chunks (staged API)
         shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
         if not self.encodes:  # a pipe stage after the first: the chunk's shape is all it needs
             if c.real:
