@@ -58,10 +58,10 @@ def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: flo
     tmp = Path(tempfile.mkdtemp(prefix="sdv2-pipe-"))
     if threads is None and all(d == "cpu" for d in devices):
         threads = max(1, (os.cpu_count() or 1) // world)
-    call = pickle.dumps((fn, args))
+    call, uses_main = _pickle_call(fn, args)
     job = dict(sys_path=list(sys.path), port=store.port, world=world, devices=list(devices), timeout_s=timeout_s,
                stall_timeout_s=stall, threads=threads, transport=transport, folder=str(tmp),
-               main_path=_main_path() if b"__main__" in call else None)
+               main_path=_main_path() if uses_main else None)
     with open(tmp / "job.pkl", "wb") as f:
         pickle.dump(job, f)
         f.write(call)
@@ -83,6 +83,24 @@ def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: flo
 
 
 STALL_TIMEOUT_S = 1800.0   # a wait on a live peer (fresh heartbeat) is slowness, not a failure, until this
+
+
+def _pickle_call(fn, args) -> tuple[bytes, bool]:
+    """(fn, args) pickled, and whether they name a function or class of the calling script (``__main__``)."""
+    import io
+    import types
+
+    class Finder(pickle.Pickler):
+        uses_main = False
+
+        def reducer_override(self, obj):
+            if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+                Finder.uses_main = True
+            return NotImplemented
+
+    buf = io.BytesIO()
+    Finder(buf).dump((fn, args))
+    return buf.getvalue(), Finder.uses_main
 
 
 def _main_path() -> Optional[str]:
