@@ -20,6 +20,7 @@ The reference: its own offline loop (``ref_bench.py``: model builders patched to
 configuration, its own logged steady-state average beside its end-to-end FPS. Weights are DUMMY on both sides.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -56,28 +57,35 @@ def ours(c: dict, frames: int) -> dict:
           f"width={c['width']}", f"vae={OUR_VAE.get(c['vae'], c['vae'])}", "cuda_graph=true", "overlap=true",
           f"dit_precision={c['precision']}", f"streams={n}", *EXTRA]
     cfg = compose_config("config", ov)
+    cuda = DEVICE.startswith("cuda")
+    if cuda:   # each configuration's peak measured alone: nothing of the previous one counted
+        gc.collect()
+        torch.cuda.empty_cache()
+        left_before = torch.cuda.memory_allocated()
     pipe = build_pipeline(cfg)
-    cuda = pipe.device.type == "cuda"
-    clips = [synthetic_clip(frames, c["height"], c["width"], seed=i)[0].to(pipe.device) for i in range(n)]
-    prompts = [f"a dog walks on the grass, realistic {i}" for i in range(n)]
-    warm = 1 + 4 * (cfg.num_kv_cache + c["steps"] + 4)
-    stream_clips(pipe, [clip[:, :warm] for clip in clips], prompts, seeds=list(range(n)))  # graphs too
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    r = stream_clips(pipe, clips, prompts, seeds=list(range(n)))
-    s = r.per_stream[0] if n == 1 else r.total
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    try:
+        clips = [synthetic_clip(frames, c["height"], c["width"], seed=i)[0].to(pipe.device) for i in range(n)]
+        prompts = [f"a dog walks on the grass, realistic {i}" for i in range(n)]
+        warm = 1 + 4 * (cfg.num_kv_cache + c["steps"] + 4)
+        stream_clips(pipe, [clip[:, :warm] for clip in clips], prompts, seeds=list(range(n)))  # graphs too
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        r = stream_clips(pipe, clips, prompts, seeds=list(range(n)))
+        s = r.per_stream[0] if n == 1 else r.total
+        peak = (torch.cuda.max_memory_allocated() - left_before) / 2 ** 30 if cuda else float("nan")
+        del clips
+    finally:
+        pipe.close()   # models, KV cache, graphs and their pools given back before the next configuration (a
+                       # failed one too)
     flops = flops_per_output_frame(backbone_config(cfg), c["height"], c["width"], c["steps"], cfg.num_kv_cache,
                                    vae=OmegaConf.to_container(cfg.vae, resolve=True))
     tflops = peak_bf16_tflops(torch.cuda.get_device_name(), None)[0] if cuda else None
-    del pipe
-    if cuda:
-        torch.cuda.empty_cache()
     return dict(ours_e2e_fps=s.get("e2e_fps"), ours_steady_fps=s.get("steady_fps"), ours_encode_fps=s.get("encode_fps"),
                 ours_dit_fps=s.get("dit_fps"), ours_decode_fps=s.get("decode_fps"), ttff_s=s.get("ttff_s"),
                 ttff_compute_s=s.get("ttff_compute_s"), latency_p50_ms=s.get("latency_p50_ms"),
                 latency_p95_ms=s.get("latency_p95_ms"), peak_gib=round(peak, 2),
+                left_by_earlier_gib=round(left_before / 2 ** 30, 3) if cuda else None,
                 mfu=mfu(flops, s["steady_fps"], tflops * 1e12) if tflops and s.get("steady_fps") else None)
 
 

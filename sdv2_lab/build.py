@@ -2,6 +2,7 @@
 knows every registry; the models themselves know nothing of Hydra."""
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Callable, Optional
 
@@ -106,7 +107,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
         cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.get("streams", 1)),
-        rope_positions=backbone_config(cfg).rope_max_positions)
+        rope_positions=backbone_config(cfg).rope_max_positions, input_guard=str(cfg.get("input_guard", "raise")),
+        input_limit=float(cfg.get("input_limit", 1.5)))
 
 
 def dit_weights(cfg: DictConfig):
@@ -172,6 +174,10 @@ def build_pipeline(cfg: DictConfig, *, announce: Optional[Callable[[str], None]]
     that shows it to its user); without one it is logged (INFO, and the dummy weights as a WARNING)."""
     with _OneDummyWarning():
         pipe = _build_pipeline(cfg)
+    # omegaconf raises and catches inside (a missing key's default): the traceback's frames reach the builder's
+    # frame and its locals (the models), a cycle that would keep them on the device after the pipeline is
+    # deleted, until some later collection. Collected here, `del pipe` gives the memory back at once.
+    gc.collect()
     return _ready(pipe, cfg, announce, dummy_hint)
 
 
@@ -188,13 +194,18 @@ def rebuild_pipeline(pipe: StreamPipeline, old: DictConfig, cfg: DictConfig, *,
     new, so everything that runs afterwards is what ``cfg`` says. ``pipe`` is closed."""
     def same(keys):
         return all(OmegaConf.select(old, k) == OmegaConf.select(cfg, k) for k in keys)
-    pipe.close()
-    if not same(DIT_KEYS) or pipe.cfg.mode == "pipe" or pipeline_config(cfg).mode == "pipe":
+    keep = same(DIT_KEYS) and pipe.cfg.mode != "pipe" and pipeline_config(cfg).mode != "pipe"
+    dit, vae, text, device, dtype = pipe.dit, pipe.vae, pipe.text_encoder, pipe.device, pipe.dtype
+    pipe.close()   # its KV cache, graphs and stream states go; the parts kept live on in the new pipeline
+    if not keep:
+        del dit, vae, text
         return build_pipeline(cfg, announce=announce, dummy_hint=dummy_hint)
     pcfg = pipeline_config(cfg).validate()
-    with _OneDummyWarning():
-        vae = pipe.vae if same(VAE_KEYS) else build_vae(cfg, pipe.device, pipe.dtype)
-    new = StreamPipeline(pipe.dit, vae, pipe.text_encoder, pcfg, device=pipe.device, dtype=pipe.dtype)
+    if not same(VAE_KEYS):
+        del vae
+        with _OneDummyWarning():
+            vae = build_vae(cfg, device, dtype)
+    new = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype)
     return _ready(new, cfg, announce, dummy_hint)
 
 

@@ -1,12 +1,14 @@
 """The page in a real browser: `sdv2 serve` started as the command a user runs, Debian's chromium driven by
 Playwright (never `playwright install`), its fake camera playing a Y4M file this test writes. The page loads and
 says the weights are dummy, the camera starts, restyled frames arrive and change, a prompt change is applied
-mid-stream, FPS / latency / dropped frames are shown, a refused camera and a busy server are said clearly, and a
-local video file works as the input too.
+mid-stream, FPS / latency / dropped frames are shown, a refused camera and a busy server are said clearly, a
+local video file works as the input too (its counters start from zero), MJPEG output shows FPS and latency, the
+FPS readout is a windowed rate, and when the server stops (Ctrl+C) the header no longer shows its numbers.
 A screenshot is kept: outputs/test-artifacts/serve_browser.png (git-ignored)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,7 +101,7 @@ def server(tmp_path_factory):
                 assert time.monotonic() - t0 < 120, f"sdv2 serve did not answer in 120 s:\n{log.read_text()}"
                 time.sleep(0.2)
         started_s = time.monotonic() - t0
-        yield base, log, started_s
+        yield base, log, started_s, proc
     finally:
         proc.terminate()
         try:
@@ -115,7 +117,7 @@ SIGNATURE = """() => { const c = document.getElementById('output');
 
 def test_page_in_chromium_with_a_fake_camera(server, tmp_path):
     _need(Path(CHROMIUM).is_file(), f"{CHROMIUM} is not installed (apt-get install chromium)")
-    base, log, started_s = server
+    base, log, started_s, proc = server
     text = log.read_text()
     assert "DUMMY" in text and f"sdv2 serve: open {base}" in text, text      # the log says so
     assert started_s < 90, f"sdv2 serve took {started_s:.0f} s to answer"
@@ -188,12 +190,37 @@ def test_page_in_chromium_with_a_fake_camera(server, tmp_path):
             page.select_option("#source", "file")
             page.set_input_files("#file", str(clip))
             page.wait_for_function("window.sdv2.state === 'idle'")
-            n = page.evaluate("window.sdv2.received")
             page.click("#start")
             page.wait_for_function("window.sdv2.state === 'running'", timeout=120_000)
-            page.wait_for_function(f"window.sdv2.received >= {n + 9}", timeout=120_000)
+            page.wait_for_function("window.sdv2.received >= 9", timeout=120_000)
             assert page.evaluate("document.getElementById('input').currentSrc").startswith("blob:")
+            # this session's counters only: the page has received at most what the server sent this session
+            received = page.evaluate("window.sdv2.received")
+            assert received <= httpx.get(base + "/api/metrics").json()["streams"][0]["frames_out"], received
+            page.click("#stop")
+            # the FPS readout is a windowed rate: 4-frame bursts every 2 s read 2 FPS whatever the moment
+            rates = page.evaluate("""() => { const a = [];
+                for (let k = 0; k < 10; k++) for (let j = 0; j < 4; j++) a.push(2000 * k + j);
+                return [10, 500, 1000, 1999].map((d) => window.sdv2.rate(a, 18000 + d, 0)); }""")
+            assert all(1.6 <= r <= 2.4 for r in rates), rates
+            # MJPEG output: FPS and latency come from the server's numbers for the stream
+            page.wait_for_function("window.sdv2.state === 'idle'")
+            page.select_option("#transport", "mjpeg")
+            page.click("#start")
+            page.wait_for_function("window.sdv2.state === 'running' && window.sdv2.output === 'mjpeg'",
+                                   timeout=120_000)
+            page.wait_for_function("document.getElementById('lat-source').textContent === 'server' && "
+                                   "Number(document.getElementById('fps').textContent) > 0 && "
+                                   "document.getElementById('lat50').textContent !== '–'", timeout=120_000)
+            assert page.inner_text("#lat-source") == "server" and "p99.9" in page.inner_text("#slo")
             page.click("#stop")
             assert not errors, errors
+            # the server stops (Ctrl+C): the header says so instead of its last numbers; the server exits cleanly
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0, log.read_text()
+            page.wait_for_function("window.sdv2.serverUp === false", timeout=30_000)
+            assert "not answering" in page.inner_text("#model-info")
+            assert "streams in use" not in page.inner_text("#model-info")
+            assert "stopped (Ctrl+C)" in log.read_text() and "Traceback" not in log.read_text()
         finally:
             browser.close()

@@ -101,10 +101,11 @@ def test_a_file_is_loaded_once_and_a_tensor_checked_once(api, tmp_path, monkeypa
     assert loads == [1]
     video = synthetic_clip(9, H, W)[0]
     assert api.chunk_video(video)[0].frames.data_ptr() == video.data_ptr()   # views: nothing copied
-    with pytest.raises(ValueError, match=r"must lie in \[-1, 1\].*got \[.*3"):
+    from sdv2_lab.stream.input_guard import InputError
+    with pytest.raises(InputError, match=r"input chunk 0, frame \d+ .*outside \[-1, 1\]"):   # checked on the device
         api.prepare("p")
         bad = video * 3
-        api.encode_chunk(bad, api.chunk_video(bad)[0])
+        api.decode_chunk(api.denoise_chunk(api.encode_chunk(bad, api.chunk_video(bad)[0])))
 
 
 def test_passing_the_noise_scale_back_reads_nothing_from_the_device(api, monkeypatch):

@@ -29,6 +29,8 @@ writes; per-row lengths only while the cache fills (then one static shape); the 
 not hidden module state; a clear error instead of an IndexError when no rolling slot exists; pending
 refreshes beyond ``queue_capacity`` are dropped (the reference's list would grow without bound; this only
 arises when a refresh fires on several passes of every chunk in ``single-wo``).
+One deliberate numeric difference: the refresh similarity is computed in fp32 (``sink_similarity``; the
+reference's is bf16), so a decision never hangs on one bf16 ulp (it can differ from the reference's only there).
 """
 from __future__ import annotations
 
@@ -166,6 +168,22 @@ class RowPositions:
         return d
 
 
+def sink_similarity(k_sink: torch.Tensor, v_sink: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                    sinks: int) -> torch.Tensor:
+    """The adaptive sink refresh's similarity [B, sinks] of each sink frame with the new chunk: the mean of the
+    cosine similarities of their mean keys and of their mean values. In fp32 whatever the cache's dtype: in bf16
+    one ulp at 0.5 is 0.004, so a similarity within an ulp of the threshold would decide by rounding (the
+    reference computes it in bf16; this is the value it approximates).
+
+    k_sink, v_sink: [B, sinks * S, H, dh]; k_new, v_new: [B, m, H, dh]."""
+    b = k_new.shape[0]
+    k_s = k_sink.float().reshape(b, sinks, -1, k_sink.shape[-2] * k_sink.shape[-1]).mean(2)
+    v_s = v_sink.float().reshape(b, sinks, -1, v_sink.shape[-2] * v_sink.shape[-1]).mean(2)
+    k_c = k_new.float().reshape(b, 1, k_new.shape[1], -1).mean(2)
+    v_c = v_new.float().reshape(b, 1, v_new.shape[1], -1).mean(2)
+    return (torch.cosine_similarity(k_s, k_c, dim=-1) + torch.cosine_similarity(v_s, v_c, dim=-1)) / 2
+
+
 class StreamKVCache:
     """Self-attention KV rows for layers ``[first_layer, first_layer + L)``, plus per-row cross-attention K/V."""
 
@@ -224,6 +242,14 @@ class StreamKVCache:
     def reset(self) -> None:
         self.reset_rows(range(self.num_rows))
         self.cross_k = self.cross_v = None
+
+    def release(self) -> None:
+        """Give back the pool's device memory (a closed pipeline): rows of zero length, no plans, no prompts."""
+        empty = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.k = self.v = empty
+        self.queue = self.q_head = self.q_len = torch.empty(0, dtype=torch.long, device=self.device)
+        self.cross_k = self.cross_v = None
+        self._static_plans.clear()
 
     def copy_rows(self, src: int, dst: Sequence[int]) -> None:
         """Replicate row ``src`` into rows ``dst`` (stream batch after the first chunk, §2.6 step 4)."""
@@ -381,11 +407,9 @@ class StreamKVCache:
 
         if plan.refresh_check:  # adaptive sink refresh (§1.7 step 1), all rows at once
             sinks, s = spec.sink_frames, spec.frame_tokens
-            k_sink = self._rows(self.k[li], plan)[:, : sinks * s].reshape(b, sinks, s, -1).mean(2)
-            v_sink = self._rows(self.v[li], plan)[:, : sinks * s].reshape(b, sinks, s, -1).mean(2)
-            k_cur = k_new.reshape(b, 1, m, -1).mean(2)
-            v_cur = v_new.reshape(b, 1, m, -1).mean(2)
-            sim = (torch.cosine_similarity(k_sink, k_cur, dim=-1) + torch.cosine_similarity(v_sink, v_cur, dim=-1)) / 2
+            k_sink = self._rows(self.k[li], plan)[:, : sinks * s]
+            v_sink = self._rows(self.v[li], plan)[:, : sinks * s]
+            sim = sink_similarity(k_sink, v_sink, k_new, v_new, sinks)
             low, idx = sim.min(dim=1)
             fire = (low < spec.refresh_threshold) & (length < cap)
             head = torch.where(fire, (head - 1) % cap, head)

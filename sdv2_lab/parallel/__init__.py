@@ -6,8 +6,9 @@
     python -m torch.distributed.run --nproc_per_node=2 -m sdv2_lab.parallel run mode=pipe device=cuda ...
     python -m sdv2_lab.parallel.predict --from experiments/results/bench_pipe.json   # expected FPS for 2/4/8 GPUs
 
-Modules: ``launch`` (processes, torchrun entry, front ends), ``context`` (process groups), ``health`` (a rank
-that fails or stops answering ends the job, named), ``comm`` (async double-buffered point-to-point links),
+Modules: ``launch`` (processes, torchrun entry, front ends), ``worker`` (one rank's process: ``python -m``, never
+the caller's script), ``context`` (process groups), ``health`` (a rank that fails or stops answering ends the job,
+named; a slow one is not a dead one), ``comm`` (async double-buffered point-to-point links),
 ``stage`` (the executor of one stage: its blocks, its share of the KV cache, the schedule that keeps stages
 busy), ``meter`` (stage times), ``balance`` (the split and the block scheduler), ``build`` (config -> this
 rank's stage), ``predict`` (FPS from one-GPU measurements).

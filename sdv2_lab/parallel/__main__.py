@@ -31,11 +31,13 @@ def main(argv=None) -> None:
     from omegaconf import OmegaConf
     container = OmegaConf.to_container(cfg, resolve=True)
     timeout = float(cfg.mode.get("timeout_s", 60))
+    stall = cfg.mode.get("stall_timeout_s")
     if command == "run":
         fn, args = run_rank, (container,)
     else:
         fn, args = eval_rank, (container, os.environ.get("SDV2_RUN_DIR", default_dir), overrides)
-    rank_main(lambda: context.init_from_env(timeout), fn, args, None, cfg.mode.get("threads"))
+    rank_main(lambda: context.init_from_env(timeout, None if stall is None else float(stall)), fn, args, None,
+              cfg.mode.get("threads"))
 
 
 if __name__ == "__main__":

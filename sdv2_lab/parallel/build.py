@@ -33,6 +33,9 @@ def pipe_devices(cfg: DictConfig) -> list[str]:
     device = str(cfg.device)
     if not device.startswith("cuda"):
         return ["cpu"] * world
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={device} was asked for but CUDA is not available on this machine (torch "
+                           f"{torch.__version__}); use device=cpu (mode=pipe then runs its stages on the CPU)")
     ids = list(cfg.mode.get("gpu_ids") or [])
     if not ids:
         base = int(device.split(":")[1]) if ":" in device else 0
@@ -51,7 +54,8 @@ def options(cfg: DictConfig) -> PipeOptions:
                        balance_every=int(p.get("balance_every", 8)), max_ahead=int(p.get("max_ahead", 3)),
                        depth=int(p.get("depth", 2)),
                        rebalance_at={int(k): list(v) for k, v in (debug.get("rebalance_at") or {}).items()},
-                       fail=debug.get("fail"), slow=debug.get("slow"), cuda_graph=bool(cfg.get("cuda_graph", False)),
+                       fail=debug.get("fail"), slow=debug.get("slow"), stall=debug.get("stall"),
+                       cuda_graph=bool(cfg.get("cuda_graph", False)),
                        emulate_graphs=bool(debug.get("emulate_graphs", False)))
 
 
@@ -84,6 +88,22 @@ def initial_ranges(cfg: DictConfig, world: int, num_layers: int, steps: int) -> 
         return balance.check_ranges(balance.ranges_of(counts), num_layers)
     enc, dec = vae_blocks(cfg, steps)
     return balance.default_split(num_layers, world, enc, dec)
+
+
+def check_pipe(cfg: DictConfig) -> None:
+    """What the launcher checks before any rank starts (each would fail alike, in its own process): the devices,
+    the stages against the backbone's blocks, the split, the precision."""
+    from ..build import backbone_config, pipeline_config
+    world = pipe_world(cfg)
+    pipe_devices(cfg)
+    if cfg.get("dit_precision", "bf16") != "bf16":
+        raise ValueError(f"mode=pipe runs dit_precision=bf16 (the model dtype); {cfg.dit_precision} is not "
+                         f"supported with pipe yet")
+    bcfg = backbone_config(cfg)
+    if world > bcfg.num_layers:
+        raise ValueError(f"mode=pipe with {world} stages needs at least {world} blocks; backbone "
+                         f"{bcfg.name} has {bcfg.num_layers} (fewer stages: num_gpus=, or mode.gpu_ids=)")
+    initial_ranges(cfg, world, bcfg.num_layers, len(pipeline_config(cfg).step_list))
 
 
 def build_stage_pipeline(cfg: DictConfig):

@@ -51,9 +51,10 @@ class Op:
 
 def wait_work(op: Optional[Op], health: Optional[Health], peer: int, what: str) -> None:
     """Wait for one async operation. CUDA: the current stream waits (no host block; NCCL's watchdog and the
-    heartbeats handle a silent peer). CPU: the host blocks, at most the health timeout (a gloo wait cannot be
-    resumed after it timed out: it closes the connection, which is what ends the job anyway); a peer that died
-    closes the connection at once, and the job's abort message names it."""
+    heartbeats handle a silent peer). CPU: the host blocks as long as the peer is alive: a peer that died closes
+    the connection at once (the job's abort message names it), one that went silent is named by the heartbeats
+    (the health thread then ends this process), and a wait on a live peer ends only after the stall timeout
+    (a gloo wait cannot be resumed after it timed out: it closes the connection, so it is waited for whole)."""
     if op is None or op.done:
         return
     if health is None or not op.host:
@@ -63,14 +64,14 @@ def wait_work(op: Optional[Op], health: Optional[Health], peer: int, what: str) 
     health.check()
     start = time.monotonic()
     try:
-        op.work.wait(datetime.timedelta(seconds=health.timeout))
+        op.work.wait(datetime.timedelta(seconds=health.stall))
     except Exception as exc:  # noqa: BLE001 -- timed out, or the peer went away
         waited = time.monotonic() - start
         deadline = time.monotonic() + 3 * health.interval   # a failing peer publishes why before it exits
         while health.aborted is None and time.monotonic() < deadline:
             time.sleep(health.interval / 4)
         health.check()
-        if waited >= 0.95 * health.timeout:
+        if waited >= 0.95 * health.stall:
             raise health.stalled(peer, what, waited) from None
         msg = (f"pipe rank {health.rank} ({health.role}) lost rank {peer} while waiting {what}: "
                f"{str(exc).splitlines()[0][:200]}; rank {peer} last reported: {health.peer(peer)}")

@@ -93,15 +93,22 @@ def resolve_transport(transport: str, devices: list[str]) -> str:
 
 
 def init(rank: int, world: int, device: str | torch.device, store, *, timeout_s: float = 60.0, role: str = "",
-         health_store=None, transport: str = "nccl") -> PipeContext:
-    """Join the job: process groups over ``store`` (a TCPStore client), the health monitor, the device."""
+         health_store=None, transport: str = "nccl", stall_timeout_s: Optional[float] = None,
+         quiet: bool = False) -> PipeContext:
+    """Join the job: process groups over ``store`` (a TCPStore client), the health monitor, the device.
+    ``timeout_s``: silence (no heartbeat) that ends the job; ``stall_timeout_s``: a wait on a live peer that
+    long ends it (a slow peer is not a dead one: a 14B stage build takes minutes)."""
     global _CURRENT
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" and transport != "host" else "gloo"
-    health = Health(health_store, rank, world, role or f"rank {rank}", timeout_s)
-    timeout = datetime.timedelta(seconds=max(timeout_s, 1.0) * 2)   # our own checks come first
+    from .launch import STALL_TIMEOUT_S
+    stall = float(stall_timeout_s if stall_timeout_s is not None else STALL_TIMEOUT_S)
+    health = Health(health_store, rank, world, role or f"rank {rank}", timeout_s, stall_timeout_s=stall, quiet=quiet)
+    # the groups' own timeout sits beyond ours (silence: the heartbeats; no progress: the stall timeout), so that a
+    # transfer waiting on a slow but live peer is never cut by the backend
+    timeout = datetime.timedelta(seconds=max(timeout_s * 2, stall + 60))
     health.doing("joining the process group")
     kwargs = dict(device_id=device) if backend == "nccl" else {}
     dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
@@ -115,7 +122,7 @@ def init(rank: int, world: int, device: str | torch.device, store, *, timeout_s:
     return _CURRENT
 
 
-def init_from_env(timeout_s: float = 60.0) -> PipeContext:
+def init_from_env(timeout_s: float = 60.0, stall_timeout_s: Optional[float] = None) -> PipeContext:
     """Under torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
@@ -130,4 +137,4 @@ def init_from_env(timeout_s: float = 60.0) -> PipeContext:
     if transport == "auto":   # every rank decides alike: from the device list when given, else one GPU per rank
         transport = resolve_transport("auto", gpus.split(",")[:world]) if gpus else "nccl"
     return init(rank, world, device, store, timeout_s=timeout_s, health_store=dist.PrefixStore("sdv2", store),
-                transport=transport)
+                transport=transport, stall_timeout_s=stall_timeout_s)

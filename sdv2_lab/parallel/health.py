@@ -10,8 +10,10 @@ job ends when
   and exits; the others see the key within ``interval`` and stop (their waits poll ``check()``);
 * a rank stops answering: its heartbeat stops changing (a frozen or killed process) for ``timeout`` seconds;
   the first rank to notice writes ``abort`` naming it and what it last said it was doing;
-* a wait on a peer exceeds ``timeout`` although the peer is alive (a peer stuck in its own loop): the waiting
-  rank aborts naming the peer and the peer's last activity.
+* a wait on a peer exceeds ``stall_timeout`` although the peer is alive (a peer stuck in its own loop): the
+  waiting rank aborts naming the peer and the peer's last activity. A wait on a peer whose heartbeat is fresh
+  is slowness, not a failure, until then: the ``timeout`` is for silence (a 14B stage build, or a rank on a
+  loaded CPU, takes longer than any timeout for silence should be).
 
 A main thread that does not reach a ``check()`` (stuck inside a C++ call) is ended by the thread ``grace``
 seconds after the abort: the process exits with the message on stderr. The launcher reads ``abort`` and raises
@@ -38,9 +40,12 @@ class PipeError(RuntimeError):
 
 class Health:
     def __init__(self, store, rank: int, world: int, role: str, timeout_s: float = 60.0,
-                 interval_s: Optional[float] = None, grace_s: float = 3.0):
+                 interval_s: Optional[float] = None, grace_s: float = 3.0, stall_timeout_s: float = 1800.0,
+                 quiet: bool = False):
         self.store, self.rank, self.world, self.role = store, rank, world, role
         self.timeout = float(timeout_s)
+        self.stall = max(float(stall_timeout_s), self.timeout)
+        self.quiet = quiet            # launched by our launcher: it reports the abort (one line), not each rank
         self.interval = interval_s or min(1.0, max(0.05, self.timeout / 8))
         self.grace = grace_s
         self.activity = "starting"
@@ -78,8 +83,8 @@ class Health:
 
     def stalled(self, peer: int, what: str, waited: float) -> PipeError:
         """The error for a wait on ``peer`` that exceeded the timeout (and the job is aborted with it)."""
-        msg = (f"pipe rank {self.rank} ({self.role}) waited {waited:.1f} s (timeout {self.timeout:g} s) {what}; "
-               f"rank {peer} last reported: {self.peer(peer)}")
+        msg = (f"pipe rank {self.rank} ({self.role}) waited {waited:.1f} s (mode.stall_timeout_s={self.stall:g}) "
+               f"{what} although rank {peer} answers; rank {peer} last reported: {self.peer(peer)}")
         self.abort(msg)
         return PipeError(msg)
 
@@ -111,6 +116,11 @@ class Health:
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval + 1)
 
+    def publish(self) -> None:
+        """Publish the heartbeat now (the thread does every ``interval``)."""
+        if self.store is not None:
+            self._beat()
+
     # ------------------------------------------------------------------ the heartbeat thread
     def _beat(self) -> None:
         try:
@@ -136,8 +146,9 @@ class Health:
             if self.aborted is not None:
                 aborted_at = aborted_at or time.monotonic()
                 if time.monotonic() - aborted_at > self.grace:  # the main thread did not get out by itself
-                    sys.stderr.write(f"{self.aborted}\n[pipe rank {self.rank}: ending the process]\n")
-                    sys.stderr.flush()
+                    if not self.quiet:
+                        sys.stderr.write(f"{self.aborted}\n[pipe rank {self.rank}: ending the process]\n")
+                        sys.stderr.flush()
                     os._exit(1)
 
     def _watch_peers(self) -> None:

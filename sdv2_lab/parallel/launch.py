@@ -1,9 +1,11 @@
 """Launching a ``pipe`` job: one process per stage, joined to the job before anything is built.
 
-* ``launch(fn, args, devices=[...])``: spawned processes (``torch.multiprocessing``, spawn) around a TCPStore
-  that the launcher owns (process groups and heartbeats); returns every rank's return value. A rank that
-  raises or stops answering ends the job: the others stop, stragglers are killed, and ``PipeError`` says which
-  rank and what it was doing. NCCL on GPUs, gloo on CPU (and for GPUs that share: ``transport``).
+* ``launch(fn, args, devices=[...])``: one ``python -m sdv2_lab.parallel.worker`` process per rank (``fn`` is
+  imported by name: the caller's script is never re-run, so a script without a main guard works) around a
+  TCPStore that the launcher owns (process groups and heartbeats); returns every rank's return value. A rank
+  that raises or stops answering ends the job: the others stop, stragglers are killed, and ``PipeError`` says in
+  one line which rank and what it was doing. NCCL on GPUs, gloo on CPU (and for GPUs that share: ``transport``).
+  Settings are checked (``check_pipe``) before any process starts.
 * ``python -m torch.distributed.run --nproc_per_node=N -m sdv2_lab.parallel run|eval <overrides>``: the same
   ranks under torchrun (``__main__.py``).
 * Front ends: ``run(cfg)`` (``sdv2 run``), ``evaluate(cfg, run_dir)`` (``sdv2 eval``), ``video_to_video(...)``
@@ -15,8 +17,10 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,51 +39,102 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- the launcher
 def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: float = 60.0,
-           threads: Optional[int] = None, grace_s: float = 5.0, transport: str = "auto") -> list:
+           threads: Optional[int] = None, grace_s: float = 5.0, transport: str = "auto",
+           stall_timeout_s: Optional[float] = None) -> list:
     """Run ``fn(*args)`` on ``len(devices)`` ranks (rank r on ``devices[r]``); returns each rank's result.
-    ``transport``: nccl, host (GPU tensors through host memory: several ranks on one GPU) or auto."""
+    ``transport``: nccl, host (GPU tensors through host memory: several ranks on one GPU) or auto.
+    ``timeout_s``: a rank silent that long (no heartbeat) ends the job; ``stall_timeout_s``: a wait on a live
+    peer that makes no progress that long ends it (default: ``STALL_TIMEOUT_S``). A failure ends the job with a
+    ``PipeError`` of one line naming the rank; rank tracebacks go to a file the message names (printed instead
+    with ``SDV2_TRACEBACK=1``). Each rank is a ``python -m sdv2_lab.parallel.worker`` process: the caller's
+    script is never imported again (``fn`` is imported by name)."""
     from .context import resolve_transport
     world = len(devices)
     transport = resolve_transport(transport, devices)
+    stall = float(stall_timeout_s if stall_timeout_s is not None else STALL_TIMEOUT_S)
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=max(120.0, 2 * timeout_s)))
+                          timeout=datetime.timedelta(seconds=max(300.0, 2 * timeout_s)))
     health = dist.PrefixStore("sdv2", store)
     tmp = Path(tempfile.mkdtemp(prefix="sdv2-pipe-"))
     if threads is None and all(d == "cpu" for d in devices):
         threads = max(1, (os.cpu_count() or 1) // world)
-    mp = _mp_context()
-    procs = [mp.Process(target=_spawned, name=f"sdv2-pipe-rank{r}",
-                        args=(r, world, store.port, devices[r], timeout_s, threads, fn, args, str(tmp / f"{r}.pt"),
-                              transport))
-             for r in range(world)]
+    call, uses_main = _pickle_call(fn, args)
+    job = dict(sys_path=list(sys.path), port=store.port, world=world, devices=list(devices), timeout_s=timeout_s,
+               stall_timeout_s=stall, threads=threads, transport=transport, folder=str(tmp),
+               main_path=_main_path() if uses_main else None)
+    with open(tmp / "job.pkl", "wb") as f:
+        pickle.dump(job, f)
+        f.write(call)
+    procs = []
+    kept: Optional[Path] = None
     try:
-        for p in procs:
-            p.start()
+        for r in range(world):
+            procs.append(subprocess.Popen([sys.executable, "-m", "sdv2_lab.parallel.worker", str(tmp), str(r)],
+                                          env=_rank_env()))
         failure = _watch(procs, health)
         if failure is not None:
             _stop(procs, grace_s)
-            raise PipeError(failure)
+            kept = _keep_tracebacks(tmp)
+            raise PipeError(failure + (f" (rank tracebacks: {kept})" if kept else ""))
         return [torch.load(tmp / f"{r}.pt", weights_only=False) for r in range(world)]
     finally:
         _stop(procs, 0.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mp_context():
-    """forkserver: one clean server process imports torch and this package once, and every rank of every launch
-    from this process is forked from it (no threads there, so forking is safe); spawn where it is missing."""
-    import multiprocessing
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return torch.multiprocessing.get_context("spawn")
-    ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "sdv2_lab.parallel.launch", "sdv2_lab.parallel.stage"])
-    return ctx
+STALL_TIMEOUT_S = 1800.0   # a wait on a live peer (fresh heartbeat) is slowness, not a failure, until this
+
+
+def _pickle_call(fn, args) -> tuple[bytes, bool]:
+    """(fn, args) pickled, and whether they name a function or class of the calling script (``__main__``)."""
+    import io
+    import types
+
+    class Finder(pickle.Pickler):
+        uses_main = False
+
+        def reducer_override(self, obj):
+            if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+                Finder.uses_main = True
+            return NotImplemented
+
+    buf = io.BytesIO()
+    Finder(buf).dump((fn, args))
+    return buf.getvalue(), Finder.uses_main
+
+
+def _main_path() -> Optional[str]:
+    """The calling script, for a rank function defined in it (ranks then import it, guarded, as multiprocessing)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        raise ValueError("launch(): the rank function is defined in an interactive session (__main__ has no file); "
+                         "define it in a module so that the ranks can import it")
+    return os.path.abspath(path)
+
+
+def _rank_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _keep_tracebacks(tmp: Path) -> Optional[Path]:
+    """The failing ranks' tracebacks, moved out of the job folder (it is removed) so that the message can name
+    them; None when no rank wrote one (a rank that stopped answering, or SDV2_TRACEBACK=1 printed them)."""
+    files = sorted(tmp.glob("rank*.traceback"))
+    if not files:
+        return None
+    keep = Path(tempfile.mkdtemp(prefix="sdv2-pipe-failed-"))
+    for f in files:
+        shutil.move(str(f), keep / f.name)
+    return keep if len(files) > 1 else keep / files[0].name
 
 
 def _watch(procs, health) -> Optional[str]:
     """Until every rank exited cleanly (None) or the job failed (the message)."""
     while True:
-        codes = [p.exitcode for p in procs]
+        codes = [p.poll() for p in procs]
         if all(c == 0 for c in codes):
             return None
         msg = health.get(ABORT).decode() if health.check([ABORT]) else ""
@@ -106,34 +161,49 @@ def _stop(procs, grace_s: float) -> None:
     """Give ranks ``grace_s`` to leave by themselves, then end them (a frozen one too)."""
     deadline = time.monotonic() + grace_s
     for p in procs:
-        if p.is_alive():
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.poll() is None:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
     for p in procs:
-        if p.is_alive():
+        if p.poll() is None:
             try:
                 os.kill(p.pid, signal.SIGCONT)
-            except (ProcessLookupError, TypeError):
+            except ProcessLookupError:
                 pass
             p.kill()
-            p.join(timeout=5)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
-def _spawned(rank, world, port, device, timeout_s, threads, fn, args, out_path, transport="nccl") -> None:
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=300))
+def rank_process(rank: int, job: dict, fn, args) -> None:
+    """A launched rank (``worker.py``): join the job over the launcher's store, run ``fn(*args)``, save the result."""
+    store = dist.TCPStore("127.0.0.1", job["port"], is_master=False, timeout=datetime.timedelta(seconds=300))
     from . import context
-    rank_main(lambda: context.init(rank, world, device, store, timeout_s=timeout_s,
-                                   health_store=dist.PrefixStore("sdv2", store), transport=transport),
-              fn, args, out_path, threads, fallback_store=dist.PrefixStore("sdv2", store))
+    folder = job["folder"]
+    rank_main(lambda: context.init(rank, job["world"], job["devices"][rank], store, timeout_s=job["timeout_s"],
+                                   health_store=dist.PrefixStore("sdv2", store), transport=job["transport"],
+                                   stall_timeout_s=job["stall_timeout_s"], quiet=True),
+              fn, args, os.path.join(folder, f"{rank}.pt"), job["threads"],
+              fallback_store=dist.PrefixStore("sdv2", store),
+              traceback_path=os.path.join(folder, f"rank{rank}.traceback"))
 
 
-def rank_main(make_context, fn, args, out_path: Optional[str], threads: Optional[int], fallback_store=None) -> None:
-    """A rank's life: join, run, drain and meet the others; on any error abort the job naming this rank."""
+def rank_main(make_context, fn, args, out_path: Optional[str], threads: Optional[int], fallback_store=None,
+              traceback_path: Optional[str] = None) -> None:
+    """A rank's life: join, run, drain and meet the others; on any error abort the job naming this rank.
+    Launched by ``launch`` (``traceback_path``): the launcher reports the failure in one line and this rank's
+    traceback goes to that file (``SDV2_TRACEBACK=1`` prints it); under torchrun the rank prints both."""
     if threads:
         torch.set_num_threads(threads)
     ctx = None
+    loud = traceback_path is None or bool(os.environ.get("SDV2_TRACEBACK"))
     try:
         ctx = make_context()
-        _rank_logging(ctx.rank)
+        _rank_logging(ctx.rank, ctx.world)
         result = fn(*args)
         if out_path:
             torch.save(result, out_path)
@@ -149,17 +219,32 @@ def rank_main(make_context, fn, args, out_path: Optional[str], threads: Optional
                 except Exception:  # noqa: BLE001
                     pass
         if not isinstance(exc, PipeError):
-            traceback.print_exc()
-        sys.stderr.write(msg + "\n")
+            if loud:
+                traceback.print_exc()
+            else:
+                with open(traceback_path, "w") as f:
+                    traceback.print_exc(file=f)
+        if loud:
+            sys.stderr.write(msg + "\n")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)   # no interpreter teardown: a process group with a dead peer could hang it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if traceback_path is not None:
+        os._exit(0)   # a launched rank: done (no teardown of threads the process groups left behind)
 
 
-def _rank_logging(rank: int) -> None:
+# What every rank would say alike (they build from one config and read one input): said by rank 0 only.
+SAID_ONCE = ("sdv2_lab.build", "sdv2_lab.io.video")
+
+
+def _rank_logging(rank: int, world: int = 1) -> None:
     fmt = f"[%(asctime)s][pipe rank {rank}][%(name)s][%(levelname)s] - %(message)s"
     logging.basicConfig(level=logging.WARNING, format=fmt, force=True)
     logging.getLogger("sdv2_lab.parallel").setLevel(logging.INFO)
+    for name in SAID_ONCE:   # rank 0 holds every part (text encoder included): its DUMMY line names them all
+        logging.getLogger(name).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------- front ends
@@ -201,10 +286,13 @@ def _restore_hydra(state: Optional[dict]) -> None:
 
 
 def _settings(cfg: DictConfig) -> dict:
-    from .build import pipe_devices
+    """The launch settings of a config, checked first (``check_pipe``: devices, the split; before any process)."""
+    from .build import check_pipe, pipe_devices
+    check_pipe(cfg)
     p = cfg.mode
+    stall = p.get("stall_timeout_s", STALL_TIMEOUT_S)
     return dict(devices=pipe_devices(cfg), timeout_s=float(p.get("timeout_s", 60)), threads=p.get("threads"),
-                transport=str(p.get("transport", "auto")))
+                transport=str(p.get("transport", "auto")), stall_timeout_s=None if stall is None else float(stall))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -214,10 +302,11 @@ def run(cfg: DictConfig) -> dict:
     from ..io.files import check_output_file
     from ..preflight import check_config
     check_config(cfg)
+    settings = _settings(cfg)
     read_prompt(cfg)
     check_output_file(Path(cfg.output.dir) / cfg.output.name, "output video")
     input_frames(cfg)
-    return launch(run_rank, (_container(cfg),), **_settings(cfg))[-1]
+    return launch(run_rank, (_container(cfg),), **settings)[-1]
 
 
 def run_rank(container: dict) -> dict:
@@ -249,6 +338,8 @@ def run_rank(container: dict) -> dict:
     stats.update(weights="dummy" if pipe.weights_are_dummy else "real", output=str(out_path),
                  device=f"{ctx.world} x {ctx.device.type}", torch=torch.__version__,
                  gpu=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu")
+    if stats.get("encode_fps") is None:   # the last rank does not encode: rank 0's encode rate
+        stats["encode_fps"] = stats.get("pipe_encode_fps")
     print(format_stats(stats))
     print(format_pipe(stats))
     timings = cfg.output.get("timings", "timings.json")
@@ -278,8 +369,11 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Optional[list[str]
     import pandas as pd
 
     from ..eval.results import read_jsonl
+    from ..preflight import check_config
+    check_config(cfg)
+    settings = _settings(cfg)
     run_dir = Path(run_dir)
-    launch(eval_rank, (_container(cfg), str(run_dir), list(overrides or []), _hydra_state()), **_settings(cfg))
+    launch(eval_rank, (_container(cfg), str(run_dir), list(overrides or []), _hydra_state()), **settings)
     path = run_dir / "results.jsonl"
     return pd.DataFrame(read_jsonl(path)) if path.exists() else None
 

@@ -23,6 +23,7 @@ class StageMeter:
         self.jobs: dict[int, dict[str, list]] = {}     # job number -> kind -> [(start mark, end mark)]
         self.current: Optional[int] = None
         self._times: dict[int, dict[str, float]] = {}    # resolved seconds per job and kind
+        self.frames: dict[int, dict[str, int]] = {}       # frames through the VAE per job and kind
         self.keep = 4096                                  # jobs remembered (a long stream stays bounded)
 
     def now(self) -> Mark:
@@ -35,6 +36,7 @@ class StageMeter:
             for old in sorted(self.jobs)[: len(self.jobs) - self.keep]:
                 self.jobs.pop(old)
                 self._times.pop(old, None)
+                self.frames.pop(old, None)
 
     def add(self, kind: str, start: Mark, end: Mark) -> None:
         if self.current is not None:
@@ -43,7 +45,11 @@ class StageMeter:
     def on_event(self, event) -> None:
         """The driver's listener: its encode / decode runs count toward the job in progress."""
         if isinstance(event, StageRun) and event.name in ("encode", "decode", "noise"):
-            self.add("encode" if event.name == "noise" else event.name, event.start, event.end)
+            kind = "encode" if event.name == "noise" else event.name
+            self.add(kind, event.start, event.end)
+            if self.current is not None:
+                per = self.frames.setdefault(self.current, defaultdict(int))
+                per[kind] += sum(event.frames)
 
     # ------------------------------------------------------------------ reading
     def _ready(self, mark: Mark) -> bool:
@@ -83,14 +89,20 @@ class StageMeter:
     def summary(self, skip: int = 0) -> dict:
         """Per job means (ms) over the jobs since the last summary after the first ``skip``, and the bubble
         fraction (1 - busy / span on this rank). Waits for the GPU (the end of a clip). Forgets those jobs."""
-        numbers = sorted(self.jobs)[skip:]
-        got = [t for t in (self._resolve(j) for j in numbers) if t is not None]
+        every = [(j, self._resolve(j)) for j in sorted(self.jobs)]
+        got = [t for _, t in every[skip:] if t is not None]
+        # VAE rates over every job (warm-up too, as the driver's stage rates): a short clip has few after it
+        vae = {k: (sum(self.frames.get(j, {}).get(k, 0) for j, _ in every),
+                   sum(t[k] for _, t in every if t is not None)) for k in ("encode", "decode")}
         self.jobs.clear()
         self._times.clear()
+        self.frames.clear()
         self.current = None
         if not got:
             return {}
         out = {f"{k}_ms": 1e3 * sum(g[k] for g in got) / len(got) for k in KINDS}
+        for k, (frames, secs) in vae.items():   # frames per second of this rank's VAE work (where it runs)
+            out[f"{k}_fps"] = frames / secs if frames and secs > 0 else None
         busy = sum(g["blocks"] + g["dit"] + g["encode"] + g["decode"] for g in got)
         out["stage_ms"] = 1e3 * busy / len(got)
         span = max(g["end"] for g in got) - min(g["start"] for g in got)

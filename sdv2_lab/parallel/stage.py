@@ -71,6 +71,7 @@ class PipeOptions:
     rebalance_at: dict = field(default_factory=dict)   # tests: {job number: blocks per stage}, forced moves
     fail: Optional[dict] = None           # tests: {"rank": r, "job": k, "how": "raise" | "hang" | "freeze"}
     slow: Optional[dict] = None           # tests: {"rank": r, "ms_per_block": x}, a slower device
+    stall: Optional[dict] = None          # tests: {"rank": r, "at": "prompt" | job k, "seconds": x}: slow, alive
 
 
 class PipeStage(DiTExecutor):
@@ -149,6 +150,7 @@ class PipeStage(DiTExecutor):
         shape = (1, self.dit.cfg.text_len, self.dit.cfg.dim)
         ctx = self.dit.prompt_context(embedding).contiguous() if self.encodes else \
             torch.empty(shape, dtype=self.act, device=self.device)
+        self._injected_stall("prompt")
         self._doing("receiving a prompt's context from rank 0" if not self.encodes else "sending a prompt's context")
         wire = stage_out([ctx])[0] if self.staged else ctx
         work = dist.broadcast(wire, src=0, group=self.ctx.world_group, async_op=True)
@@ -174,6 +176,7 @@ class PipeStage(DiTExecutor):
         self.jobs += 1
         self._warm = len(job.streams[0].steps) + 1   # a clip's first chunk and the filling stream batch
         self._injected_failure()
+        self._injected_stall(self.jobs)
         if self.world > 1:
             self._balance_point()
         self.meter.start_job(self.jobs)
@@ -353,7 +356,7 @@ class PipeStage(DiTExecutor):
             while not old.query():
                 if self.health is not None:
                     self.health.check()
-                    if time.monotonic() - start > self.health.timeout:
+                    if time.monotonic() - start > self.health.stall:
                         raise self.health.stalled((self.rank + 1) % self.world, "for its own GPU work of an earlier "
                                                   "job (a peer may be stuck)", time.monotonic() - start)
                 time.sleep(1e-4)
@@ -454,9 +457,18 @@ class PipeStage(DiTExecutor):
         if how == "raise":
             raise RuntimeError(f"injected failure at job {self.jobs}")
         if how == "freeze":        # stops answering: the whole process stops, heartbeat included
+            if self.health is not None:
+                self.health.publish()   # what it was doing, said before it stops
             os.kill(os.getpid(), signal.SIGSTOP)
         while True:                # hang: alive (heartbeat goes on) but never does its part
             time.sleep(0.1)
+
+    def _injected_stall(self, at) -> None:
+        """A slow rank (a long stage build, a loaded CPU): busy for a while, its heartbeat going on."""
+        st = self.opts.stall
+        if st and int(st.get("rank", -1)) == self.rank and st.get("at") == at:
+            self._doing(f"an injected stall of {st['seconds']} s ({at})")
+            time.sleep(float(st["seconds"]))
 
     # ------------------------------------------------------------------ statistics and the end
     def clip_stats(self) -> dict:
@@ -480,6 +492,9 @@ class PipeStage(DiTExecutor):
             for k in ("stage_ms", "blocks_ms", "encode_ms", "decode_ms", "bubble", "graph_replays", "graph_captures"):
                 if d.get(k) is not None:
                     out[f"pipe_{k}_r{r}"] = d[k]
+            for k in ("encode_fps", "decode_fps"):       # the first stage encodes, the last decodes
+                if d.get(k) is not None:
+                    out[f"pipe_{k}"] = d[k]
         bubbles = [d["bubble"] for d in everyone if d.get("bubble") is not None]
         if bubbles:
             out["pipe_bubble"] = sum(bubbles) / len(bubbles)
@@ -487,6 +502,17 @@ class PipeStage(DiTExecutor):
         if stages:
             out["pipe_imbalance"] = balance.imbalance(stages)
         return out
+
+    def release(self) -> None:
+        """Give back device memory: graphs, receive buffers, the KV cache (after ``close``)."""
+        if self.unit_graphs is not None:
+            self.unit_graphs.clear()
+        if self._whole is not None:
+            self._whole.release()
+        for link in self.links:
+            link.pool.free.clear()
+        self._ring, self._orphans = {}, []
+        super().release()
 
     def close(self) -> None:
         """Drain every send and receive still in flight (a run must end with none unmatched)."""

@@ -4,7 +4,12 @@
     WS  /ws                       control messages (JSON) and frames (binary JPEG) in; frames and replies out
     GET /api/stream/<token>.mjpg  a client's restyled frames as multipart/x-mixed-replace (MJPEG), newest only
     GET /api/health               model, size, weights (dummy or real), streams in use
-    GET /api/metrics              per stream: FPS in/out, latency p50/p95/p99, dropped frames; engine step times
+    GET /api/metrics              per stream and overall: FPS in/out, latency p50/p90/p95/p99/p99.9, deadline-miss
+                                  rate against serve.target_latency_ms, jitter, dropped frames; engine step times
+    GET /metrics                  the same numbers as Prometheus text
+
+Every request (HTTP and WebSocket) must name this server in its Host header (``HostCheck``): a page of another
+domain that re-resolves its name to this machine (DNS rebinding) sends its own domain there and is refused.
 """
 from __future__ import annotations
 
@@ -15,11 +20,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from .engine import Engine
 from .hub import Hub
+from .prometheus import CONTENT_TYPE, exposition
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,35 @@ def same_origin(origin: str, host: str | None, allowed: list[str]) -> bool:
     return "*" in allowed or origin in allowed or (host is not None and urlsplit(origin).netloc == host)
 
 
+class HostCheck:
+    """ASGI middleware: a request whose Host header does not name this server (``ServeSettings.host_allowed``: an
+    IP address, localhost or ``serve.allowed_hosts``) gets 400 (HTTP) or a refused handshake (WebSocket, 403)."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
+        self._warned: set = set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), None)
+            if not self.settings.host_allowed(host):
+                if host not in self._warned and len(self._warned) < 64:
+                    self._warned.add(host)
+                    log.warning("refused a request for host %r (not this server's address; serve.allowed_hosts)",
+                                host)
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = (f"Host {host!r} is not this server: it answers to its IP addresses, localhost and the names "
+                        f"in serve.allowed_hosts\n").encode()
+                await send({"type": "http.response.start", "status": 400,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -45,6 +80,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             await hub.stop()
 
     app = FastAPI(title="sdv2 serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(HostCheck, settings=settings)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -58,6 +94,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.get("/api/metrics")
     async def metrics():
         return JSONResponse(app.state.hub.metrics())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return PlainTextResponse(exposition(app.state.hub), media_type=CONTENT_TYPE)
 
     @app.get("/api/stream/{token}.mjpg")
     async def mjpeg(token: str):

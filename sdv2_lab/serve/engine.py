@@ -20,6 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..build import CONF_DIR, build_pipeline, build_vae
+from ..stream.driver import wait
+from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream
 from ..stream.timing import percentile
 from .protocol import StreamOptions
@@ -44,6 +46,7 @@ class ReopenFailed(RuntimeError):
 class TickResult:
     outputs: list = field(default_factory=list)     # (stream id, frames uint8 [T, H, W, 3])
     needed: dict = field(default_factory=dict)      # stream id -> input frames its next chunk needs
+    failed: dict = field(default_factory=dict)      # stream id -> InputError (bad numbers: the stream stopped)
     step_ms: float = 0.0
     streams_stepped: int = 0
 
@@ -102,6 +105,11 @@ class Engine:
                 "default_steps": self.default_steps, "max_steps": self.settings.max_steps,
                 "default_noise_scale": self.default_noise, "taehv_vae": self.settings.taehv_vae,
                 "taehv_default": c.vae.name == "taehv"}
+
+    @property
+    def streams_held(self) -> int:
+        """Streams open in the engine (their KV rows are taken)."""
+        return len(self.driver.scheduler.streams)
 
     def stats(self) -> dict:
         ms = list(self.step_ms)
@@ -172,9 +180,16 @@ class Engine:
             t0 = time.perf_counter()
             outs = self.driver.step(ready)
             if outs:
+                wait(outs)   # the frames are ready on this stream (decode may run on a lane of its own)
                 frames = torch.cat([o.frames for o in outs]).mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu()
                 for o, piece in zip(outs, frames.split([o.frames.shape[0] for o in outs])):
-                    result.outputs.append((o.stream, piece.numpy()))
+                    try:
+                        self.driver.verify(o)     # read on the host now: bad numbers end that stream only
+                    except InputError as exc:
+                        result.failed[o.stream] = exc
+                        continue
+                    if o.stream not in result.failed:
+                        result.outputs.append((o.stream, piece.numpy()))
             result.step_ms = 1e3 * (time.perf_counter() - t0)
             result.streams_stepped = len(ready)
             self.step_ms.append(result.step_ms)

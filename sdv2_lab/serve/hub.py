@@ -4,6 +4,11 @@ newest chunk of every client at once (``Engine.tick``) and routes the restyled f
 Latency stays bounded whatever a client sends: frames beyond ``input_fps`` are dropped before decoding, the
 inbox keeps the newest ``inbox_frames``, each tick takes only the newest chunk of a client (older frames are
 stale), and the outbox keeps the newest ``outbox_frames``. Every drop is counted (``/api/metrics``).
+
+Controls of a client run one at a time, in order, on a worker of its own; a newer prompt / noise_scale / steps /
+taehv replaces one still waiting (its ack says how many it superseded). A client that leaves has its waiting
+controls dropped at once: its stream is freed after at most the one control already running. The streams in
+use (``/api/health``, the busy check) are those the engine holds, plus those being opened.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from .protocol import (ProtocolError, StreamOptions, bool_of, noise_scale_of, pa
                        steps_of)
 from .session import IDLE, PAUSED, RUNNING, STARTING, Session
 from .settings import ServeSettings
-from .stats import DROP_KINDS
+from .stats import DROP_KINDS, Latency
 from .wire import FrameError, decode_jpeg, encode_jpeg, pack_output, split_tag
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,11 @@ class Hub:
         self._wake = asyncio.Event()
         self._loop_task: Optional[asyncio.Task] = None
         self.totals = {"connections": 0, "frames_in": 0, "frames_out": 0, "errors": 0, "busy_replies": 0,
-                       "dropped": {k: 0 for k in DROP_KINDS}}
+                       "controls_superseded": 0, "dropped": {k: 0 for k in DROP_KINDS}}
+        self.latency = Latency(settings.target_latency_ms)   # every client's frames (the server's SLO numbers)
+        self.held: set[int] = set()      # ids of the streams the engine holds for clients
+        self.releasing: set[int] = set() # of those, the ones whose close is queued on the engine's thread
+        self.opening = 0                 # starts running now (their streams are not held yet)
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ life
@@ -58,7 +67,14 @@ class Hub:
 
     @property
     def active_streams(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.state != IDLE)
+        """Streams in use: held by the engine (a closed client's too, until the engine let it go) or opening."""
+        return len(self.held) + self.opening
+
+    @property
+    def streams_free(self) -> int:
+        """Streams a start may take now: those whose close is already queued on the engine's thread count as
+        free (the engine runs calls in order: a start queued now opens after that close)."""
+        return self.settings.max_streams - (len(self.held - self.releasing) + self.opening)
 
     # ------------------------------------------------------------------ connections
     def connect(self, ws) -> Optional[Session]:
@@ -67,17 +83,21 @@ class Hub:
             return None
         s = Session(self._next_id, ws, input_fps=self.settings.input_fps,
                     inbox_frames=max(self.settings.inbox_frames, self.engine.first_chunk),
-                    outbox_frames=self.settings.outbox_frames)
+                    outbox_frames=self.settings.outbox_frames, target_latency_ms=self.settings.target_latency_ms)
         self._next_id += 1
         self.sessions[s.id] = s
         self.totals["connections"] += 1
         return s
 
     async def disconnect(self, s: Session) -> None:
-        """The client is gone: its stream (KV rows) is freed as soon as the engine's current step ends."""
+        """The client is gone: its waiting controls are dropped, and its stream (KV rows) is freed as soon as the
+        control running now (if any) and the engine's current step end."""
         if self.sessions.pop(s.id, None) is None:
             return
         s.closed = True
+        self.totals["controls_superseded"] += sum(1 + c[2] for c in s.controls)
+        self.opening -= sum(1 for c in s.controls if c[0] == "start")   # starts that will never run
+        s.controls.clear()
         s.out_ready.set()
         s.publish(b"")
         st = s.stats
@@ -86,7 +106,8 @@ class Hub:
         self.totals["errors"] += st.errors
         for k, v in st.dropped.items():
             self.totals["dropped"][k] += v
-        await asyncio.gather(*list(s.tasks), return_exceptions=True)   # a start in flight ends before the close
+        running = [t for t in (s.control_task, *s.tasks) if t is not None]
+        await asyncio.gather(*running, return_exceptions=True)   # the one control running ends before the close
         await self._close_stream(s)
         log.info("session %d closed: %d frames in, %d out, dropped %s", s.id, st.received, st.sent, st.dropped)
 
@@ -96,7 +117,15 @@ class Hub:
         s.pending.clear()
         if stream is not None:
             self._by_stream.pop(stream.id, None)
+            await self._release(stream)
+
+    async def _release(self, stream) -> None:
+        self.releasing.add(stream.id)
+        try:
             await self.engine.call(self.engine.close, stream)
+        finally:
+            self.held.discard(stream.id)
+            self.releasing.discard(stream.id)
 
     # ------------------------------------------------------------------ messages
     async def on_message(self, s: Session, text: Optional[str], data: Optional[bytes]) -> None:
@@ -146,51 +175,65 @@ class Hub:
             opts = start_options(msg, default_prompt=self.settings.default_prompt,
                                  default_steps=self.engine.default_steps, default_noise=self.engine.default_noise,
                                  max_steps=self.settings.max_steps)
-            if self.active_streams >= self.settings.max_streams:
+            if self.streams_free <= 0:
                 self.totals["busy_replies"] += 1
                 s.spawn(s.send_json(self._busy_reply(f"all {self.settings.max_streams} streams are in use")))
                 return
             s.state = STARTING
-            s.spawn(self._locked(s, self._start(s, opts)))
+            self.opening += 1                       # counted from now, so that two starts cannot both pass
+            self._queue(s, "start", opts)
             return
         if s.state == IDLE:
             raise ProtocolError("not_started", f"{kind!r} before the stream started: send {{\"type\": \"start\"}} first")
         if kind == "prompt":
             value = prompt_of(msg)
-            s.spawn(self._locked(s, self._set(s, "prompt", value)))
         elif kind == "noise_scale":
             value = noise_scale_of(msg.get("value"))
-            s.spawn(self._locked(s, self._set(s, "noise_scale", value)))
         elif kind == "steps":
             value = steps_of(msg.get("value"), self.settings.max_steps)
-            s.spawn(self._locked(s, self._set(s, "steps", value)))
         elif kind == "taehv":
             value = bool_of(msg.get("on"), "on")
-            s.spawn(self._locked(s, self._set(s, "taehv", value)))
-        elif kind in ("pause", "resume"):
-            s.spawn(self._locked(s, self._pause(s, kind == "pause")))
-        elif kind == "stop":
-            s.spawn(self._locked(s, self._stop(s)))
+        else:                                       # pause, resume, stop
+            value = None
+        self._queue(s, kind, value)
+
+    def _queue(self, s: Session, kind: str, value) -> None:
+        if s.closed:
+            return
+        if s.queue_control(kind, value):
+            s.control_task = asyncio.get_running_loop().create_task(self._controls(s))
+
+    async def _controls(self, s: Session) -> None:
+        """The client's controls, one at a time, in order, until none waits (or the client left)."""
+        while s.controls and not s.closed:
+            kind, value, superseded = s.controls.popleft()
+            self.totals["controls_superseded"] += superseded
+            try:
+                if kind == "start":
+                    await self._start(s, value)
+                elif kind in ("prompt", "noise_scale", "steps", "taehv"):
+                    await self._set(s, kind, value, superseded)
+                elif kind in ("pause", "resume"):
+                    await self._pause(s, kind == "pause")
+                elif kind == "stop":
+                    await self._stop(s)
+                elif kind == "recover":
+                    await self._recover(s, value)
+            except ProtocolError as exc:
+                await s.send_json(exc.reply())
+            except Exception as exc:  # a model-side failure of one client's control: that client hears of it
+                log.exception("session %d: control %s failed", s.id, kind)
+                await s.send_json({"type": "error", "code": "engine", "message": f"{type(exc).__name__}: {exc}"})
 
     def _busy_reply(self, why: str) -> dict:
         return {"type": "busy", "message": f"the server is busy: {why} (serve.max_streams="
                                            f"{self.settings.max_streams}); try again when one ends",
                 "max_streams": self.settings.max_streams}
 
-    async def _locked(self, s: Session, coro) -> None:
-        """Controls of one client run in order, without holding up its frames."""
-        async with s.control_lock:
-            try:
-                await coro
-            except ProtocolError as exc:
-                await s.send_json(exc.reply())
-            except Exception as exc:  # a model-side failure of one client's control: that client hears of it
-                log.exception("session %d: control failed", s.id)
-                await s.send_json({"type": "error", "code": "engine", "message": f"{type(exc).__name__}: {exc}"})
-
     async def _start(self, s: Session, opts: StreamOptions) -> None:
         try:
             stream = await self.engine.call(self.engine.open, opts)
+            self.held.add(stream.id)
         except Busy as exc:
             s.state = IDLE
             self.totals["busy_replies"] += 1
@@ -202,8 +245,10 @@ class Hub:
         except BaseException:
             s.state = IDLE
             raise
+        finally:
+            self.opening -= 1
         if s.closed:           # gone while the stream opened
-            await self.engine.call(self.engine.close, stream)
+            await self._release(stream)
             return
         s.opts = opts
         s.restarted(stream, self.engine.first_chunk)
@@ -217,22 +262,25 @@ class Hub:
                            "mjpeg": f"/api/stream/{s.token}.mjpg"})
         self._wake.set()
 
-    async def _set(self, s: Session, what: str, value) -> None:
+    async def _set(self, s: Session, what: str, value, superseded: int = 0) -> None:
         if s.stream is None:
             raise ProtocolError("not_started", f"{what!r}: the stream has stopped; start it again")
+        ack = {"type": "ack", "control": what, what: value}
+        if superseded:
+            ack["superseded"] = superseded          # newer ones of this kind arrived while it waited
         if what == "prompt":
             await self.engine.call(self.engine.set_prompt, s.stream, value)
             s.opts = replace(s.opts, prompt=value)
-            await s.send_json({"type": "ack", "control": what, "prompt": value})
+            await s.send_json(ack)
             return
         if what == "noise_scale":
             await self.engine.call(self.engine.set_noise_scale, s.stream, value)
             s.opts = replace(s.opts, noise_scale=value)
-            await s.send_json({"type": "ack", "control": what, "noise_scale": value})
+            await s.send_json(ack)
             return
         new = replace(s.opts, **{what: value})
         if new == s.opts:
-            await s.send_json({"type": "ack", "control": what, what: value, "restarted": False})
+            await s.send_json({**ack, "restarted": False})
             return
         try:
             stream = await self._reopen(s, new)
@@ -241,7 +289,7 @@ class Hub:
             raise ProtocolError(code, f"{what}={value!r} could not be applied ({exc}); the stream restarted with "
                                       f"the previous settings") from None
         log.info("session %d: %s=%s, stream restarted as %d", s.id, what, value, stream.id)
-        await s.send_json({"type": "ack", "control": what, what: value, "restarted": True, "stream": stream.id})
+        await s.send_json({**ack, "restarted": True, "stream": stream.id})
 
     async def _reopen(self, s: Session, opts: StreamOptions):
         """Restart the client's stream with ``opts`` (on ``ReopenFailed``: with its previous options)."""
@@ -258,7 +306,9 @@ class Hub:
         else:
             s.opts = opts
         finally:
+            self.held.discard(old.id)
             if s.stream is old:
+                self.held.add(stream.id)
                 s.restarted(stream, self.engine.first_chunk)
                 self._by_stream[stream.id] = s
                 self._wake.set()
@@ -298,8 +348,12 @@ class Hub:
             log.exception("the model step failed for streams %s", [st.id for _, st, _ in work])
             for s, stream, _ in work:
                 if s.stream is stream:
-                    s.spawn(self._locked(s, self._recover(s, exc)))
+                    self._queue(s, "recover", exc)
             return True
+        for stream_id, why in result.failed.items():   # bad numbers in one stream: that stream restarts
+            s = self._by_stream.get(stream_id)
+            if s is not None and s.stream is not None and s.stream.id == stream_id:
+                self._queue(s, "recover", why)
         for stream_id, frames in result.outputs:
             s = self._by_stream.get(stream_id)
             if s is not None and s.stream is not None and s.stream.id == stream_id:
@@ -311,7 +365,7 @@ class Hub:
         return True
 
     async def _recover(self, s: Session, exc: Exception) -> None:
-        """After a failed step the stream's state is unknown: restart it with the same settings."""
+        """After a failed step (or bad numbers in the stream) its state is unknown: restart it, same settings."""
         await s.send_json({"type": "error", "code": "engine", "message": f"the model failed on this stream "
                                                                          f"({type(exc).__name__}: {exc}); restarting it"})
         if s.stream is not None:
@@ -339,7 +393,8 @@ class Hub:
                         return
                 s.stats.sent += 1
                 s.stats.rate_out.add(1, now)
-                s.stats.latencies_ms.append(server_ms)
+                s.stats.latency.add(server_ms)
+                self.latency.add(server_ms)
             if time.perf_counter() - last_stats >= STATS_EVERY_S and s.state != IDLE:
                 last_stats = time.perf_counter()
                 await s.send_json({"type": "stats", **s.describe()})
@@ -347,6 +402,7 @@ class Hub:
     # ------------------------------------------------------------------ /api
     def health(self) -> dict:
         return {"status": "ok", **self.info, "streams": self.active_streams, "max_streams": self.settings.max_streams,
+                "engine_streams": self.engine.streams_held,
                 "connections": len(self.sessions), "input_fps": self.settings.input_fps,
                 "max_message_bytes": self.settings.max_message_bytes, "jpeg_quality": self.settings.jpeg_quality,
                 "default_prompt": self.settings.default_prompt, "uptime_s": round(time.time() - self.started_at, 1)}
@@ -362,4 +418,5 @@ class Hub:
             for k, v in s.stats.dropped.items():
                 totals["dropped"][k] += v
         return {"weights": self.info["weights"], "streams": streams, "live": live, "totals": totals,
-                "engine": self.engine.stats(), "max_streams": self.settings.max_streams}
+                "latency": self.latency.summary(), "engine": self.engine.stats(),
+                "max_streams": self.settings.max_streams, "streams_in_use": self.active_streams}

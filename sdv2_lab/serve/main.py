@@ -28,20 +28,24 @@ def serve(cfg: DictConfig) -> None:
 
     settings = ServeSettings.from_config(cfg.get("serve"))
     check_config(cfg)
-    if not settings.loopback:
-        log.warning("listening on %s: anyone who can reach this machine on port %d can use the model "
-                    "(serve.host=127.0.0.1 keeps it local)", settings.host, settings.port)
+    warning = settings.exposure_warning()
+    if warning:
+        log.warning("%s", warning)
     engine = Engine(cfg, settings)
     info = engine.describe()
-    if settings.warmup is True or (settings.warmup == "auto" and engine.pipe.device.type == "cuda"):
+    warm = settings.warmup is True or (settings.warmup == "auto" and engine.pipe.device.type == "cuda")
+    if warm and engine.pipe.warmup_s is None:   # the build warms up on CUDA already (warmup=auto)
         engine.warmup()
     weights = "DUMMY weights: the output is noise, timings are real" if engine.weights_are_dummy else "real weights"
     log.info("sdv2 serve: %s / vae %s / %s / %d step(s) by default / %dx%d on %s (%s); up to %d streams; %s",
              info["model"], info["vae"], info["mode"], info["default_steps"], info["height"], info["width"],
              info["device"], info["dtype"], settings.max_streams, weights)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"sdv2 serve: open http://{host}:{settings.port} ({weights}; Ctrl+C stops)", flush=True)
-    uvicorn.Server(uvicorn_config(create_app(engine, settings), settings)).run()
+    print(f"sdv2 serve: open {settings.scheme}://{host}:{settings.port} ({weights}; Ctrl+C stops)", flush=True)
+    try:
+        uvicorn.Server(uvicorn_config(create_app(engine, settings), settings)).run()
+    finally:
+        engine.shutdown()
 
 
 def _user_errors() -> tuple:
@@ -56,6 +60,8 @@ def _user_errors() -> tuple:
 def main(cfg: DictConfig) -> None:
     try:
         serve(cfg)
+    except KeyboardInterrupt:       # Ctrl+C (uvicorn re-raises the signal after its graceful shutdown): stopped
+        print("sdv2 serve: stopped (Ctrl+C)", flush=True)
     except _user_errors() as exc:  # one line saying what to change, not a traceback (SDV2_TRACEBACK=1 shows it)
         raise SystemExit(f"sdv2 serve: error: {exc}") from None
 

@@ -18,8 +18,26 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 CONTROLS = ("start", "prompt", "noise_scale", "steps", "taehv", "pause", "resume", "stop")
+COALESCED = ("prompt", "noise_scale", "steps", "taehv")   # a newer one replaces one still queued (latest wins)
 OUTPUTS = ("ws", "mjpeg")
 MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2 ** 63 - 1           # torch generators take 64-bit seeds
+MAX_INT_DIGITS = 30              # longer integers in a message are never a valid value (and slow to convert)
+
+
+class HugeNumber:
+    """An integer literal of more digits than any valid value has, kept as text (Python refuses to convert
+    4300+ digits, and would spend quadratic time on fewer): the field it is in says it is out of range."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"a {len(self.digits.lstrip('-'))}-digit number"
+
+
+def _int(text: str):
+    return int(text) if len(text) <= MAX_INT_DIGITS else HugeNumber(text)
 
 
 class ProtocolError(ValueError):
@@ -45,7 +63,7 @@ class StreamOptions:
 def parse(text: str) -> dict:
     """A control message: a JSON object with a known ``type``."""
     try:
-        msg = json.loads(text)
+        msg = json.loads(text, parse_int=_int)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ProtocolError("bad_json", f"the message is not JSON: {exc}") from None
     if not isinstance(msg, dict):
@@ -54,6 +72,12 @@ def parse(text: str) -> dict:
     if kind not in CONTROLS:
         raise ProtocolError("unknown_control", f"unknown control type {kind!r}; known: {', '.join(CONTROLS)}")
     return msg
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"a {len(str(abs(value)))}-digit number" if value.bit_length() > 128 else repr(value)
+    return repr(value)
 
 
 def prompt_of(msg: dict, default: Optional[str] = None) -> str:
@@ -86,8 +110,8 @@ def bool_of(value: Any, name: str) -> bool:
 def start_options(msg: dict, *, default_prompt: str, default_steps: int, default_noise: float,
                   max_steps: int) -> StreamOptions:
     seed = msg.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ProtocolError("bad_value", f"seed must be a non-negative integer or null, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise ProtocolError("bad_value", f"seed must be an integer from 0 to 2**63-1 or null, got {_short(seed)}")
     output = msg.get("output", "ws")
     if output not in OUTPUTS:
         raise ProtocolError("bad_value", f"output must be one of {OUTPUTS}, got {output!r}")

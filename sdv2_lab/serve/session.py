@@ -3,6 +3,8 @@
     inbox    decoded input frames waiting for the model: at most ``inbox_frames``; the oldest go first (counted)
     pending  tags of the frames the model has, in order: output frame k restyles the k-th frame fed
     outbox   restyled frames waiting for the socket: at most ``outbox_frames``; the oldest go first (counted)
+    controls control messages waiting to run, in order; a newer prompt / noise_scale / steps / taehv replaces one
+             still waiting (latest wins), so a client that floods controls queues at most one of each kind
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from collections import deque
 from typing import Any, Optional
 
 from .protocol import StreamOptions
-from .stats import StreamStats
+from .protocol import COALESCED
+from .stats import Latency, StreamStats
 from .wire import Tag
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,8 @@ class Throttle:
 
 
 class Session:
-    def __init__(self, sid: int, ws: Any, *, input_fps: float, inbox_frames: int, outbox_frames: int):
+    def __init__(self, sid: int, ws: Any, *, input_fps: float, inbox_frames: int, outbox_frames: int,
+                 target_latency_ms: float = 1000.0):
         self.id = sid                                  # public (metrics)
         self.token = secrets.token_urlsafe(12)         # private (the MJPEG URL)
         self.ws = ws
@@ -55,11 +59,12 @@ class Session:
         self.outbox: deque = deque()                   # (frame uint8 [H, W, 3], Tag, arrival s, index)
         self.out_ready = asyncio.Event()
         self.throttle = Throttle(input_fps)
-        self.stats = StreamStats()
+        self.stats = StreamStats(latency=Latency(target_latency_ms))
         self.frames_out = 0                            # output frame index
         self.said_resized = False
         self.closed = False
-        self.control_lock = asyncio.Lock()
+        self.controls: deque = deque()                 # [kind, value, superseded] waiting to run
+        self.control_task: Optional[asyncio.Task] = None
         self.tasks: set[asyncio.Task] = set()
         self._send_lock = asyncio.Lock()
         self.jpeg: Optional[bytes] = None              # the newest restyled frame (MJPEG)
@@ -102,6 +107,19 @@ class Session:
         """A new engine stream for this client: the frames in flight in the old one are gone."""
         self.stream, self.needed = stream, needed
         self.pending.clear()
+
+    def queue_control(self, kind: str, value) -> bool:
+        """Queue a control; a waiting one of the same kind (prompt, noise_scale, steps, taehv) is replaced.
+        Returns whether a worker must be started."""
+        superseded = 0
+        if kind in COALESCED:
+            for i, c in enumerate(self.controls):
+                if c[0] == kind:
+                    superseded = c[2] + 1
+                    del self.controls[i]
+                    break
+        self.controls.append([kind, value, superseded])
+        return self.control_task is None or self.control_task.done()
 
     def publish(self, jpeg: bytes) -> None:
         """The newest frame for MJPEG viewers."""

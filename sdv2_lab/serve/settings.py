@@ -1,8 +1,10 @@
 """The server's settings (``serve:`` in ``conf/serve.yaml``), validated before any model is built."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -27,10 +29,16 @@ class ServeSettings:
     warmup: Any = "auto"        # auto (on CUDA) | true | false
     log_level: str = "info"
     allowed_origins: list = field(default_factory=list)
+    allowed_hosts: list = field(default_factory=list)
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    header_timeout_s: float = 10.0
+    target_latency_ms: float = 1000.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> "ServeSettings":
-        section = {k: (list(v) if k == "allowed_origins" and v is not None else v) for k, v in dict(section or {}).items()}
+        section = {k: (list(v) if k in ("allowed_origins", "allowed_hosts") and v is not None else v)
+                   for k, v in dict(section or {}).items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
@@ -61,8 +69,19 @@ class ServeSettings:
         if not isinstance(self.allowed_origins, list) or not all(isinstance(o, str) for o in self.allowed_origins):
             raise ValueError(f"serve.allowed_origins must be a list of origins (e.g. [https://my.host]), got "
                              f"{self.allowed_origins!r}")
+        if not isinstance(self.allowed_hosts, list) or not all(isinstance(h, str) for h in self.allowed_hosts):
+            raise ValueError(f"serve.allowed_hosts must be a list of host names (e.g. [my.host]), got "
+                             f"{self.allowed_hosts!r}")
+        positive("header_timeout_s", integer=False)
+        positive("target_latency_ms", integer=False)
         if not str(self.default_prompt).strip():
             raise ValueError("serve.default_prompt is empty")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("serve.ssl_keyfile needs serve.ssl_certfile (the certificate, PEM)")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not Path(path).expanduser().is_file():
+                raise ValueError(f"serve.{name}={path!r}: no such file")
         from ..build import CONF_DIR
         names = sorted(p.stem for p in (CONF_DIR / "vae").glob("*.yaml"))
         if self.taehv_vae not in names:   # the VAE a client's "taehv" switch restarts its stream with
@@ -71,5 +90,56 @@ class ServeSettings:
         return self
 
     @property
+    def tls(self) -> bool:
+        return bool(self.ssl_certfile)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def exposure_warning(self) -> Optional[str]:
+        """What to say when listening beyond loopback (None on loopback)."""
+        if self.loopback:
+            return None
+        msg = (f"listening on {self.host}: anyone who can reach this machine on port {self.port} can use the model "
+               f"(serve.host=127.0.0.1 keeps it local)")
+        if not self.tls:
+            msg += ("; browsers give a webcam only to https pages (or localhost): for a remote webcam set "
+                    "serve.ssl_certfile=<cert.pem> serve.ssl_keyfile=<key.pem>")
+        if not self.allowed_hosts:
+            msg += ("; pages reach it by IP address only: name the host names it is reached by in "
+                    "serve.allowed_hosts")
+        return msg
+
+    def host_allowed(self, host_header: Optional[str]) -> bool:
+        """The Host header names this server (a DNS-rebinding page names its own domain): an IP address (the
+        address a client connected to), localhost, or a name in ``serve.allowed_hosts`` ("*" = any)."""
+        if "*" in self.allowed_hosts:
+            return True
+        name = host_of(host_header)
+        if name is None:
+            return False
+        if name == "localhost" or name in (h.lower() for h in self.allowed_hosts):
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+
+    @property
     def loopback(self) -> bool:
         return self.host in LOOPBACK
+
+
+def host_of(host_header: Optional[str]) -> Optional[str]:
+    """The host name of a Host header ("name:port", "[::1]:port"), lower case; None if malformed."""
+    if not host_header:
+        return None
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[1:end] if end > 0 else None
+    if h.count(":") > 1:        # a bare IPv6 address
+        return h
+    return h.rsplit(":", 1)[0] if ":" in h else h

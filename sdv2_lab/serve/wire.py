@@ -69,7 +69,11 @@ def decode_jpeg(data: bytes, height: int, width: int, *, resize: bool, max_pixel
     if not data.startswith(JPEG_SOI):
         raise FrameError("bad_image", "the frame is not a JPEG (it does not start with FF D8); send image/jpeg bytes")
     try:
-        img = Image.open(io.BytesIO(data), formats=["JPEG"])
+        try:
+            img = Image.open(io.BytesIO(data), formats=["JPEG"])
+        except Image.DecompressionBombError as exc:   # PIL's own limit: a header of a huge size
+            raise FrameError("bad_size", f"the frame's header says it is larger than serve.max_frame_pixels="
+                                         f"{max_pixels} allows ({exc}); send frames of {width}x{height}") from None
         w, h = img.size
         if w * h > max_pixels:
             raise FrameError("bad_size", f"the frame is {w}x{h} ({w * h} pixels), over serve.max_frame_pixels="

@@ -116,6 +116,7 @@ def stream_clips(pipe, clips: Sequence, prompts: Sequence[str], *, seeds: Option
         while pending and (len(pending) > block_beyond or pending[0].done()):
             copy = pending.popleft()
             frames = copy.wait()
+            driver.verify(copy.out)  # bad numbers in this stream: an error naming its chunk and frame (input_guard)
             if on_frames is not None:
                 on_frames(index[copy.out.stream], frames)
             if keep_output:   # kept in pageable memory: pinned memory is for transfers, not for whole videos

@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..backbones.kv_cache import CacheSpec, RowPositions
 from ..units import check_resolution
+from .input_guard import InputGuard
 from .noise_controller import NoiseControllerConfig
 from .scheduler import MODES
 
@@ -29,6 +30,8 @@ class PipelineConfig:
     overlap: bool = False                     # encode / DiT / decode on their own CUDA streams (GPU)
     max_streams: int = 1                      # streams served at once (each: its own KV rows, prompt, state)
     rope_positions: int = 1024                # temporal RoPE positions of the backbone (its rope_max_positions)
+    input_guard: str = "raise"                # non-finite / out-of-range frames: raise | clamp | off (input_guard.py)
+    input_limit: float = 1.5                  # |x| above this is out of range
 
     def validate(self) -> "PipelineConfig":
         """Every setting checked, with what was expected; a dry run of the KV-cache positions over more chunks
@@ -57,6 +60,7 @@ class PipelineConfig:
             raise ValueError(f"target_fps must be positive or null, got {self.target_fps}")
         if self.target_fps is not None and self.mode == "pipe":
             raise ValueError("target_fps (chunks that grow mid-stream) runs in single mode, not mode=pipe")
+        InputGuard(self.input_guard, self.input_limit)   # checks both
         if not isinstance(self.max_streams, int) or self.max_streams < 1:
             raise ValueError(f"max_streams must be a positive integer, got {self.max_streams!r}")
         refresh, grow = self.position_refresh_frames, self.max_frames_per_chunk

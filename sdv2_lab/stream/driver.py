@@ -30,6 +30,7 @@ import torch
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
 from ..vae.registry import decode_streams, encode_streams, release
 from .config import PipelineConfig
+from .input_guard import InputGuard
 from .noise_controller import MotionNoiseController, mix_noise
 from .scheduler import Chunk, DiTJob, Scheduler, Stream
 from .timing import ChunkIn, ChunkOut, Clock, StageRun
@@ -103,6 +104,7 @@ class StreamDriver:
         self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
                                    cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows)
         self.lanes = Lanes(self.device, cfg.overlap)
+        self.guard = InputGuard(cfg.input_guard, cfg.input_limit)   # bad numbers in (input_guard.py)
         self.clock = Clock(self.device)
         self.listeners: list[Callable] = []
         self._dit_done: Optional[torch.cuda.Event] = None     # the last DiT job's end (decode waits for it)
@@ -152,6 +154,10 @@ class StreamDriver:
         """A new stream: fresh KV rows, positions, noise controller and VAE state; the prompt encoded.
         ``seed``: this stream's own noise generator (its outputs then do not depend on other streams);
         ``steps`` (first entries of the config's denoising steps), ``noise_scale``, ``vae``: this stream's own."""
+        check_prompt(prompt)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
+            got = f"an integer of {seed.bit_length()} bits" if isinstance(seed, int) else repr(seed)
+            raise ValueError(f"seed must be a 64-bit integer (a generator's seed), got {got}")
         step_list = None
         if steps is not None:
             table = list(self.cfg.denoising_steps)
@@ -164,6 +170,7 @@ class StreamDriver:
             if not 0 < noise.noise_scale <= 1:
                 raise ValueError(f"noise_scale must be in (0, 1], got {noise.noise_scale}")
             s.controller = MotionNoiseController(noise, self.device)
+            s.checks = self.guard.new(self.device)
             s.t = torch.tensor(s.steps, dtype=torch.long, device=self.device)
             s.vae = vae if vae is not None else self.vae
             s.vae_state = s.vae.new_state(1) if s.vae is not None else None
@@ -204,6 +211,17 @@ class StreamDriver:
             release(s.vae, s.vae_state)
         self.scheduler.close(s)
 
+    def release(self) -> None:
+        """The end of this engine: every stream closed, every device tensor it holds given back (KV cache, CUDA
+        graphs and their pools, the streams' VAE states and latents); unusable afterwards."""
+        for s in list(self.scheduler.streams.values()):
+            s.vae_state = s.hidden = s.last_frame = None
+            s.buffer.clear()
+            self.scheduler.close(s)
+        self.listeners.clear()
+        self._last_ring, self._dit_done = (None, None), None
+        self.executor.release()
+
     @torch.no_grad()
     def set_prompt(self, s: Stream, prompt: str) -> None:
         """Change a stream's prompt mid-stream: only its rows' cross-attention K/V change."""
@@ -213,8 +231,7 @@ class StreamDriver:
         s.prompt = prompt
 
     def _embed(self, prompt: str) -> Optional[torch.Tensor]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("the prompt is empty: give a text describing the target style")
+        check_prompt(prompt)
         te = self.text_encoder
         if te is None:   # a pipe stage without the text encoder: the first stage sends the prompt's context
             return None
@@ -227,6 +244,7 @@ class StreamDriver:
     # ------------------------------------------------------------------ frames in, finished chunks out
     def feed(self, s: Stream, frames: torch.Tensor) -> None:
         """Buffer input frames [3, T, H, W] in [-1, 1] (moved to the device without blocking the host)."""
+        self.guard.require(s.id, s.checks)
         frames = self._check_frames(frames)
         self.scheduler.feed(s, frames)
         if frames.shape[1]:
@@ -235,6 +253,7 @@ class StreamDriver:
     def step(self, streams: Optional[list[Stream]] = None) -> list[ChunkOut]:
         """One chunk of every ready stream (or of ``streams``): encode each, one DiT job, decode what finished."""
         pool = streams if streams is not None else list(self.scheduler.streams.values())
+        pool = [s for s in pool if s.checks is None or not s.checks.refused]   # stopped after bad numbers
         chunks = [c for c in (self.scheduler.next_chunk(s) for s in pool if self.scheduler.ready(s)) if c]
         for c in chunks:
             if c.frames is not None:
@@ -267,6 +286,8 @@ class StreamDriver:
         outs = []
         while s.flush_calls:
             outs += self.step([s])
+        if self.encodes and not self.decodes:   # a first pipe stage reads no output: it checks its input here
+            self.verify(s)
         return outs
 
     @torch.no_grad()
@@ -280,6 +301,7 @@ class StreamDriver:
         return out
 
     def _end_input(self, s: Stream) -> None:
+        self.guard.require(s.id, s.checks)
         dropped = self.scheduler.flush(s)
         if dropped:
             log.info("stream %d: %d trailing frame(s) do not fill a chunk and were dropped", s.id, dropped)
@@ -324,10 +346,15 @@ class StreamDriver:
         then each chunk noised with its stream's own draws, in chunk order. Chunks after the first go through
         the stream's noise controller, from its own state or from ``previous[id(chunk)]``; all on the encode
         lane, after the events ``after``."""
+        for c in chunks:   # a stream stopped after bad numbers takes no more chunks (input_guard.py)
+            self.guard.require(c.stream.id, c.stream.checks)
         real = [c for c in chunks if c.frames is not None and self.encodes]
         encoded = {}
         if real:
             with self._stage("encode", [c.stream for c in real], [c.frames.shape[2] for c in real], after) as run:
+                for c in real:     # bad values replaced before anything reads them; the first one recorded
+                    c.frames = self.guard.check_chunk(c.stream.checks, c.frames)
+                    self.lanes.handoff(c.stream.checks.record, "decode")
                 noise_levels = [self._noise_level(c, (previous or {}).get(id(c))) for c in real]
                 latents = self._vae_encode(real)
                 for c, (scale, step) in zip(real, noise_levels):
@@ -450,10 +477,12 @@ class StreamDriver:
             return outs
         with self._stage("decode", streams, [FRAMES_PER_LATENT * x0.shape[1] for x0 in x0s], [self._dit_done]) as run:
             frames = self._vae_decode(streams, x0s)
+            snaps = {s.id: self.guard.snapshot(s.checks, frames[s.id], s.shown) for s in streams}
         outs = []
         for s in streams:
             self.lanes.handoff(frames[s.id], "current")
-            out = ChunkOut(s.id, frames[s.id], run.end, s.scales.popleft() if s.scales else None, s.shown)
+            out = ChunkOut(s.id, frames[s.id], run.end, s.scales.popleft() if s.scales else None, s.shown,
+                           checks=(s.checks, snaps[s.id]))
             self._emit(out)
             if self.cfg.target_fps:
                 self._adapt_chunk_size(s, out)
@@ -487,6 +516,26 @@ class StreamDriver:
             if s.hidden is not None:
                 with self.lanes.on("dit"):
                     s.hidden = s.hidden.repeat(1, grow // s.hidden.shape[1], 1, 1, 1)
+
+    # ------------------------------------------------------------------ bad numbers (input_guard.py)
+    def verify(self, what: ChunkOut | Stream) -> None:
+        """Where the host reads a finished chunk (after its event, or after copying it to the host): raise
+        ``InputError`` naming the stream, chunk and frame if its input had non-finite or out-of-range values
+        (``input_guard=raise``) or its output went non-finite; warn once (``clamp``). No extra wait for the GPU:
+        ``what`` is a ``ChunkOut`` whose event was waited for, or a stream whose last decoded chunk was read."""
+        if isinstance(what, ChunkOut):
+            if what.checks is not None:
+                self.guard.verify(what.stream, *what.checks)
+            return
+        s = what
+        if s.checks is None:
+            return
+        snap = s.checks.last
+        if snap is None and self.guard.on:   # nothing decoded here (a first pipe stage): the input record, once
+            if self.lanes.streams is not None:
+                torch.cuda.current_stream().wait_stream(self.lanes.stream("encode"))
+            snap = torch.cat([s.checks.record, s.checks.out]).cpu()
+        self.guard.verify(s.id, s.checks, snap)
 
     # ------------------------------------------------------------------ helpers
     def _randn(self, s: Stream, shape) -> torch.Tensor:
@@ -531,6 +580,14 @@ def _first_decode(s: Stream):
     """Whether the stream's VAE has decoded nothing yet (None when its state does not say: decoded alone)."""
     n = getattr(s.vae_state, "latents_in", None)
     return id(s) if n is None else n == 0
+
+
+def check_prompt(prompt) -> None:
+    if not isinstance(prompt, str):
+        raise TypeError(f"the prompt must be a string (a text describing the target style), got "
+                        f"{type(prompt).__name__}: {prompt!r:.60}")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give a text describing the target style")
 
 
 def wait(outs: list[ChunkOut]) -> None:

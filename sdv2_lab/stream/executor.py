@@ -67,11 +67,12 @@ class DiTExecutor:
     def reset_rows(self, rows: list[int]) -> None:
         self.cache.reset_rows(rows)
 
+    def release(self) -> None:
+        """Give back device memory (the KV cache's tensors, graphs and their pools); unusable afterwards."""
+        self.cache.release()
+
     def copy_rows(self, src: int, dst: list[int]) -> None:
         self.cache.copy_rows(src, dst)
-
-    def release(self) -> None:
-        """Drop what was captured or cached for speed (graphs and their memory pools); the next job rebuilds it."""
 
     # ------------------------------------------------------------------ jobs
     @torch.no_grad()
@@ -127,8 +128,9 @@ class CUDAGraphExecutor(DiTExecutor):
         self.captures = self.replays = 0
 
     def release(self) -> None:
-        self.graphs.clear()
+        self.graphs.clear()     # the graphs' static buffers and private memory pools
         self.seen.clear()
+        super().release()
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
         if x.device.type != "cuda" and not self.emulate:
@@ -197,6 +199,9 @@ class Captured:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode=error_mode):
             self.out = fn()
+        # a graph replays without its function: keeping it would tie the graph (and its memory pool) to the
+        # closure's owner in a reference cycle, freed only by the cyclic collector, not when the owner goes
+        self.fn = None
 
     def replay(self):
         if self.graph is None:

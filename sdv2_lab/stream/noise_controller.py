@@ -37,7 +37,8 @@ class MotionNoiseController:
         """frames [B, 3, T, H, W] (bf16 in [-1, 1]), previous_last [B, 3, 1, H, W] -> motion in [0, 1] (bf16)."""
         seq = torch.cat([previous_last, frames], dim=2)
         d = (seq[:, :, 1:] - seq[:, :, :-1]) ** 2
-        return (torch.sqrt(d.mean(dim=(0, 1, 3, 4))).max() / self.cfg.motion_scale).clamp(0, 1)
+        m = (torch.sqrt(d.mean(dim=(0, 1, 3, 4))).max() / self.cfg.motion_scale).clamp(0, 1)
+        return m.nan_to_num(nan=1.0)   # frames with NaN: full motion, never a NaN noise level (nor a garbage step)
 
     def next_scale(self, frames: torch.Tensor, previous_last: torch.Tensor, s_prev, s0=None):
         """The controller as a pure function of explicit previous and initial scales (floats or tensors)."""

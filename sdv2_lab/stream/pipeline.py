@@ -63,15 +63,15 @@ class StreamPipeline:
     # ------------------------------------------------------------------ the parts (the driver owns them)
     @property
     def dit(self):
-        return self.executor.dit
+        return None if self.executor is None else self.executor.dit
 
     @property
     def vae(self):
-        return self.driver.vae
+        return None if self.driver is None else self.driver.vae
 
     @property
     def text_encoder(self):
-        return self.driver.text_encoder
+        return None if self.driver is None else self.driver.text_encoder
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -101,15 +101,6 @@ class StreamPipeline:
         self.warmup_s = time.perf_counter() - t0
         return self.warmup_s
 
-    def close(self) -> None:
-        """End the stream and let go of the KV cache and captured graphs (the models go when the last reference
-        to this pipeline does)."""
-        if self.stream is not None:
-            self.driver.close(self.stream)
-            self.stream = None
-        self._encoded.clear()
-        self.executor.release()
-
     # ------------------------------------------------------------------ the stream
     @property
     def num_steps(self) -> int:
@@ -127,6 +118,18 @@ class StreamPipeline:
     @property
     def cache(self) -> StreamKVCache:
         return self.executor.cache
+
+    def close(self) -> None:
+        """Give back the pipeline's device memory (models, KV cache, CUDA graphs and their pools, stream states)
+        now, not when the collector finds its cycles; the pipeline is unusable afterwards."""
+        import gc
+        if self.driver is not None:
+            self.driver.release()
+        self.stream, self._encoded = None, []
+        self.driver = self.executor = None
+        gc.collect()   # the modules' own cycles (a VAE keeps bound methods of itself)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def start(self, prompt: str, seed: Optional[int] = None) -> Stream:

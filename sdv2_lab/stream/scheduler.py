@@ -70,6 +70,7 @@ class Stream:
     passes_left: int = 0
     row: RowPositions = field(default_factory=RowPositions)
     closed: bool = False
+    checks: Any = None                       # the input guard's records (input_guard.Checks)
 
     @property
     def started(self) -> bool:

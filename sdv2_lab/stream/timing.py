@@ -82,6 +82,7 @@ class ChunkOut:
     mark: Mark
     noise_scale: Optional[torch.Tensor] = None
     index: int = 0                 # the stream's output chunk number
+    checks: Optional[tuple] = None # the input guard's (stream record, snapshot): StreamDriver.verify reads it
 
 
 @dataclass

@@ -161,12 +161,25 @@ class TAEHV(nn.Module):
         return run_with_memory(self.encoder, frames.to(self.encoder[0].weight.dtype), StreamCache())
 
 
+@torch.no_grad()
+def visible_dummy_(model: TAEHV) -> TAEHV:
+    """Dummy weights that decode to visible noise. The generic dummy init keeps activations O(1) through the
+    normalised stacks of the Wan models; TAEHV's decoder has no norms, so through its ~30 ReLU convs the output
+    decays to ~0, which is a solid black frame (2x - 1 = -1) while the page says "noise". Twice the scale
+    (He's gain for ReLU) and the last conv's bias at 0.5 give noise around mid grey (std ~0.25)."""
+    for p in model.decoder.parameters():
+        if p.dim() == 4:
+            p.mul_(2.0)
+    model.decoder[-1].bias.fill_(0.5)
+    return model
+
+
 def load_taehv(path: Optional[str | Path], *, dummy: bool = False, device="cpu", dtype=torch.float32,
                time_upscale: Sequence[bool] = (True, True), space_upscale: Sequence[bool] = (True, True, True)) -> TAEHV:
     def make():
         return TAEHV(time_upscale, space_upscale)
     if dummy:
-        return materialize(make, None, "dummy", device, dtype)
+        return visible_dummy_(materialize(make, None, "dummy", device, dtype))
     if path is None:
         raise ValueError("TAEHV needs vae.path or weights.taehv (a taew2_1.pth)")
     with torch.device("meta"):

@@ -14,14 +14,34 @@ const ui = {
   start: $("start"), pause: $("pause"), stop: $("stop"), input: $("input"), output: $("output"),
   mjpeg: $("output-mjpeg"), message: $("message"), dummy: $("dummy-banner"), info: $("model-info"),
   state: $("state"), fps: $("fps"), lat50: $("lat50"), lat95: $("lat95"), dropped: $("dropped"),
-  sent: $("sent"), received: $("received"), applied: $("applied-prompt"),
+  sent: $("sent"), received: $("received"), applied: $("applied-prompt"), latSource: $("lat-source"),
+  slo: $("slo"),
 };
 
 // what the tests (and the curious) can read: window.sdv2
 const app = window.sdv2 = {
-  health: null, ws: null, state: "idle", width: 96, height: 64, inputFps: 16,
+  health: null, ws: null, state: "idle", width: 96, height: 64, inputFps: 16, output: "ws",
   sent: 0, received: 0, skipped: 0, serverDropped: 0, latencies: [], arrivals: [], queue: [],
   appliedPrompt: null, mediaStream: null, sendTimer: null, encoding: false, seq: 0, lastMessage: null,
+  serverStats: null, sessionStart: 0, serverUp: true,
+};
+
+// The output rate over a window of FPS_WINDOW_MS (frames in the window / the window, or the time since the
+// session's first frame while shorter): chunks arrive a few frames at once, so a rate between first and last
+// arrival would swing with each burst at low rates.
+const FPS_WINDOW_MS = 5000;
+app.rate = function (arrivals, now, since) {
+  const recent = arrivals.filter((t) => now - t < FPS_WINDOW_MS);
+  if (!recent.length) return 0;
+  const span = Math.min(FPS_WINDOW_MS, now - Math.min(since, recent[0]));
+  return span > 0 ? recent.length / (span / 1000) : 0;
+};
+
+// A new session starts from zero: nothing of the previous one is counted or shown.
+app.resetCounters = function () {
+  app.sent = 0; app.received = 0; app.skipped = 0; app.serverDropped = 0;
+  app.latencies = []; app.arrivals = []; app.serverStats = null; app.sessionStart = performance.now();
+  app.queue.splice(0).forEach((b) => b.close());
 };
 
 function say(text, kind = "") {
@@ -49,9 +69,16 @@ function sizeViews(width, height) {
 }
 
 function showHealth(h) {
+  app.serverUp = true;
   ui.info.textContent = `${h.model} · VAE ${h.vae} · ${h.width}×${h.height} on ${h.device} · ` +
     `weights ${h.weights} · streams in use ${h.streams}/${h.max_streams}`;
   ui.dummy.hidden = !h.weights_dummy;
+}
+
+function serverGone() {
+  // the numbers of a server that stopped answering are not shown as if current
+  app.serverUp = false;
+  ui.info.textContent = "the server is not answering (stopped?)";
 }
 
 async function loadHealth() {
@@ -172,14 +199,29 @@ function percentile(values, q) {
   return v[lo] + (v[Math.min(lo + 1, v.length - 1)] - v[lo]) * (k - lo);
 }
 
+function ms(v) { return v === null || v === undefined || isNaN(v) ? "–" : Number(v).toFixed(0); }
+
 setInterval(() => {
   const now = performance.now();
-  app.arrivals = app.arrivals.filter((t) => now - t < 2000);
-  const fps = app.arrivals.length > 1 ? (app.arrivals.length - 1) / ((now - app.arrivals[0]) / 1000) : 0;
-  ui.fps.textContent = app.state === "idle" ? "–" : fps.toFixed(1);
-  const p50 = percentile(app.latencies, 50), p95 = percentile(app.latencies, 95);
-  ui.lat50.textContent = isNaN(p50) ? "–" : p50.toFixed(0);
-  ui.lat95.textContent = isNaN(p95) ? "–" : p95.toFixed(0);
+  app.arrivals = app.arrivals.filter((t) => now - t < FPS_WINDOW_MS);
+  const st = app.serverStats;
+  // MJPEG: the frames go to the <img>, not through this script: show the server's numbers for this stream
+  const mjpeg = app.output === "mjpeg";
+  const fps = mjpeg ? (st ? st.fps_out : 0) : app.rate(app.arrivals, now, app.sessionStart);
+  const live = app.state === "running" || app.state === "paused";
+  ui.fps.textContent = live ? Number(fps).toFixed(1) : "–";
+  if (mjpeg) {
+    ui.lat50.textContent = ms(st && st.latency_p50_ms);
+    ui.lat95.textContent = ms(st && st.latency_p95_ms);
+  } else {
+    ui.lat50.textContent = ms(percentile(app.latencies, 50));
+    ui.lat95.textContent = ms(percentile(app.latencies, 95));
+  }
+  ui.latSource.textContent = mjpeg ? "server" : "camera to screen";
+  ui.slo.textContent = st && st.latency_p50_ms !== null && st.latency_p50_ms !== undefined ?
+    `server latency p50 ${ms(st.latency_p50_ms)} · p90 ${ms(st.latency_p90_ms)} · p95 ${ms(st.latency_p95_ms)} · ` +
+    `p99 ${ms(st.latency_p99_ms)} · p99.9 ${ms(st.latency_p99_9_ms)} ms · over ${ms(st.target_latency_ms)} ms: ` +
+    `${(100 * (st.deadline_miss_rate || 0)).toFixed(1)}% · jitter ${ms(st.jitter_ms)} ms` : "";
   ui.dropped.textContent = String(app.serverDropped + app.skipped);
   ui.sent.textContent = String(app.sent);
   ui.received.textContent = String(app.received);
@@ -191,6 +233,8 @@ function onControl(msg) {
     case "hello":
       break;
     case "started":
+      app.resetCounters();
+      app.output = msg.output;
       sizeViews(msg.width, msg.height);
       app.inputFps = msg.input_fps;
       app.appliedPrompt = msg.prompt;
@@ -219,6 +263,7 @@ function onControl(msg) {
       break;
     case "stats":
       app.serverDropped = msg.dropped_total || 0;
+      app.serverStats = msg;
       break;
     case "stopped":
       setState("idle");
@@ -235,6 +280,7 @@ function closeSocket() {
 
 async function start() {
   ui.start.disabled = true;
+  app.resetCounters();
   say("");
   try {
     await openInput();
@@ -252,6 +298,7 @@ async function start() {
     taehv: ui.taehv.checked, output: ui.transport.value,
   }));
   ws.onmessage = (ev) => {
+    if (app.ws !== ws) return;        // a closed session's last messages: not this session's numbers
     if (typeof ev.data === "string") onControl(JSON.parse(ev.data));
     else onFrame(ev.data);
   };
@@ -280,4 +327,4 @@ ui.file.onchange = () => { if (app.state !== "idle") openInput().catch((e) => sa
 
 setState("idle");
 loadHealth();
-setInterval(() => fetch("/api/health").then((r) => r.json()).then(showHealth).catch(() => {}), 3000);
+setInterval(() => fetch("/api/health").then((r) => r.json()).then(showHealth).catch(serverGone), 3000);
