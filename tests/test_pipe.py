@@ -319,7 +319,7 @@ def test_pipe_errors_are_one_line_and_settings_are_checked_before_any_rank_start
     sdv2 = str(Path(sys.executable).parent / "sdv2")
     cases = [(["num_gpus=3"], "mode=pipe with 3 stages needs at least 3 blocks; backbone tiny has 2")]
     if not torch.cuda.is_available():
-        cases.append((["num_gpus=2", "device=cuda"], "device=cuda was asked for but CUDA is not available"))
+        cases.append((["num_gpus=2", "device=cuda"], "device=cuda needs a CUDA GPU and this machine has none"))
     for args, want in cases:
         run = subprocess.run([sdv2, "run", "mode=pipe", *args, "height=32", "width=48",
                               f"hydra.run.dir={tmp_path / 'bad'}"], capture_output=True, text=True, timeout=120,

@@ -257,15 +257,15 @@ def test_taehv_with_dummy_weights_is_visible_noise_not_black(engine):
 def test_a_stream_whose_output_went_non_finite_is_restarted(engine, monkeypatch):
     """The server reads each chunk on the host anyway (JPEG): a chunk that is not finite ends that stream (the
     client hears why) and it restarts with the same settings, instead of sending NaN frames forever."""
-    vae, calls = engine.driver.vae, {"n": 0}
-    real = vae.decode
+    import sdv2_lab.stream.driver as driver
+    calls, real = {"n": 0}, driver.decode_streams
 
-    def poisoned(state, x0):
+    def poisoned(vae, states, latents):   # every decode goes through the batched call (one per chunk here)
         calls["n"] += 1
-        out = real(state, x0)
+        out = real(vae, states, latents)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(vae, "decode", poisoned)
+    monkeypatch.setattr(driver, "decode_streams", poisoned)
     with serve_in_thread(engine, settings()) as base:
         c = Client(base)
         s = c.start(steps=1)

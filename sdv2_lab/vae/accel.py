@@ -124,12 +124,18 @@ class CUDAGraphed(_Accelerated):
 
 
 def accelerate_vae(vae, mode: str = "none", backend: str = "inductor", compile_mode: str | None = None):
-    """Wrap ``vae._steps`` in place for ``mode`` (``none`` | ``compile`` | ``cuda_graph``); returns ``vae``."""
+    """Wrap ``vae._steps`` in place for ``mode`` (``auto`` | ``none`` | ``compile`` | ``cuda_graph``; auto =
+    cuda_graph on CUDA, none elsewhere); returns ``vae``."""
     if mode in (None, "none", False):
         return vae
-    if mode not in MODES:
-        raise ValueError(f"unknown accelerate mode {mode!r}; valid: {list(MODES)}")
+    if mode != "auto" and mode not in MODES:
+        raise ValueError(f"unknown accelerate mode {mode!r}; valid: {['auto', *MODES]}")
     device = next(vae.parameters()).device
+    if mode == "auto":
+        mode = "cuda_graph" if device.type == "cuda" else "none"
+        if mode == "none":
+            log.info("VAE accelerate=auto on %s: the VAE runs eager (graphs need a CUDA device)", device)
+            return vae
     if mode == "cuda_graph" and device.type != "cuda":
         log.info("VAE accelerate=cuda_graph needs a CUDA device; on %s the VAE runs eager", device)
         return vae
