@@ -156,7 +156,8 @@ def test_taehv_encoder_streaming_equals_one_shot(ours):
         parts = [vae.encode(state, video[:, :, :5])] + [vae.encode(state, video[:, :, 1 + 4 * c:5 + 4 * c])
                                                           for c in range(1, 4)]
         assert [p.shape[1] for p in parts] == [2, 1, 1, 1]
-        torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-5, atol=1e-5)
+        # float32: the chunked convolutions sum in another order than the one-shot pass (seen: 1.6e-5 abs).
+        torch.testing.assert_close(torch.cat(parts, 1), want, rtol=1e-4, atol=1e-4)
 
 
 def test_build_from_conf_with_wan_encoder(ckpt):
