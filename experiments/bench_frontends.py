@@ -82,8 +82,10 @@ def staged_loop(a, clip_path: Path) -> dict:
     startup = time.perf_counter() - t0
     video = load_video(clip_path, height=a.height, width=a.width)
     results = []
+    executor = stream.pipeline.driver.executor
     for _ in range(a.repeats):
         stream.prepare(PROMPT)
+        graphs0 = (getattr(executor, "captures", None), getattr(executor, "replays", None))
         decoded_chunks, noise_scale = [], stream.noise_scale
         starts, outs = [], []                                 # host clock: chunk k's encode call, output times
         t_start = time.perf_counter()
@@ -108,7 +110,11 @@ def staged_loop(a, clip_path: Path) -> dict:
         lat = [1e3 * (t - s) for (t, _), s in zip(outs, starts)]   # outputs come out in chunk order
         results.append({"e2e_fps": n / (t_end - t_start), "steady_fps": steady_fps,
                         "ttff_s": outs[0][0] - t_start + 5 / 16, "latency_p50_ms": percentile(lat, 50),
-                        "latency_p95_ms": percentile(lat, 95), "output_frames": n})
+                        "latency_p95_ms": percentile(lat, 95), "output_frames": n,
+                        # where the time goes, chunk by chunk, and whether this stream captured graphs anew
+                        "latencies_ms": [round(v, 1) for v in lat],
+                        "graph_captures": None if graphs0[0] is None else executor.captures - graphs0[0],
+                        "graph_replays": None if graphs0[1] is None else executor.replays - graphs0[1]})
         assert np.concatenate(decoded_chunks).shape[0] == n
     # the same frames as the engine? (same pipeline, same seed; overlap and graphs as the defaults set them)
     from sdv2_lab.stream.clips import stream_clip
