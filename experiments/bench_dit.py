@@ -7,7 +7,7 @@ One call = one stream-batch DiT job over ``steps`` x ``streams`` rows with a ful
 3 sinks, adaptive refresh at 0.2, as the reference's default config), run by the executor the pipeline uses
 (plan, DiT, velocity -> x0, re-noising; a CUDA graph with --cuda-graph on); each call finishes one latent
 frame = 4 video frames per stream, so DiT FPS = 4 x streams / step time. MFU = analytic FLOPs of the call
-(sdv2_lab/eval/flops.py) / time / measured bf16 peak.
+(sdv2_lab/flops.py) / time / measured bf16 peak.
 Weights are DUMMY (random): speed does not depend on their values, outputs are meaningless.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from sdv2_lab import build
 from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
-from sdv2_lab.eval.flops import dit_flops_per_latent_frame, measure_peak_tflops  # the one FLOP model
+from sdv2_lab.flops import dit_flops_per_latent_frame, measure_peak_tflops  # the one FLOP model
 from sdv2_lab.stream.executor import build_executor
 from sdv2_lab.stream.scheduler import Scheduler
 from sdv2_lab.stream.timing import Clock

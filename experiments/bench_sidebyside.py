@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sdv2_lab.build import backbone_config, build_pipeline, compose_config
-from sdv2_lab.eval.flops import flops_per_output_frame, mfu, peak_bf16_tflops
+from sdv2_lab.flops import flops_per_output_frame, mfu, peak_bf16_tflops
 from sdv2_lab.io.synthetic import synthetic_clip
 from sdv2_lab.stream.clips import stream_clips
 

@@ -337,7 +337,8 @@ class StreamDiffusionV2Pipeline:
         accelerated decode path (TAEHV's CUDA-graph replay; there is no TensorRT here); ``fast`` also takes the
         seed's fast config (KV cache 5, 2 sink frames, no adaptive sink refresh). A stream in progress restarts
         with its prompt. Says in one line what it switched."""
-        from .build import describe_paths, rebuild_pipeline
+        from .build import rebuild_pipeline
+        from .settings import describe_paths
         old = self.cfg
         cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         changed = [f"{what} {a} -> {b}" for what, a, b in (
@@ -477,15 +478,38 @@ def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_pat
                    fps=fps, step=step, seed=seed, model_type=model_type, use_taehv=use_taehv,
                    use_tensorrt=use_tensorrt, fast=fast, wan_folder=wan_folder, taehv=taehv, vae=vae,
                    overrides=overrides)
-    if mode == "pipe":  # the DiT's blocks over num_gpus GPUs, one process each (sdv2_lab/parallel/launch.py)
-        from .parallel.launch import video_to_video
-        return video_to_video(checkpoint_folder=checkpoint_folder, video_path=video_path, prompt=prompt,
-                              output_path=output_path, gpu_ids=gpu_ids, num_gpus=num_gpus,
-                              schedule_block=schedule_block, **options)
+    if mode == "pipe":  # the DiT's blocks over num_gpus GPUs: `sdv2 run`'s function on one process per stage
+        return _pipe_video_to_video(checkpoint_folder=checkpoint_folder, video_path=video_path, prompt=prompt,
+                                    output_path=output_path, gpu_ids=gpu_ids, num_gpus=num_gpus,
+                                    schedule_block=schedule_block, **options)
     options["device"] = _single_gpu_device(mode, device, gpu_ids, num_gpus)
     _check_files(video_path, output_path)
     with StreamDiffusionV2Pipeline(checkpoint_folder, mode=mode, profile=profile, **options) as pipe:
         return _restyle_file(pipe, video_path, prompt, output_path)
+
+
+def _pipe_video_to_video(*, video_path, prompt, output_path, gpu_ids=None, num_gpus=None, device=None,
+                         schedule_block=False, overrides=None, **seed_args) -> str:
+    """``mode="pipe"``: the file through ``sdv2 run``'s function on ``num_gpus`` stages (default 2, or
+    ``len(gpu_ids)``); writes ``output_path``."""
+    from .cli import run
+    from .configs import compose_config
+    from .seed_config import quote, seed_overrides
+    if gpu_ids is not None and num_gpus is not None and num_gpus != len(gpu_ids):
+        raise ValueError(f"pipe mode: num_gpus={num_gpus} but gpu_ids={list(gpu_ids)} ({len(gpu_ids)} ids)")
+    n = len(gpu_ids) if gpu_ids else (num_gpus or 2)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ov = [o for o in seed_overrides(mode="single", device=device, **seed_args) if not o.startswith("mode=")]
+    out = Path(output_path).expanduser().absolute()
+    ov += ["mode=pipe", f"num_gpus={n}", f"mode.schedule_block={str(bool(schedule_block)).lower()}",
+           "input=file", f"input.video={quote(Path(video_path).expanduser().absolute())}",
+           f"input.prompt={quote(prompt)}", f"output.dir={quote(out.parent)}", f"output.name={quote(out.name)}",
+           "output.timings=null"]
+    if gpu_ids:
+        ov.append(f"mode.gpu_ids=[{','.join(str(int(i)) for i in gpu_ids)}]")
+    run(compose_config("config", ov + list(overrides or [])))
+    return str(out)
 
 
 def _single_gpu_device(mode: str, device, gpu_ids, num_gpus):

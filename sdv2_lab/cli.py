@@ -14,104 +14,30 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
 from .configs import CONF_DIR
 from .entry import check_command_line, guard, offline_defaults, run_task
+from .inputs import damage_reported_here, expected_output_frames, input_frames, read_prompt
+from .report import format_pipe, format_stats
 
 log = logging.getLogger("sdv2")
-
-
-def read_prompt(cfg: DictConfig) -> str:
-    prompt = cfg.input.get("prompt")
-    pfile = cfg.input.get("prompt_file")
-    if pfile:
-        path = Path(pfile).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"input.prompt_file {path} not found (relative paths are taken from {Path.cwd()})")
-        from .io.text import read_text
-        lines = [ln.strip() for ln in read_text(path, "input.prompt_file").splitlines() if ln.strip()]
-        if not lines:
-            raise ValueError(f"input.prompt_file {path} is empty: write the prompt on its first line")
-        prompt = lines[0]  # as the reference: the first line
-    if not prompt or not str(prompt).strip():
-        raise ValueError("no prompt: set input.prompt=... or input.prompt_file=...")
-    return str(prompt)
-
-
-def first_chunk_frames(cfg: DictConfig) -> int:
-    return 1 + 4 * int(cfg.frames_per_block)
-
-
-def expected_output_frames(input_frames: int, cfg: DictConfig) -> Optional[int]:
-    """Frames a clip of ``input_frames`` makes (whole chunks; the rest is dropped), None when unknown."""
-    if not input_frames or input_frames < first_chunk_frames(cfg):
-        return None
-    per_chunk = 4 * int(cfg.frames_per_block)
-    return 1 + per_chunk * ((input_frames - 1) // per_chunk)
-
-
-def input_frames(cfg: DictConfig):
-    """(frames or an iterator of frames [3, t, H, W] in [-1, 1], input fps, description, frame count or 0).
-    A missing, unreadable, still-image or too-short input fails here, before any model is built."""
-    if cfg.t2v:
-        return None, float(cfg.fps), "text-to-video", int(cfg.num_frames)
-    if cfg.input.kind == "synthetic":
-        from .io.synthetic import synthetic_clip
-        n = int(cfg.input.frames)
-        if n < first_chunk_frames(cfg):
-            raise ValueError(f"input.frames={n}: the first chunk needs {first_chunk_frames(cfg)} frames")
-        video, _ = synthetic_clip(n, cfg.height, cfg.width, seed=cfg.seed)
-        return video, float(cfg.input.fps), f"synthetic clip ({n} frames)", n
-    from .io.video import iter_video_frames, probe_video
-    info = probe_video(cfg.input.video)
-    info.check_length(first_chunk_frames(cfg), "input.video")
-    limit = cfg.input.get("max_frames")
-    count = min(info.frames, limit) if limit and info.frames else (limit or info.frames)
-    frames = iter_video_frames(cfg.input.video, height=cfg.height, width=cfg.width, max_frames=limit, batch=4)
-    desc = f"{cfg.input.video} ({info.frames or 'unknown number of'} frames at {info.fps:.1f} fps)"
-    return _until_damaged(frames), info.fps, desc, count
-
-
-class _Damage:
-    """An input cut short, in the process where ``run_checked`` runs: its stream ends at the cut and the error
-    waits there to be reported. Anywhere else (a pipe rank, the API) the error is raised as it comes."""
-    owner: Optional[int] = None
-    errors: list = []
-
-
-def _until_damaged(frames):
-    """A file's frames up to where they stop decoding: the stream ends there, so that the pipeline flushes and
-    the output is written with what was made; the error is reported after (``run_checked``)."""
-    import os
-
-    from .io.video import VideoDecodeError
-    try:
-        yield from frames
-    except VideoDecodeError as exc:
-        if _Damage.owner != os.getpid():
-            raise
-        _Damage.errors.append(exc)
 
 
 def run_checked(cfg: DictConfig, **kwargs) -> dict:
     """``run`` for the command lines: an input cut short ends in its error (exit 1) after the frames before the
     cut were streamed and written."""
-    import os
-    _Damage.owner, _Damage.errors = os.getpid(), []
-    try:
-        stats = run(cfg, **kwargs)
-    except ValueError as exc:
-        if not _Damage.errors:
-            raise
-        raise ValueError(f"{_Damage.errors[0]}; nothing was written ({exc})") from None
-    finally:
-        _Damage.owner = None
-    if _Damage.errors:
-        raise ValueError(f"{_Damage.errors[0]}; {stats.get('output')} holds the {stats.get('output_frames')} "
+    with damage_reported_here() as damage:
+        try:
+            stats = run(cfg, **kwargs)
+        except ValueError as exc:
+            if not damage:
+                raise
+            raise ValueError(f"{damage[0]}; nothing was written ({exc})") from None
+    if damage:
+        raise ValueError(f"{damage[0]}; {stats.get('output')} holds the {stats.get('output_frames')} "
                          f"frames made before it")
     return stats
 
@@ -119,7 +45,9 @@ def run_checked(cfg: DictConfig, **kwargs) -> dict:
 def run(cfg: DictConfig, *, name: str = "sdv2 run",
         dummy_hint: str = "weights=real with the official files: README") -> dict:
     """Stream the input through the pipeline, write the mp4, print the timings. Everything that can be checked
-    without the models (settings, weight files, input, output path) is checked first."""
+    without the models (settings, weight files, input, output path) is checked first. ``mode=pipe`` on several
+    stages: this same function runs on every rank (one process per stage, launched here), each building its
+    stage and streaming the same input in lockstep; the last rank writes the video and prints the timings."""
     import torch
     from tqdm import tqdm
 
@@ -127,61 +55,55 @@ def run(cfg: DictConfig, *, name: str = "sdv2 run",
     from .io.files import check_output_file
     from .io.threads import BackgroundWriter, prefetch
     from .io.video import VideoWriter
+    from .parallel.launch import launches, on_ranks
+    from .parallel.placement import writes_output
     from .preflight import check_config
     from .stream.clips import stream_clip
 
-    from .parallel.launch import launches
-    if launches(cfg):  # mode=pipe on several GPUs: one process per stage (sdv2_lab/parallel/launch.py)
-        from .parallel.launch import run as run_pipe
-        return run_pipe(cfg)
     check_config(cfg)
+    writer = writes_output()
     prompt = read_prompt(cfg)
     out_dir = Path(cfg.output.dir)
-    out_path = check_output_file(out_dir / cfg.output.name, "output video")
+    out_path = check_output_file(out_dir / cfg.output.name, "output video") if writer else None
     frames, in_fps, desc, count = input_frames(cfg)
-    pipe = build_pipeline(cfg, announce=lambda line: print(f"{name}: {line}", flush=True), dummy_hint=dummy_hint)
-    dummy = pipe.weights_are_dummy
-    print(f"{name}: input: {desc}", flush=True)
+    if launches(cfg):   # one process per stage (sdv2_lab/parallel/launch.py), each running this function
+        return on_ranks(cfg, run, name=name, dummy_hint=dummy_hint)[-1]
+    say = (lambda line: print(f"{name}: {line}", flush=True)) if writer else None
+    pipe = build_pipeline(cfg, announce=say, dummy_hint=dummy_hint)
     if not isinstance(frames, torch.Tensor) and frames is not None:  # decoded on a thread of its own, ahead of use
         pin = pipe.device.type == "cuda"
         frames = prefetch(frames, depth=8, prepare=(lambda t: t.pin_memory()) if pin else None)
+    if not writer:   # a pipe stage before the last: in step with it, nothing to write
+        return stream_clip(pipe, frames, prompt, input_fps=in_fps, keep_output=False)[1]
+    say(f"input: {desc}")
     total = count if cfg.t2v else expected_output_frames(count, cfg)
     # the mp4 is encoded on a thread of its own: the loop that feeds the GPU never waits for the encoder
-    with BackgroundWriter(VideoWriter(out_path, fps=cfg.fps)) as writer, \
+    with BackgroundWriter(VideoWriter(out_path, fps=cfg.fps)) as mp4, \
             tqdm(desc="output frames", total=total, unit="f", mininterval=1.0, dynamic_ncols=True) as bar:
-        if cfg.t2v:
+        if cfg.t2v and pipe.cfg.mode != "pipe":
             pipe.start(prompt)
             out = pipe.generate(cfg.num_frames)
-            writer.write(out)
+            mp4.write(out)
             bar.update(out.shape[0])
             stats = {"output_frames": out.shape[0]}
         else:
-            _, stats = stream_clip(pipe, frames, prompt, input_fps=in_fps, on_frames=writer.write, progress=bar,
+            _, stats = stream_clip(pipe, frames, prompt, input_fps=in_fps, on_frames=mp4.write, progress=bar,
                                    keep_output=False, host_frames="uint8")
-    stats.update(weights="dummy" if dummy else "real", output=str(out_path), device=str(pipe.device),
-                 torch=torch.__version__, gpu=torch.cuda.get_device_name() if pipe.device.type == "cuda" else "cpu",
-                 warmup_s=pipe.warmup_s, writer_waits=writer.waits)
+    stats.update(weights="dummy" if pipe.weights_are_dummy else "real", output=str(out_path),
+                 device=str(pipe.device), torch=torch.__version__,
+                 gpu=torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else "cpu",
+                 warmup_s=pipe.warmup_s, writer_waits=mp4.waits)
+    if stats.get("pipe_ranks"):
+        stats["device"] = f"{stats['pipe_ranks']} x {pipe.device.type}"
+        if stats.get("encode_fps") is None:   # the last rank does not encode: rank 0's encode rate
+            stats["encode_fps"] = stats.get("pipe_encode_fps")
     print(format_stats(stats))
+    if stats.get("pipe_ranks"):
+        print(format_pipe(stats))
     timings = cfg.output.get("timings", "timings.json")
     if timings:
         (out_dir / timings).write_text(json.dumps(stats, indent=1, default=str))
     return stats
-
-
-def format_stats(s: dict) -> str:
-    def f(key, fmt="{:.2f}", unit=""):
-        v = s.get(key)
-        return (s.get(f"{key}_note") or "n/a") if v is None else fmt.format(v) + unit
-    return ("\n".join([
-        f"wrote {s.get('output')} ({s.get('output_frames')} frames; weights: {s.get('weights')})",
-        f"  end-to-end FPS {f('e2e_fps')}   steady-state FPS {f('steady_fps')}",
-        f"  time to first frame {f('ttff_s', '{:.3f}', ' s')} (compute {f('ttff_compute_s', '{:.3f}', ' s')} + "
-        f"buffering {f('ttff_buffer_s', '{:.3f}', ' s')})",
-        f"  per-chunk latency p50 {f('latency_p50_ms', '{:.1f}', ' ms')}  p95 {f('latency_p95_ms', '{:.1f}', ' ms')}"
-        f"  max {f('latency_max_ms', '{:.1f}', ' ms')}",
-        f"  stages: encode {f('encode_fps', '{:.1f}', ' FPS')}  DiT {f('dit_fps', '{:.1f}', ' FPS')}  "
-        f"decode {f('decode_fps', '{:.1f}', ' FPS')}",
-    ]))
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -25,7 +25,7 @@ def check_config(cfg: DictConfig) -> None:
     """The device, the frame rates, sizes, steps, resolution, chunk and cache settings
     (``PipelineConfig.validate``), the backbone's shape, and the weight files that exist (a truncated one is
     named)."""
-    from .build import backbone_config, pipeline_config
+    from .settings import backbone_config, pipeline_config
     check_device(cfg)
     check_rates(cfg)
     backbone_config(cfg)

@@ -79,7 +79,8 @@ from stand_in_vae import PoolVAE  # noqa: E402
 
 from sdv2_lab.backbones.checkpoints import load_backbone  # noqa: E402
 from sdv2_lab.backbones.wan_dit import WanDiTConfig  # noqa: E402
-from sdv2_lab.build import build_pipeline, compose_config, pipeline_config  # noqa: E402
+from sdv2_lab.build import build_pipeline, compose_config  # noqa: E402
+from sdv2_lab.settings import pipeline_config  # noqa: E402
 from sdv2_lab.io.synthetic import synthetic_clip  # noqa: E402
 from sdv2_lab.stream.clips import stream_clip  # noqa: E402
 from sdv2_lab.stream.config import PipelineConfig  # noqa: E402

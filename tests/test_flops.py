@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
-from sdv2_lab.eval import flops as F
+from sdv2_lab import flops as F
 
 WAN_1_3B = WanDiTConfig(name="wan_1_3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanDiTConfig(name="wan_14b", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)

@@ -182,7 +182,7 @@ def timer_with_chunks(chunks: int):
 
 
 def test_steady_fps_is_na_with_the_frames_needed_not_nan():
-    from sdv2_lab.cli import format_stats
+    from sdv2_lab.report import format_stats
     short = timer_with_chunks(4).summary(warmup_chunks=4, input_fps=16, first_chunk_frames=5)   # 17 frames, 4 steps
     assert short["steady_fps"] is None
     assert short["steady_fps_note"] == "n/a: clip too short for a steady state (needs 21 frames)"
@@ -246,7 +246,7 @@ def test_ctrl_c_keeps_a_shorter_video_and_leaves_no_empty_folder(tmp_path):
 def test_prompt_files_with_a_byte_order_mark_are_read(tmp_path):
     from omegaconf import OmegaConf
 
-    from sdv2_lab.cli import read_prompt
+    from sdv2_lab.inputs import read_prompt
     from sdv2_lab.eval.datasets import read_prompts_file
     for encoding in ("utf-16", "utf-8-sig", "utf-32"):
         (tmp_path / "p.txt").write_text("une peinture à l'huile\nsecond\n", encoding=encoding)

@@ -335,3 +335,15 @@ def test_pipe_errors_are_one_line_and_settings_are_checked_before_any_rank_start
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert len(errors) == 1 and "sdv2 run: error: pipe rank 1" in errors[0] and "injected failure at job 3" in errors[0]
     assert "(rank tracebacks: " in errors[0]
+
+
+def test_torchrun_ranks_run_the_same_front_end(tmp_path):
+    """Under torchrun each rank runs ``sdv2 run``'s own function on its stage; the last writes the video."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", SDV2_PIPE_DEVICES="cpu,cpu", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "sdv2_lab.torchrun", "run", "num_gpus=2", "height=32", "width=48",
+                          f"output.dir={tmp_path}"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings["pipe_ranks"] == 2 and timings["output_frames"] > 0 and (tmp_path / "output.mp4").stat().st_size
+    assert run.stdout.count("wrote ") == 1   # one rank writes and reports

@@ -176,7 +176,8 @@ def test_enable_acceleration_switches_what_the_driver_runs():
     out = seed_loop(pipe, synthetic_clip(13, H, W)[0])
     assert out.shape == (13, H, W, 3)
     # on CUDA the same switch runs the graph executor: the executor the config names for that device
-    from sdv2_lab.build import compose_config, pipeline_config
+    from sdv2_lab.build import compose_config
+    from sdv2_lab.settings import pipeline_config
     from sdv2_lab.seed_config import seed_overrides
     from sdv2_lab.stream.pipeline import executor_name
     cuda_cfg = compose_config("config", seed_overrides(device="cuda", fast=True, height=H, width=W))

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from sdv2_lab.vae import build_vae, fused_ops
 from sdv2_lab.vae.wan_fused import FusedWan, install_fused, subpixel_weights
-from sdv2_lab.vae.wan_vae import load_wan_vae, use_fused
+from sdv2_lab.vae.wan_builder import use_fused
+from sdv2_lab.vae.wan_vae import load_wan_vae
 
 DIM, H, W = 16, 32, 48
 CL3 = torch.channels_last_3d

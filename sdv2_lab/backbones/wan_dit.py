@@ -147,6 +147,10 @@ class SelfAttention(nn.Module):
             lin.bias = nn.Parameter(b[i * d:(i + 1) * d], requires_grad=False)
         self._fused = (w, b)
 
+    def unfuse_qkv(self) -> None:
+        """Forget the fused [3D, D] tensor (the block's storage is about to go)."""
+        self.__dict__.pop("_fused", None)
+
     def _project(self, x):
         fused = getattr(self, "_fused", None)
         if fused is not None and fused[0].data_ptr() == self.q.weight.data_ptr() \
@@ -270,6 +274,15 @@ class CausalWanDiT(nn.Module):
                 blk.self_attn.fuse_qkv()
 
     # ------------------------------------------------------------------ parts (a pipe stage holds some of them)
+    def block_arrived(self, layer: int) -> None:
+        """Block ``layer``'s weights were just written in place (a pipe stage received it): fuse it as the others."""
+        self.blocks[layer].self_attn.fuse_qkv()
+
+    def block_left(self, layer: int) -> None:
+        """Block ``layer`` now lives elsewhere (a pipe stage handed it on): drop its fused weights and storage."""
+        self.blocks[layer].self_attn.unfuse_qkv()
+        self.blocks[layer].to("meta")
+
     def part_names(self) -> list[str]:
         """The model's parts in order: the embeddings, each block, the head. Dummy weights are drawn per part."""
         return ["patch_embedding", "text_embedding", "time_embedding", "time_projection",
@@ -339,7 +352,9 @@ class CausalWanDiT(nn.Module):
         cache.set_cross(range(cache.num_rows) if rows is None else rows, k, v)
 
     # ------------------------------------------------------------------ pieces (a pipeline stage may run a subset)
-    def _rope(self, start_frames: torch.Tensor, f: int, h: int, w: int, device):
+    def rope(self, start_frames: torch.Tensor, f: int, h: int, w: int, device):
+        """RoPE phasors of ``f`` latent frames of ``h x w`` tokens from each row's ``start_frames``:
+        [B, F*h*w, 1, head_dim/2] complex64."""
         key = (device, h, w)
         if key not in self._rope_cache:
             ct, ch, cw = self._rope_split
@@ -431,7 +446,7 @@ class CausalWanDiT(nn.Module):
         _, f, _, hl, wl = x.shape
         h, w = hl // self.cfg.patch_size[1], wl // self.cfg.patch_size[2]
         tokens, e, e0 = self.embed(x, t)
-        rope = self._rope(plan.start_frames, f, h, w, x.device)
+        rope = self.rope(plan.start_frames, f, h, w, x.device)
         tokens = self.run_blocks(tokens, e0, rope, cache, plan)
         return self.unpatchify(self.head(tokens, e).flatten(1, 2), f, h, w)
 

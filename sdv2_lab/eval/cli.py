@@ -128,7 +128,12 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     ``metrics``: a dict to receive ``trainer.callback_metrics`` (``summary/<measure>``, ``video/<measure>``).
     Ctrl-C ends in ``KeyboardInterrupt("k of n videos kept ...")`` after ``summary.json`` is written over the
     finished videos; another failure writes it too, then raises."""
+    import tempfile
     import warnings
+
+    import pandas as pd
+
+    from .results import read_jsonl
 
     quiet_lightning()
     warnings.filterwarnings("ignore", message=".*treespec.*")   # Lightning's own deprecation noise
@@ -137,13 +142,21 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     from .datasets import EvalDataModule, build_dataset
     from .module import StreamingEvalModule
 
+    from ..parallel.launch import launches, on_ranks
+    from ..parallel.placement import writes_output
+
     run_dir = Path(run_dir)
+    if not writes_output():   # a pipe stage before the last: in step with it on the same videos, recording nothing
+        cfg.logger = {"_target_": None}
+        cfg.eval.save_videos = 0
+        run_dir = Path(tempfile.mkdtemp(prefix="sdv2-pipe-rank-"))
+        sys.stdout = open(run_dir / "console.log", "w")
     cfg = with_run_dir(cfg, run_dir)
-    from ..parallel.launch import launches
-    if launches(cfg):  # mode=pipe on several GPUs: one process per stage, all on the same videos in lockstep
-        from ..parallel.launch import evaluate as evaluate_pipe
-        return evaluate_pipe(cfg, run_dir, overrides)
     check_config(cfg)  # settings and weight files, then the dataset: all before any model is built
+    if launches(cfg):  # mode=pipe on several GPUs: one process per stage, each running this function
+        on_ranks(cfg, evaluate, str(run_dir), list(overrides or []))
+        path = run_dir / "results.jsonl"
+        return pd.DataFrame(read_jsonl(path)) if path.exists() else None
     dataset = build_dataset(cfg.dataset, cfg.height, cfg.width, min_frames=1 + 4 * int(cfg.frames_per_block))
     data = EvalDataModule(dataset, num_workers=int(cfg.eval.num_workers))
     module = StreamingEvalModule(cfg, run_dir, overrides)

@@ -31,10 +31,11 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..build import backbone_config, build_pipeline
+from ..build import build_pipeline
+from ..settings import backbone_config
 from ..metrics import build_metrics
 from .datasets import VideoItem
-from .flops import flops_per_output_frame, mfu, peak_bf16_tflops
+from ..flops import flops_per_output_frame, mfu, peak_bf16_tflops
 from .results import ResultsWriter, read_jsonl, run_metadata, write_atomic
 from ..stream.clips import stream_clips
 from ..units import to_unit
@@ -68,7 +69,7 @@ def gpus_per_stream(cfg: DictConfig) -> int:
     """GPUs one stream runs on: the pipe stages (mode=pipe), else 1."""
     if cfg.mode.name != "pipe":
         return 1
-    from ..parallel.build import pipe_world
+    from ..parallel.placement import pipe_world
     return pipe_world(cfg)
 
 

@@ -36,7 +36,7 @@ def _vae_config(spec, weights: Mapping) -> dict:
     (the run's resolved ``vae`` config)."""
     if isinstance(spec, str):
         from omegaconf import OmegaConf
-        from ..build import CONF_DIR
+        from ..configs import CONF_DIR
         path = Path(CONF_DIR) / "vae" / f"{spec}.yaml"
         if not path.is_file():
             raise ValueError(f"metrics.vae_fidelity.reference={spec!r}: no {path}")

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .health import Health
+from .health import STALL_TIMEOUT_S, Health
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def init(rank: int, world: int, device: str | torch.device, store, *, timeout_s:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" and transport != "host" else "gloo"
-    from .launch import STALL_TIMEOUT_S
     stall = float(stall_timeout_s if stall_timeout_s is not None else STALL_TIMEOUT_S)
     health = Health(health_store, rank, world, role or f"rank {rank}", timeout_s, stall_timeout_s=stall, quiet=quiet)
     # the groups' own timeout sits beyond ours (silence: the heartbeats; no progress: the stall timeout), so that a

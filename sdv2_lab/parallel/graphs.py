@@ -58,7 +58,7 @@ class UnitGraphs:
         key = (first, end, tuple(tokens.shape), tokens.dtype, plan.refresh_check, plan.kv_lens is None, *key)
 
         def blocks(tok, mod):
-            rope = self.dit._rope(plan.start_frames, f, h, w, tok.device)
+            rope = self.dit.rope(plan.start_frames, f, h, w, tok.device)
             return self.dit.run_blocks(tok, mod, rope, self.cache, plan, first, end)
 
         g = self.graphs.get(key)

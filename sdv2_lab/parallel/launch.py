@@ -6,11 +6,11 @@
   that raises or stops answering ends the job: the others stop, stragglers are killed, and ``PipeError`` says in
   one line which rank and what it was doing. NCCL on GPUs, gloo on CPU (and for GPUs that share: ``transport``).
   Settings are checked (``check_pipe``) before any process starts.
-* ``python -m torch.distributed.run --nproc_per_node=N -m sdv2_lab.parallel run|eval <overrides>``: the same
+* ``python -m torch.distributed.run --nproc_per_node=N -m sdv2_lab.torchrun run|eval <overrides>``: the same
   ranks under torchrun (``__main__.py``).
-* Front ends: ``run(cfg)`` (``sdv2 run``), ``evaluate(cfg, run_dir)`` (``sdv2 eval``), ``video_to_video(...)``
-  (``run_video_to_video(mode="pipe")``, ``./run_v2v.sh pipe``). Every rank streams the same input in lockstep;
-  the last rank writes the video / the results row.
+* ``on_ranks(cfg, fn, ...)``: the front ends' door. ``sdv2 run``, ``sdv2 eval``, the API and ``run_v2v.sh`` pass
+  their own function: it runs on every rank (each builds its stage: ``placement.py``) over the same input in
+  lockstep, and the last rank writes the video / the results rows (``placement.writes_output``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .health import ABORT, PipeError
+from .health import ABORT, STALL_TIMEOUT_S, PipeError
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,6 @@ def launch(fn: Callable, args: tuple = (), *, devices: list[str], timeout_s: flo
         _stop(procs, 0.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-STALL_TIMEOUT_S = 1800.0   # a wait on a live peer (fresh heartbeat) is slowness, not a failure, until this
 
 
 def _pickle_call(fn, args) -> tuple[bytes, bool]:
@@ -235,7 +233,8 @@ def rank_main(make_context, fn, args, out_path: Optional[str], threads: Optional
         os._exit(0)   # a launched rank: done (no teardown of threads the process groups left behind)
 
 
-# What every rank would say alike (they build from one config and read one input): said by rank 0 only.
+# What every rank would say alike (they build from one config and read one input): said by the last rank only,
+# the one that writes the output and announces what runs (``placement.writes_output``).
 SAID_ONCE = ("sdv2_lab.build", "sdv2_lab.io.video")
 
 
@@ -243,15 +242,15 @@ def _rank_logging(rank: int, world: int = 1) -> None:
     fmt = f"[%(asctime)s][pipe rank {rank}][%(name)s][%(levelname)s] - %(message)s"
     logging.basicConfig(level=logging.WARNING, format=fmt, force=True)
     logging.getLogger("sdv2_lab.parallel").setLevel(logging.INFO)
-    for name in SAID_ONCE:   # rank 0 holds every part (text encoder included): its DUMMY line names them all
-        logging.getLogger(name).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    for name in SAID_ONCE:
+        logging.getLogger(name).setLevel(logging.WARNING if rank == world - 1 else logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------- front ends
 def launches(cfg: DictConfig) -> bool:
     """Whether this config needs pipe ranks launched from here: mode=pipe on more than one stage, and this
     process is not already one of them (one stage runs in process)."""
-    from .build import pipe_world
+    from .placement import pipe_world
     from .context import current
     return cfg.mode.name == "pipe" and current() is None and pipe_world(cfg) > 1
 
@@ -287,7 +286,7 @@ def _restore_hydra(state: Optional[dict]) -> None:
 
 def _settings(cfg: DictConfig) -> dict:
     """The launch settings of a config, checked first (``check_pipe``: devices, the split; before any process)."""
-    from .build import check_pipe, pipe_devices
+    from .placement import check_pipe, pipe_devices
     check_pipe(cfg)
     p = cfg.mode
     stall = p.get("stall_timeout_s", STALL_TIMEOUT_S)
@@ -295,123 +294,18 @@ def _settings(cfg: DictConfig) -> dict:
                 transport=str(p.get("transport", "auto")), stall_timeout_s=None if stall is None else float(stall))
 
 
-def run(cfg: DictConfig) -> dict:
-    """``sdv2 run mode=pipe``: settings, files, input and output checked here, then one process per stage;
-    returns the last rank's timings (with every rank's stage times)."""
-    from ..cli import input_frames, read_prompt
-    from ..io.files import check_output_file
-    from ..preflight import check_config
-    check_config(cfg)
+def on_ranks(cfg: DictConfig, fn: Callable, *args, **kwargs) -> list:
+    """``fn(cfg, *args, **kwargs)`` on every rank of the pipe job that ``cfg`` names, each rank with the config
+    on its own device (the launch settings checked first); returns every rank's result. The front ends pass
+    themselves: the same function runs on every rank, and ``placement.writes_output`` says which one writes."""
     settings = _settings(cfg)
-    read_prompt(cfg)
-    check_output_file(Path(cfg.output.dir) / cfg.output.name, "output video")
-    input_frames(cfg)
-    return launch(run_rank, (_container(cfg),), **settings)[-1]
+    return launch(run_with_config, (fn, _container(cfg), _hydra_state(), args, kwargs), **settings)
 
 
-def run_rank(container: dict) -> dict:
-    """One rank of ``sdv2 run``: the same input on every rank, in lockstep; the last writes the video."""
-    from tqdm import tqdm
-
-    from ..build import build_pipeline
-    from ..cli import expected_output_frames, format_stats, input_frames, read_prompt
-    from ..io.video import VideoWriter
-    from ..stream.clips import stream_clip
-    from .context import current
-    ctx = current()
-    cfg = OmegaConf.create(container)
-    cfg.device = str(ctx.device)
-    prompt = read_prompt(cfg)
-    frames, in_fps, desc, count = input_frames(cfg)
-    pipe = build_pipeline(cfg)
-    out_path = Path(cfg.output.dir) / cfg.output.name
-    if not ctx.last:
-        _, stats = stream_clip(pipe, frames, prompt, input_fps=in_fps, keep_output=False)
-        return stats
-    print(f"sdv2 run: {cfg.backbone.name} / vae {cfg.vae.name} / pipe on {ctx.world} stage(s) / {cfg.steps} step(s) / "
-          f"{cfg.height}x{cfg.width} on {ctx.device} ({str(pipe.dtype).replace('torch.', '')}); input: {desc}")
-    total = count if cfg.t2v else expected_output_frames(count, cfg)
-    with VideoWriter(out_path, fps=cfg.fps) as writer, \
-            tqdm(desc="output frames", total=total, unit="f", mininterval=1.0, dynamic_ncols=True) as bar:
-        _, stats = stream_clip(pipe, frames, prompt, input_fps=in_fps, on_frames=writer.write, progress=bar,
-                               keep_output=False)
-    stats.update(weights="dummy" if pipe.weights_are_dummy else "real", output=str(out_path),
-                 device=f"{ctx.world} x {ctx.device.type}", torch=torch.__version__,
-                 gpu=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu")
-    if stats.get("encode_fps") is None:   # the last rank does not encode: rank 0's encode rate
-        stats["encode_fps"] = stats.get("pipe_encode_fps")
-    print(format_stats(stats))
-    print(format_pipe(stats))
-    timings = cfg.output.get("timings", "timings.json")
-    if timings:
-        import json
-        (Path(cfg.output.dir) / timings).write_text(json.dumps(stats, indent=1, default=str))
-    return stats
-
-
-def format_pipe(s: dict) -> str:
-    ranks = int(s.get("pipe_ranks", 0))
-    parts = [f"  pipe: {ranks} stage(s), blocks {s.get('pipe_split')}, bubble "
-             f"{100 * s['pipe_bubble']:.1f}%" if s.get("pipe_bubble") is not None else
-             f"  pipe: {ranks} stage(s), blocks {s.get('pipe_split')}"]
-    for r in range(ranks):
-        if f"pipe_stage_ms_r{r}" in s:
-            parts.append(f"    rank {r}: {s[f'pipe_stage_ms_r{r}']:.1f} ms busy per chunk (blocks "
-                         f"{s.get(f'pipe_blocks_ms_r{r}', 0):.1f})")
-    if s.get("pipe_rebalances"):
-        parts.append(f"    block scheduler: {s['pipe_rebalances']} move(s)")
-    return "\n".join(parts)
-
-
-def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Optional[list[str]] = None):
-    """``sdv2 eval mode=pipe``: every rank evaluates the same videos in lockstep; the last records the rows
-    (with every rank's stage times and the bubble fraction) in ``run_dir``. Returns the rows."""
-    import pandas as pd
-
-    from ..eval.results import read_jsonl
-    from ..preflight import check_config
-    check_config(cfg)
-    settings = _settings(cfg)
-    run_dir = Path(run_dir)
-    launch(eval_rank, (_container(cfg), str(run_dir), list(overrides or []), _hydra_state()), **settings)
-    path = run_dir / "results.jsonl"
-    return pd.DataFrame(read_jsonl(path)) if path.exists() else None
-
-
-def eval_rank(container: dict, run_dir: str, overrides: list[str], hydra: Optional[dict] = None) -> None:
-    from ..eval.cli import evaluate as evaluate_here
+def run_with_config(fn: Callable, container: dict, hydra: Optional[dict], args: tuple, kwargs: dict):
+    """In a rank: the launcher's config (and Hydra state) on this rank's device, then ``fn(cfg, ...)``."""
     from .context import current
     _restore_hydra(hydra)
-    ctx = current()
     cfg = OmegaConf.create(container)
-    cfg.device = str(ctx.device)
-    if not ctx.last:   # the other ranks work in step with it but record nothing
-        cfg.logger = {"_target_": None}
-        cfg.eval.save_videos = 0
-        run_dir = tempfile.mkdtemp(prefix=f"sdv2-pipe-rank{ctx.rank}-")
-        sys.stdout = open(os.path.join(run_dir, "console.log"), "w")
-    evaluate_here(cfg, run_dir, overrides)
-
-
-def video_to_video(*, video_path, prompt, output_path, gpu_ids=None, num_gpus=None, device=None,
-                   schedule_block=False, overrides=None, **seed_args) -> str:
-    """``run_video_to_video(mode="pipe", gpu_ids=[0, 1], num_gpus=2, ...)``: the whole file through the pipeline
-    on ``num_gpus`` stages (default 2, or ``len(gpu_ids)``); writes ``output_path``."""
-    from ..build import compose_config
-    from ..seed_config import quote, seed_overrides
-    if gpu_ids is not None and num_gpus is not None and num_gpus != len(gpu_ids):
-        raise ValueError(f"pipe mode: num_gpus={num_gpus} but gpu_ids={list(gpu_ids)} ({len(gpu_ids)} ids)")
-    n = len(gpu_ids) if gpu_ids else (num_gpus or 2)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    ov = [o for o in seed_overrides(mode="single", device=device, **seed_args) if not o.startswith("mode=")]
-    out = Path(output_path).expanduser().absolute()
-    ov += ["mode=pipe", f"num_gpus={n}", f"mode.schedule_block={str(bool(schedule_block)).lower()}",
-           "input=file", f"input.video={quote(Path(video_path).expanduser().absolute())}",
-           f"input.prompt={quote(prompt)}", f"output.dir={quote(out.parent)}", f"output.name={quote(out.name)}",
-           "output.timings=null"]
-    if gpu_ids:
-        ov.append(f"mode.gpu_ids=[{','.join(str(int(i)) for i in gpu_ids)}]")
-    cfg = compose_config("config", ov + list(overrides or []))
-    run(cfg)
-    return str(out)
+    cfg.device = str(current().device)
+    return fn(cfg, *args, **kwargs)

@@ -216,7 +216,7 @@ class PipeStage(DiTExecutor):
             if not self.decodes:
                 out = out.clone()   # sent on: the graph's next replay overwrites its output
         else:
-            rope = self.dit._rope(plan.start_frames, f, h, w, tokens.device)
+            rope = self.dit.rope(plan.start_frames, f, h, w, tokens.device)
             out = self.dit.run_blocks(tokens, e0, rope, self.cache, plan, self.first_layer, self.end_layer)
         if self.opts.slow and int(self.opts.slow.get("rank", -1)) == self.rank:
             time.sleep(float(self.opts.slow["ms_per_block"]) * (self.end_layer - self.first_layer) / 1e3)
@@ -433,14 +433,12 @@ class PipeStage(DiTExecutor):
         for t_, w_ in landed:
             t_.copy_(w_)
         for layer in incoming:
-            self.dit.blocks[layer].self_attn.fuse_qkv()
+            self.dit.block_arrived(layer)
         first, end = new[self.rank]
         if (first, end) != (self.cache.first_layer, self.cache.end_layer):
             self.cache.set_layers(first, end, incoming)
         for layer in outgoing:
-            blk = self.dit.blocks[layer]
-            blk.self_attn.__dict__.pop("_fused", None)
-            blk.to("meta")
+            self.dit.block_left(layer)
         self.ranges, self.first_layer, self.end_layer = new, first, end
         if self.unit_graphs is not None:   # the graphs hold the old blocks and cache tensors
             self.unit_graphs.clear()

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..build import CONF_DIR, build_pipeline, build_vae
+from ..build import build_pipeline, build_vae
+from ..configs import CONF_DIR
 from ..stream.driver import wait
 from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream

@@ -12,7 +12,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-from ..build import CONF_DIR
+from ..configs import CONF_DIR
 
 log = logging.getLogger("sdv2.serve")
 

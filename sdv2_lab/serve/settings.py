@@ -82,7 +82,7 @@ class ServeSettings:
             path = getattr(self, name)
             if path and not Path(path).expanduser().is_file():
                 raise ValueError(f"serve.{name}={path!r}: no such file")
-        from ..build import CONF_DIR
+        from ..configs import CONF_DIR
         names = sorted(p.stem for p in (CONF_DIR / "vae").glob("*.yaml"))
         if self.taehv_vae not in names:   # the VAE a client's "taehv" switch restarts its stream with
             raise ValueError(f"serve.taehv_vae={self.taehv_vae!r}: not a VAE config; choose one of {names} "

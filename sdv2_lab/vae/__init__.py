@@ -9,5 +9,6 @@
 """
 from .registry import (StreamingVAE, build_vae, decode_streams, encode_streams, register_vae,  # noqa: F401
                        registered_vaes, release)
-from .wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEState, load_wan_vae  # noqa: F401  (registers "wan")
+from .wan_vae import LATENT_MEAN, LATENT_STD, WanVAE, WanVAEState, load_wan_vae  # noqa: F401
+from .wan_builder import build_fast_wan_vae  # noqa: F401  (registers "wan")
 from .taehv import TAEHV, TAEHVVAE, load_taehv  # noqa: F401,E402  (registers "taehv")

@@ -314,7 +314,7 @@ def build_taehv_vae(*, path=None, taehv_path=None, wan_folder=None, encoder: str
     intends. ``latent_space``: raw | normalized, the space TAEHV's weights were trained in. ``source``: where
     the TAEHV file is configured, for the not-found message."""
     from .accel import accelerate_vae
-    from .wan_vae import build_fast_wan_vae
+    from .wan_builder import build_fast_wan_vae
     if encoder not in ("wan", "taehv"):
         raise ValueError(f"vae.encoder must be 'wan' or 'taehv', got {encoder!r}")
     unknown = sorted(set(wan_options) - set(WAN_ENCODER_KEYS))

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence, Union
 
-from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT as VAE_SPATIAL_STRIDE, tokens_per_latent_frame
+from .units import FRAMES_PER_LATENT, PIXELS_PER_LATENT as VAE_SPATIAL_STRIDE, tokens_per_latent_frame
 
 # Dense bf16 matmul peaks in TFLOP/s, used only when the harness gives no measured peak (measure it:
 # ``measure_peak_tflops``). Keys match as case-insensitive substrings of the device name, longest key first.

@@ -1,15 +1,22 @@
-"""Config -> this rank's ``pipe`` stage: its blocks (only those read from the weights), its share of the KV
-cache, the VAE where it is used (first and last stage), the text encoder on the first, and the driver."""
+"""Where the model runs: a ``Placement`` names what this process holds — the whole model (``single``,
+``single-wo``), or one ``pipe`` stage: its blocks, the embedding on the first stage and the head on the last, the
+VAE on the first and last, the text encoder on the first. ``build.py`` builds exactly what it names. Also the
+pipe settings read from the config (stages, devices, the first split, the stage options), checked before any
+rank starts (``check_pipe``)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..backbones.checkpoints import stage_parts
+from ..flops import flops_per_output_frame
+from ..settings import backbone_config, pipeline_config
 from . import balance
-from .context import current
+from .context import PipeContext, current
 from .stage import PipeOptions, PipeStage
 
 log = logging.getLogger(__name__)
@@ -67,8 +74,6 @@ def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
     if given not in (None, "auto"):
         enc, dec = (float(v) for v in given)
         return enc, dec
-    from ..build import backbone_config
-    from ..eval.flops import flops_per_output_frame
     bcfg = backbone_config(cfg)
     try:
         f = flops_per_output_frame(bcfg, cfg.height, cfg.width, steps, int(cfg.num_kv_cache),
@@ -90,15 +95,18 @@ def initial_ranges(cfg: DictConfig, world: int, num_layers: int, steps: int) -> 
     return balance.default_split(num_layers, world, enc, dec)
 
 
-def check_pipe(cfg: DictConfig) -> None:
-    """What the launcher checks before any rank starts (each would fail alike, in its own process): the devices,
-    the stages against the backbone's blocks, the split, the precision."""
-    from ..build import backbone_config, pipeline_config
-    world = pipe_world(cfg)
-    pipe_devices(cfg)
+def check_precision(cfg: DictConfig) -> None:
     if cfg.get("dit_precision", "bf16") != "bf16":
         raise ValueError(f"mode=pipe runs dit_precision=bf16 (the model dtype); {cfg.dit_precision} is not "
                          f"supported with pipe yet")
+
+
+def check_pipe(cfg: DictConfig) -> None:
+    """What the launcher checks before any rank starts (each would fail alike, in its own process): the devices,
+    the stages against the backbone's blocks, the split, the precision."""
+    world = pipe_world(cfg)
+    pipe_devices(cfg)
+    check_precision(cfg)
     bcfg = backbone_config(cfg)
     if world > bcfg.num_layers:
         raise ValueError(f"mode=pipe with {world} stages needs at least {world} blocks; backbone "
@@ -106,59 +114,94 @@ def check_pipe(cfg: DictConfig) -> None:
     initial_ranges(cfg, world, bcfg.num_layers, len(pipeline_config(cfg).step_list))
 
 
-def build_stage_pipeline(cfg: DictConfig):
-    """This rank's stage (inside a launched pipe rank), or a one-stage pipeline when one stage is asked for."""
-    from ..backbones.checkpoints import load_backbone, stage_parts
-    from ..build import (backbone_config, build_text_encoder, build_vae, dit_weights, pipeline_config,
-                         resolve_device, resolve_dtype)
-    from ..stream.pipeline import StreamPipeline
+@dataclass(frozen=True)
+class Placement:
+    """What this process holds of the model. ``single``: everything (one stage of all blocks, no context)."""
+    world: int
+    rank: int
+    ranges: balance.Ranges          # blocks [first, end) of every stage
+    num_layers: int
+    ctx: Optional[PipeContext] = None
+    pipe: bool = False              # a pipe stage (its executor is a PipeStage), even a pipe of one stage
 
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return tuple(self.ranges[self.rank])
+
+    @property
+    def parts(self) -> Optional[list[str]]:
+        """The DiT's parts to read from the weights (None: all of them)."""
+        if not self.pipe:
+            return None
+        return stage_parts(self.num_layers, *self.layers, embed=self.first, head=self.last)
+
+    @property
+    def holds_vae(self) -> bool:
+        return self.first or self.last   # the first stage encodes, the last decodes
+
+    @property
+    def holds_text_encoder(self) -> bool:
+        return self.first
+
+    @property
+    def writes_output(self) -> bool:
+        """The process that writes files and prints tables: the last stage sees the decoded frames."""
+        return self.last
+
+
+def placement_of(cfg: DictConfig) -> Placement:
+    """This process's placement: the whole model, or (``mode=pipe``) this rank's stage."""
+    bcfg = backbone_config(cfg)
+    if cfg.mode.name != "pipe":
+        if (cfg.get("num_gpus") or 1) != 1:
+            raise ValueError(f"mode={cfg.mode.name} runs on one GPU, num_gpus={cfg.num_gpus} was given; several "
+                             f"GPUs per stream is mode=pipe (e.g. sdv2 eval -m mode=pipe num_gpus=1,2,4)")
+        return Placement(1, 0, [(0, bcfg.num_layers)], bcfg.num_layers)
     ctx = current()
     world = pipe_world(cfg)
     if ctx is None and world > 1:
         raise RuntimeError(
             f"mode=pipe with {world} stages runs one process per GPU: `sdv2 run` / `sdv2 eval` / "
             f"run_video_to_video(mode='pipe') / ./run_v2v.sh pipe launch them, or run under torchrun: "
-            f"python -m torch.distributed.run --nproc_per_node={world} -m sdv2_lab.parallel run <overrides>. "
+            f"python -m torch.distributed.run --nproc_per_node={world} -m sdv2_lab.torchrun run <overrides>. "
             f"build_pipeline itself builds one stage, inside a launched rank (num_gpus=1: the whole model)")
     if ctx is not None and ctx.world != world:
         log.info("pipe: the job has %d ranks (num_gpus says %d): %d stages", ctx.world, world, ctx.world)
         world = ctx.world
-    rank = ctx.rank if ctx is not None else 0
-    device = ctx.device if ctx is not None else resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
-    pcfg = pipeline_config(cfg).validate()
-    if cfg.get("dit_precision", "bf16") != "bf16":
-        raise ValueError(f"mode=pipe runs dit_precision=bf16 (the model dtype); {cfg.dit_precision} is not "
-                         f"supported with pipe yet")
-    bcfg = backbone_config(cfg)
+    check_precision(cfg)
     if world > bcfg.num_layers:
         raise ValueError(f"mode=pipe with {world} stages needs at least {world} blocks; backbone "
-                         f"{bcfg.name} has {bcfg.num_layers}")
-    ranges = initial_ranges(cfg, world, bcfg.num_layers, len(pcfg.step_list))
-    first, end = ranges[rank]
-    is_first, is_last = rank == 0, rank == world - 1
-    dit = load_backbone(bcfg, dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
-                        parts=stage_parts(bcfg.num_layers, first, end, embed=is_first, head=is_last))
-    if cfg.get("compile_kernels", False):
-        dit.use_compiled_kernels(True)
-    vae = build_vae(cfg, device, dtype) if (is_first or is_last) else None
+                         f"{bcfg.name} has {bcfg.num_layers} (fewer stages: num_gpus=, or mode.gpu_ids=)")
+    ranges = initial_ranges(cfg, world, bcfg.num_layers, len(pipeline_config(cfg).step_list))
+    return Placement(world, ctx.rank if ctx is not None else 0, ranges, bcfg.num_layers, ctx=ctx, pipe=True)
+
+
+def writes_output() -> bool:
+    """Whether this process writes files and prints tables: any process outside a pipe job, and a job's last
+    rank (the one predicate every front end asks)."""
+    ctx = current()
+    return ctx is None or ctx.last
+
+
+def pipe_stage(place: Placement, dit, vae, pcfg, cfg: DictConfig, device: torch.device, dtype) -> PipeStage:
+    """The executor of a pipe stage: its blocks' share of the KV cache, the links to its neighbours. A stage's
+    VAE is warmed up here (the pipeline's own warm-up is a single-process stream; ranks run in lockstep)."""
     if vae is not None and device.type == "cuda" and hasattr(vae, "warmup"):
         log.info("VAE warm-up at %dx%d: %.1f s", cfg.height, cfg.width, vae.warmup(cfg.height, cfg.width))
-    text = build_text_encoder(cfg, device, dtype) if is_first else None
     rows = pcfg.max_streams * len(pcfg.step_list)
     cache = dit.new_cache(rows, pcfg.height, pcfg.width, pcfg.num_kv_cache, pcfg.sink_frames,
-                          pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=(first, end))
-    stage = PipeStage(dit, cache, ctx=ctx, ranges=ranges, options=options(cfg))
-    if ctx is not None:
-        ctx.health.role = stage.role
-    log.info("pipe stage %d/%d on %s: %s (split %s)", rank, world, device, stage.role, balance.counts_of(ranges))
-    pipe = StreamPipeline(dit, vae, text, pcfg, device=device, dtype=dtype, executor=stage)
-    stage.attach(pipe.driver)
-    return pipe
-
-
-def stage_of(pipe) -> Optional[PipeStage]:
-    ex = getattr(pipe, "executor", None)
-    return ex if isinstance(ex, PipeStage) else None
+                          pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=place.layers)
+    stage = PipeStage(dit, cache, ctx=place.ctx, ranges=place.ranges, options=options(cfg))
+    if place.ctx is not None:
+        place.ctx.health.role = stage.role
+    log.info("pipe stage %d/%d on %s: %s (split %s)", place.rank, place.world, device, stage.role,
+             balance.counts_of(place.ranges))
+    return stage

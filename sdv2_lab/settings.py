@@ -1,0 +1,113 @@
+"""The composed Hydra config read once, into the typed configs and choices the build uses: the device and dtype,
+the backbone's config object, the pipeline's ``PipelineConfig``, the fast paths' ``auto`` resolved for the device.
+Nothing here builds a model; ``build.py`` (the build sequence), ``preflight.py`` (checks before any model) and the
+pipe placement read the config through these functions only."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .backbones.wan_dit import WanDiTConfig
+from .stream.noise_controller import NoiseControllerConfig
+from .stream.config import PipelineConfig
+
+
+def resolve_device(spec: str) -> torch.device:
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec} was asked for but CUDA is not available on this machine "
+                           f"(torch {torch.__version__}); use device=cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device={spec}: only {torch.cuda.device_count()} GPU(s) visible")
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}[spec]
+    except KeyError:
+        raise ValueError(f"dtype={spec!r}: expected auto, bfloat16, float32 or float16") from None
+
+
+def backbone_config(cfg: DictConfig) -> WanDiTConfig:
+    """The backbone's config object: the class named by ``_target_`` in ``conf/backbone/<name>.yaml`` (a new
+    backbone is a new config file pointing at its config class), filled with the file's other keys."""
+    from hydra.utils import get_class
+    data = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if not k.startswith("_")}
+    config_class = get_class(cfg.backbone.get("_target_", f"{WanDiTConfig.__module__}.WanDiTConfig"))
+    return config_class(attention=cfg.attention.name, **data)
+
+
+def denoising_steps(cfg: DictConfig) -> list[int]:
+    n, table = cfg.steps, list(cfg.denoising_step_list)
+    if not isinstance(n, int) or not 1 <= n <= min(4, len(table)):
+        raise ValueError(f"steps={n!r}: expected an integer from 1 to {min(4, len(table))}")
+    return table[:n]
+
+
+def on_cuda(cfg: DictConfig) -> bool:
+    return str(cfg.device).startswith("cuda")
+
+
+def switch(cfg: DictConfig, key: str, default="auto") -> bool:
+    """A fast path's ``auto | true | false`` key, resolved for the run's device: auto = on for CUDA, off on a
+    CPU (where CUDA graphs and CUDA streams do not exist)."""
+    value = OmegaConf.select(cfg, key, default=default)
+    if value == "auto" or value is None:
+        return on_cuda(cfg)
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{key}={value!r}: expected auto, true or false")
+
+
+def vae_accelerate(cfg: DictConfig) -> str:
+    """``vae.accelerate`` resolved: auto = cuda_graph on CUDA, none on a CPU."""
+    value = cfg.vae.get("accelerate", "none")
+    if value == "auto":
+        return "cuda_graph" if on_cuda(cfg) else "none"
+    return value or "none"
+
+
+def fast_paths(cfg: DictConfig) -> dict:
+    """What runs, as booleans and names (the log line and results rows read this, not the raw ``auto``)."""
+    from .vae.wan_builder import use_fused
+    accelerate = vae_accelerate(cfg)
+    fused = "fused" in cfg.vae and cfg.vae.get("encoder", "wan") == "wan" and \
+        use_fused(cfg.vae.fused, "cuda" if on_cuda(cfg) else "cpu", accelerate)
+    return {"cuda_graph": switch(cfg, "cuda_graph"), "overlap": switch(cfg, "overlap"),
+            "vae_accelerate": accelerate, "vae_fused": bool(fused), "warmup": switch(cfg, "warmup")}
+
+
+def describe_paths(cfg: DictConfig) -> str:
+    p = fast_paths(cfg)
+    vae = cfg.vae.name + "".join(f", {x}" for x, on in (("fused", p["vae_fused"]),
+                                                        (p["vae_accelerate"].replace("_", " "),
+                                                         p["vae_accelerate"] != "none")) if on)
+    return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}, stages "
+            f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
+
+
+def pipeline_config(cfg: DictConfig) -> PipelineConfig:
+    return PipelineConfig(
+        height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
+        num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
+        frames_per_block=cfg.frames_per_block,
+        noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
+        position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
+        cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.get("streams", 1)),
+        rope_positions=backbone_config(cfg).rope_max_positions, input_guard=str(cfg.get("input_guard", "raise")),
+        input_limit=float(cfg.get("input_limit", 1.5)))
+
+
+def dit_weights(cfg: DictConfig):
+    if cfg.weights.kind == "dummy":
+        return "dummy"
+    ckpt = cfg.weights.checkpoint
+    if not ckpt:
+        raise ValueError("weights=real needs weights.checkpoint (a StreamDiffusionV2 model.pt or its folder)")
+    return ckpt
