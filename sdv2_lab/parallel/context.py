@@ -32,8 +32,22 @@ log = logging.getLogger(__name__)
 _CURRENT: Optional["PipeContext"] = None
 
 
+class StagePosition:
+    """Where a rank stands in the pipe: the first stage encodes, the last decodes and writes."""
+    rank: int
+    world: int
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+
 @dataclass
-class PipeContext:
+class PipeContext(StagePosition):
     rank: int
     world: int
     device: torch.device
@@ -45,14 +59,6 @@ class PipeContext:
     backend: str = "gloo"
     staged: bool = False              # GPU tensors travel through host memory (transport=host)
     closers: list[Callable[[], None]] = field(default_factory=list)
-
-    @property
-    def first(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def last(self) -> bool:
-        return self.rank == self.world - 1
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self.closers.append(fn)

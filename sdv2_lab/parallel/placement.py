@@ -16,7 +16,7 @@ from ..backbones.checkpoints import stage_parts
 from ..flops import flops_per_output_frame
 from ..settings import backbone_config, pipeline_config
 from . import balance
-from .context import PipeContext, current
+from .context import PipeContext, StagePosition, current
 from .stage import PipeOptions, PipeStage
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def check_pipe(cfg: DictConfig) -> None:
 
 
 @dataclass(frozen=True)
-class Placement:
+class Placement(StagePosition):
     """What this process holds of the model. ``single``: everything (one stage of all blocks, no context)."""
     world: int
     rank: int
@@ -123,14 +123,6 @@ class Placement:
     num_layers: int
     ctx: Optional[PipeContext] = None
     pipe: bool = False              # a pipe stage (its executor is a PipeStage), even a pipe of one stage
-
-    @property
-    def first(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def last(self) -> bool:
-        return self.rank == self.world - 1
 
     @property
     def layers(self) -> tuple[int, int]:

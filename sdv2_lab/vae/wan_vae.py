@@ -278,14 +278,7 @@ class WanVAE(nn.Module):
         one_size(states, video.shape[-2:], "video")
         cache = Batch([s.enc for s in states])
         x = self._layout(video.to(self.conv1.weight.dtype))
-        if first:  # frame 0 alone (its own latent), then the rest in one call
-            mus = [self._encode_step(x[:, :, :1], cache)]
-            cache.first = False
-            if x.shape[2] > 1:
-                mus.append(self._steps["encode"](x[:, :, 1:], cache))
-            mu = torch.cat(mus, dim=2) if len(mus) > 1 else mus[0]
-        else:
-            mu = self._steps["encode"](x, cache)
+        mu = _first_alone(x, cache, first, self._encode_step, self._steps["encode"])
         for s in states:
             s.frames_in += video.shape[2]
         mu = mu.transpose(1, 2).contiguous()
@@ -306,14 +299,7 @@ class WanVAE(nn.Module):
             mean, inv_std = self._scale(z)
             z = z / inv_std + mean  # divide by 1/std as the reference does, so bf16 rounding matches
         z = self._layout(z.transpose(1, 2))
-        if first:  # latent 0 alone (one frame), then the rest in one call
-            out = [self._decode_step(z[:, :, :1], cache)]
-            cache.first = False
-            if z.shape[2] > 1:
-                out.append(self._steps["decode"](z[:, :, 1:], cache))
-            x = torch.cat(out, dim=2) if len(out) > 1 else out[0]
-        else:
-            x = self._steps["decode"](z, cache)
+        x = _first_alone(z, cache, first, self._decode_step, self._steps["decode"])
         for s in states:
             s.latents_in += latents.shape[1]
         return x.float().clamp_(-1, 1).transpose(1, 2)
@@ -396,6 +382,18 @@ def load_wan_vae(path: Optional[str | Path] = None, *, wan_folder: Optional[str 
             log.info("vae.%s=%r, but %s holds a Wan VAE with %s=%r: built as the file says", k, options[k], src, k, v)
     own = {k: v for k, v in options.items() if k in ("latents_mean", "latents_std") or k not in arch}
     return materialize(lambda: WanVAE(**{**arch, **own}), sd, str(src), device, dtype)
+
+
+def _first_alone(x: torch.Tensor, cache: Batch, first: bool, step_first, step) -> torch.Tensor:
+    """A stream's first call: frame 0 (latent 0) alone through ``step_first`` (it has a latent of its own), then
+    the rest in one ``step``; later calls: one ``step``. ``x`` is [B, C, T, H, W]."""
+    if not first:
+        return step(x, cache)
+    out = [step_first(x[:, :, :1], cache)]
+    cache.first = False
+    if x.shape[2] > 1:
+        out.append(step(x[:, :, 1:], cache))
+    return torch.cat(out, dim=2) if len(out) > 1 else out[0]
 
 
 def _listify(v):
