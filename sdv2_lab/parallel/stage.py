@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..stream.executor import CUDAGraphExecutor, DiTExecutor, DiTResult
+from ..stream.schedule import next_slot_timesteps
 from ..stream.scheduler import DiTJob
 from ..stream.timing import Clock
 from . import balance
@@ -233,7 +234,7 @@ class PipeStage(DiTExecutor):
         if self.encodes:
             a = self.meter.now()
             e, e0 = self.dit.time_embed(t[:, None].expand(-1, f), self.act)   # the whole job: single's batch
-            t_next = t.unflatten(0, (-1, n)).roll(-1, dims=1).flatten()
+            t_next = next_slot_timesteps(t, n)
             self.meter.add("dit", a, self.meter.now())
             ring = {}   # what the last stage sends back from this job: next job's slot i + 1 per stream
             for i in range(n - 1):
@@ -334,8 +335,7 @@ class PipeStage(DiTExecutor):
         re-noised to the next timestep and sent back to rank 0. Returns x0."""
         a = self.meter.now()
         v = self.dit.unpatchify(self.dit.head(out, e).flatten(1, 2), f, h, w)
-        x0 = self.schedule.velocity_to_x0(v, xt, tt[:, 0, None].expand(-1, f))
-        renoised = self.schedule.add_noise(x0, nz, tt[:, 1, None].expand(-1, f)) if renoise else None
+        x0, renoised = self.schedule.step(v, xt, tt[:, 0], nz if renoise else None, tt[:, 1] if renoise else None)
         self.meter.add("dit", a, self.meter.now())
         if renoised is not None:
             self._doing(f"{what}: sending re-noised latents to rank 0")

@@ -36,7 +36,7 @@ import torch
 from ..backbones.kv_cache import StreamKVCache
 from ..registry import Registry
 from .scheduler import DiTJob
-from .schedule import FlowMatchSchedule
+from .schedule import FlowMatchSchedule, stream_batch_step
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,9 @@ class DiTExecutor:
         """``passes`` calls at the same positions; between them x0 is re-noised to the next pass's timestep."""
         f = x.shape[1]
         for k in range(job.passes):
-            tk = t[k][:, None].expand(-1, f)
-            x0 = self.schedule.velocity_to_x0(self._call(job, x, tk, job.pops[k]), x, tk)
-            if k < job.passes - 1:
-                x = self.schedule.add_noise(x0, noise[k], t[k + 1][:, None].expand(-1, f))
+            last = k == job.passes - 1
+            v = self._call(job, x, t[k][:, None].expand(-1, f), job.pops[k])
+            x0, x = self.schedule.step(v, x, t[k], None if last else noise[k], None if last else t[k + 1])
         return DiTResult(x0)
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
@@ -96,15 +95,8 @@ class DiTExecutor:
         return DiTResult(*self.finish_step(job, v, x, t, noise))
 
     def finish_step(self, job: DiTJob, v, x, t, noise):
-        """velocity -> x0; each stream's last slot leaves; slot i is re-noised to t_{i+1} into slot i + 1."""
-        f, n = x.shape[1], len(job.rows) // len(job.streams)
-        tt = t[:, None].expand(-1, f)
-        x0 = self.schedule.velocity_to_x0(v, x, tt)
-        slots = x0.unflatten(0, (-1, n))                                  # [S, n, F, C, h, w]
-        t_next = t.unflatten(0, (-1, n)).roll(-1, dims=1).flatten()      # slot i -> t_{i+1} (last: unused)
-        renoised = self.schedule.add_noise(x0, noise, t_next[:, None].expand(-1, f))
-        next_x = renoised.unflatten(0, (-1, n)).roll(1, dims=1).flatten(0, 1)
-        return slots[:, -1], next_x
+        """The sampler's stream-batch step over the job's rows (``schedule.stream_batch_step``)."""
+        return stream_batch_step(self.schedule, v, x, t, noise, len(job.rows) // len(job.streams))
 
     def _call(self, job: DiTJob, x, t, pops, plan=None) -> torch.Tensor:
         """One eager DiT call over the job's rows (with ``plan`` when it is already made)."""

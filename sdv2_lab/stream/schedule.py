@@ -4,8 +4,14 @@ Grid: ``sigma_b = linspace(1, 0, 1001)[:-1]``, shifted ``sigma = s*sigma_b / (1 
 s = 8, ``timesteps = 1000*sigma``. A timestep t maps to the sigma of the nearest grid timestep, for both
 noising (``add_noise``) and the velocity -> x0 conversion. The grid is built in float32 exactly as the
 reference builds it, so looked-up sigmas are bit-identical.
+
+The sampler's steps, used by every executor and pipe stage alike: ``FlowMatchSchedule.step`` (one denoising
+step of a chunk: velocity -> x0, re-noised to the next timestep) and ``stream_batch_step`` (the stream batch: every
+slot one step, the leaving slot out, the rest shifted one slot on).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -41,3 +47,28 @@ class FlowMatchSchedule:
         """x0 = x_t - sigma_t * v (the network predicts v = noise - x0). Computed in float64 as the reference."""
         s = self.sigma(t, torch.float64).double().reshape(*t.shape, *([1] * (x_t.dim() - t.dim())))
         return (x_t.double() - s * velocity.double()).to(velocity.dtype)
+
+    def step(self, velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None,
+             t_next: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One denoising step of chunks [B, F, ...] at timesteps ``t`` [B]: (x0, x0 re-noised to ``t_next`` [B]
+        with ``noise``, or None without a next timestep)."""
+        f = x_t.shape[1]
+        x0 = self.velocity_to_x0(velocity, x_t, t[:, None].expand(-1, f))
+        renoised = None if t_next is None else self.add_noise(x0, noise, t_next[:, None].expand(-1, f))
+        return x0, renoised
+
+
+def next_slot_timesteps(t: torch.Tensor, slots: int) -> torch.Tensor:
+    """Stream-batch timesteps [S * slots] -> each slot's next one: slot i gets t_{i+1} (the last slot's leaves
+    with its x0, so its value is unused)."""
+    return t.unflatten(0, (-1, slots)).roll(-1, dims=1).flatten()
+
+
+def stream_batch_step(schedule: FlowMatchSchedule, velocity: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the stream batch over rows [S * slots, F, ...] (slot i of every stream at its own timestep):
+    returns each stream's leaving x0 [S, F, ...] (its last slot) and the ring for the next call [S * slots, ...]:
+    slot i + 1 = slot i's x0 re-noised to t_{i+1}; slot 0 is overwritten by the stream's next chunk."""
+    x0, renoised = schedule.step(velocity, x, t, noise, next_slot_timesteps(t, slots))
+    ring = renoised.unflatten(0, (-1, slots)).roll(1, dims=1).flatten(0, 1)
+    return x0.unflatten(0, (-1, slots))[:, -1], ring
