@@ -157,14 +157,35 @@ def test_state_bytes_at_480x832():
 
 
 def test_graph_bookkeeping_forgets_streams_that_ended():
-    from sdv2_lab.vae.accel import CUDAGraphed, _Graph
-    step = CUDAGraphed(lambda x, c: x, "decode", max_graphs=2)
+    from sdv2_lab.vae.accel import CUDAGraphed
+    step = CUDAGraphed(lambda x, c: x + 1, "decode", max_graphs=2, emulate=True)
     a, b, c = StreamCache(), StreamCache(), StreamCache()
+    x = torch.zeros(1)
     for caches in ([a], [a, b], [b, c]):
-        step.graphs[(Batch(caches).key, (1,), torch.float32, "cuda")] = _Graph()
+        for _ in range(2):   # a key's first call runs eager, its second is captured
+            assert torch.equal(step(x, Batch(caches)), x + 1)
+    assert step.captures == 3 and len(step.graphs.graphs) == 2   # the oldest graph of three went (max_graphs)
     step.forget({b.uid})
-    assert [k[0] for k in step.graphs] == [(a.uid,)]
+    assert list(step.graphs.graphs) == [] and all(b.uid not in k[0] for k in step.graphs.seen)
+    assert [k[0] for k in step.graphs.seen] == [(a.uid,)]
     assert len({StreamCache().uid for _ in range(5)}) == 5   # never reused
+
+
+def test_vae_graph_replays_equal_eager_emulated_on_cpu():
+    """The Wan VAE's steps wrapped in graph replays (emulated on CPU): a 3-chunk stream equals the eager one and
+    the steady chunks replay."""
+    from sdv2_lab.vae.accel import CUDAGraphed
+    eager, fast = wan(), wan()
+    for name, fn in list(fast._steps.items()):
+        fast._steps[name] = CUDAGraphed(fn, name, emulate=True)
+    video = torch.rand(1, 3, 13, 32, 48) * 2 - 1
+    outs = []
+    for vae in (eager, fast):
+        st = vae.new_state()
+        outs.append([vae.decode(st, vae.encode(st, video[:, :, s:e])) for s, e in ((0, 5), (5, 9), (9, 13))])
+    for a_, b_ in zip(*outs):
+        assert torch.equal(a_, b_)
+    assert sum(s.accelerated_calls for s in fast._steps.values()) >= 1
 
 
 def test_driver_makes_one_vae_call_per_stage_for_all_streams(monkeypatch):

@@ -21,13 +21,12 @@ exactly that again: a key that forgets a fact the real graph would bake in repla
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..stream.executor import Captured
+from ..graph_cache import Captured, GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,19 @@ class UnitGraphs:
 
     def __init__(self, dit, cache, emulate: bool = False):
         self.dit, self.cache, self.emulate = dit, cache, emulate
-        self.graphs: OrderedDict = OrderedDict()
-        self.seen: set = set()
-        self.captures = self.replays = 0
+        self.graphs: GraphCache[_UnitGraph] = GraphCache(self.max_graphs)
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
+
+    @property
+    def replays(self) -> int:
+        return self.graphs.replays
 
     def clear(self) -> None:
         """Drop every graph (the stage's blocks or its cache tensors changed)."""
         self.graphs.clear()
-        self.seen.clear()
 
     def run(self, key: tuple, tokens, e0, plan, f: int, h: int, w: int, first: int, end: int) -> torch.Tensor:
         """Blocks ``[first, end)`` over one unit; the result is valid until the next call (clone to keep it)."""
@@ -61,23 +65,15 @@ class UnitGraphs:
             rope = self.dit.rope(plan.start_frames, f, h, w, tok.device)
             return self.dit.run_blocks(tok, mod, rope, self.cache, plan, first, end)
 
-        g = self.graphs.get(key)
-        if g is None and key not in self.seen:
-            self.seen.add(key)
+        g = self.graphs.get(key, lambda: self._capture(blocks, tokens, e0))
+        if g is None:   # the key's first call: eager
             return blocks(tokens, e0)
-        if g is None:
-            g = self.graphs[key] = self._capture(blocks, tokens, e0)
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
         g.tokens.copy_(tokens)
         g.e0.copy_(e0)
-        self.replays += 1
         return g.captured.replay()
 
     def _capture(self, blocks, tokens, e0) -> _UnitGraph:
         g = _UnitGraph(tokens=tokens.clone(), e0=e0.clone())
-        self.captures += 1
         # thread_local: the NCCL watchdog and gloo threads query events while this thread captures
         g.captured = Captured(lambda: blocks(g.tokens, g.e0), self.emulate, error_mode="thread_local")
         if not self.emulate:

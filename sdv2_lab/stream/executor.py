@@ -27,13 +27,13 @@ Job inputs (the driver prepares them from the streams' state):
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from ..backbones.kv_cache import StreamKVCache
+from ..graph_cache import Captured, GraphCache
 from ..registry import Registry
 from .scheduler import DiTJob
 from .schedule import FlowMatchSchedule, stream_batch_step
@@ -115,13 +115,18 @@ class CUDAGraphExecutor(DiTExecutor):
                  emulate: bool = False):
         super().__init__(dit, cache, schedule)
         self.emulate = emulate
-        self.graphs: OrderedDict = OrderedDict()
-        self.seen: set = set()
-        self.captures = self.replays = 0
+        self.graphs: GraphCache[_Graph] = GraphCache(self.max_graphs)
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
+
+    @property
+    def replays(self) -> int:
+        return self.graphs.replays
 
     def release(self) -> None:
         self.graphs.clear()     # the graphs' static buffers and private memory pools
-        self.seen.clear()
         super().release()
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
@@ -131,23 +136,15 @@ class CUDAGraphExecutor(DiTExecutor):
         # the filling calls share one graph and the full cache another; the plan is in the row set's buffer
         plan = self.dit.plan(x, self.cache, job.starts, job.rows, job.pops[0], static=True)
         key = (tuple(job.rows), tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None)
-        g = self.graphs.get(key)
-        if g is None and key not in self.seen:  # a new shape runs eagerly once (lazy inits, kernel plans), then
-            self.seen.add(key)                   # its next call is captured
+        g = self.graphs.get(key, lambda: self._capture(job, x, t, noise, plan))
+        if g is None:   # the key's first call: eager
             v = self._call(job, x, t[:, None].expand(-1, x.shape[1]), job.pops[0], plan)
             return DiTResult(*self.finish_step(job, v, x, t, noise))
-        if g is None:
-            g = self._capture(job, x, t, noise, plan)
-            self.graphs[key] = g
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
         if x.data_ptr() != g.x.data_ptr():   # the ring of the last replay is already in place
             g.x.copy_(x)
         g.t.copy_(t)
         g.noise.copy_(noise)
         g.graph.replay()
-        self.replays += 1
         self.cache.commit(plan)
         return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the ring is meant to be reused
 
@@ -161,7 +158,6 @@ class CUDAGraphExecutor(DiTExecutor):
             g.out.copy_(out)
             g.x.copy_(next_x)
 
-        self.captures += 1
         g.graph = Captured(step, self.emulate)
         if not self.emulate:
             log.info("captured a CUDA graph of the DiT step for rows %s, input %s", job.rows, tuple(x.shape))
@@ -175,32 +171,6 @@ class _Graph:
     noise: torch.Tensor
     out: torch.Tensor = None
     graph: "Captured" = None
-
-
-class Captured:
-    """A call captured once, then replayed. On CUDA a CUDA graph: capturing only records, so the call happens at
-    the first ``replay``. ``emulate`` (CPU tests): ``replay`` runs the call again with the objects of its capture,
-    so what a real graph would replay stale is stale there too. ``replay`` returns what the call returned (for a
-    graph: its tensors, overwritten by the next replay)."""
-
-    def __init__(self, fn: Callable, emulate: bool = False, error_mode: str = "global"):
-        self.fn, self.graph, self.out = fn, None, None
-        if emulate:
-            return
-        torch.cuda.current_stream().synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode=error_mode):
-            self.out = fn()
-        # a graph replays without its function: keeping it would tie the graph (and its memory pool) to the
-        # closure's owner in a reference cycle, freed only by the cyclic collector, not when the owner goes
-        self.fn = None
-
-    def replay(self):
-        if self.graph is None:
-            self.out = self.fn()
-        else:
-            self.graph.replay()
-        return self.out
 
 
 EXECUTORS: Registry[Callable[..., DiTExecutor]] = Registry("executor")

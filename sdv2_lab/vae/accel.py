@@ -25,10 +25,11 @@ non-CUDA device, or any exception while compiling / capturing.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Callable
 
 import torch
+
+from ..graph_cache import Captured, GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -72,55 +73,52 @@ class Compiled(_Accelerated):
 
 
 class _Graph:
-    """The graph of one (batch of streams, input) key; ``graph`` is None until captured."""
+    """The graph of one (batch of streams, input) key: its static input and its captured step."""
 
-    def __init__(self):
-        self.graph, self.static_in, self.static_out = None, None, None
+    def __init__(self, static_in: torch.Tensor, captured: Captured):
+        self.static_in, self.captured = static_in, captured
 
 
 class CUDAGraphed(_Accelerated):
-    def __init__(self, fn: Callable, name: str, max_graphs: int = 8):
+    """``emulate`` (CPU tests): the graph bookkeeping and replays run, each replay as a call again."""
+
+    def __init__(self, fn: Callable, name: str, max_graphs: int = 8, emulate: bool = False):
         super().__init__(fn, name)
-        self.captures, self.max_graphs = 0, max_graphs
-        self.graphs: OrderedDict = OrderedDict()   # (stream ids, shape, dtype, device) -> _Graph, oldest first
+        self.emulate = emulate
+        self.graphs: GraphCache[_Graph] = GraphCache(max_graphs)   # (stream ids, shape, dtype, device) -> _Graph
         self.pool = self.stream = None
 
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
+
     def _run(self, x, cache):
-        if x.device.type != "cuda":
+        if x.device.type != "cuda" and not self.emulate:
             raise RuntimeError(f"CUDA graphs need a CUDA device, the input is on {x.device}")
         key = (cache.key, tuple(x.shape), x.dtype, x.device)  # any strides: static_in.copy_(x) takes them
-        g = self.graphs.get(key)
+        g = self.graphs.get(key, lambda: self._capture(x, cache))
         if g is None:  # first call with this key: eager (any missing history is made, cuDNN tuned)
-            self.graphs[key] = _Graph()
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
             return self.fn(x, cache), False
-        self.graphs.move_to_end(key)
-        if g.graph is None:
-            self._capture(g, x, cache)
         g.static_in.copy_(x)
-        g.graph.replay()  # on the caller's current stream
-        return g.static_out.clone(), True
+        return g.captured.replay().clone(), True  # on the caller's current stream; out of the graph's memory
 
     def forget(self, uids) -> None:
         """Drop the graphs of batches that include any of these streams (they have ended)."""
-        for key in [k for k in self.graphs if set(k[0]) & set(uids)]:
-            del self.graphs[key]
+        uids = set(uids)
+        self.graphs.forget(lambda key: bool(set(key[0]) & uids))
 
-    def _capture(self, g: _Graph, x, cache) -> None:
+    def _capture(self, x, cache) -> _Graph:
         """Record the step (nothing runs: the streams are not advanced by capturing) into the step's memory
         pool, on the step's own capture stream, after the caller's pending work."""
-        if self.pool is None:
+        if self.pool is None and not self.emulate:
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=x.device)
         static_in = torch.empty_like(x)  # filled by every replay
-        self.stream.wait_stream(torch.cuda.current_stream(x.device))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            static_out = self.fn(static_in, cache)
-        g.graph, g.static_in, g.static_out = graph, static_in, static_out
-        self.captures += 1
-        log.info("VAE %s step: captured a CUDA graph for %d stream(s), input %s", self.name, len(cache.key),
-                 tuple(x.shape))
+        g = _Graph(static_in, Captured(lambda: self.fn(static_in, cache), self.emulate, error_mode="thread_local",
+                                       pool=self.pool, stream=self.stream))
+        if not self.emulate:
+            log.info("VAE %s step: captured a CUDA graph for %d stream(s), input %s", self.name, len(cache.key),
+                     tuple(x.shape))
+        return g
 
 
 def accelerate_vae(vae, mode: str = "none", backend: str = "inductor", compile_mode: str | None = None):
