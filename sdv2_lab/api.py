@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .units import FRAMES_PER_LATENT, tokens_per_latent_frame
+from .units import FRAMES_PER_LATENT, chunk_frames, tokens_per_latent_frame
 
 log = logging.getLogger(__name__)
 DUMMY_HINT = "checkpoint_folder=... loads the official files: README, 'Real weights'"
@@ -269,7 +269,7 @@ class StreamDiffusionV2Pipeline:
         self.mode, self.device, self.fps = mode, self.pipeline.device, fps
         self.height, self.width = height, width
         self.noise_scale = noise_scale
-        self.chunk_size = FRAMES_PER_LATENT * int(self.cfg.frames_per_block)
+        self.chunk_size = chunk_frames(int(self.cfg.frames_per_block), first=False)
         self.num_steps = self.pipeline.num_steps
         self.profile = profile
         self._prompt: Optional[str] = None
@@ -522,7 +522,7 @@ def _check_files(video_path, output_path) -> None:
     from .io.files import check_output_file
     from .io.video import probe_video
     check_output_file(output_path, "output_path")
-    probe_video(video_path).check_length(1 + FRAMES_PER_LATENT, "video_path")
+    probe_video(video_path).check_length(chunk_frames(1, first=True), "video_path")
 
 
 def _restyle_file(pipe: StreamDiffusionV2Pipeline, video_path, prompt: str, output_path) -> str:

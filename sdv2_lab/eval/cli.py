@@ -138,6 +138,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
     quiet_lightning()
     warnings.filterwarnings("ignore", message=".*treespec.*")   # Lightning's own deprecation noise
 
+    from ..inputs import first_chunk_frames
     from ..preflight import check_config
     from .datasets import EvalDataModule, build_dataset
     from .module import StreamingEvalModule
@@ -157,7 +158,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
         on_ranks(cfg, evaluate, str(run_dir), list(overrides or []))
         path = run_dir / "results.jsonl"
         return pd.DataFrame(read_jsonl(path)) if path.exists() else None
-    dataset = build_dataset(cfg.dataset, cfg.height, cfg.width, min_frames=1 + 4 * int(cfg.frames_per_block))
+    dataset = build_dataset(cfg.dataset, cfg.height, cfg.width, min_frames=first_chunk_frames(cfg))
     data = EvalDataModule(dataset, num_workers=int(cfg.eval.num_workers))
     module = StreamingEvalModule(cfg, run_dir, overrides)
     outcome = _outcome()

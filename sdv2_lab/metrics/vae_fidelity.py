@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ..units import FRAMES_PER_LATENT, chunk_frames
 from .base import check_frames, device_of, register_metric, section
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ class VAEFidelity:
         """[T, 3, H, W] in [0, 1] -> the VAE's streamed reconstruction of its first 1 + 4k frames, same layout."""
         p = next(vae.parameters())
         video = (frames.to(p.device, p.dtype) * 2 - 1).transpose(0, 1)[None]   # [1, 3, T, H, W] in [-1, 1]
-        n = 1 + 4 * ((video.shape[2] - 1) // 4)
+        n = chunk_frames((video.shape[2] - 1) // FRAMES_PER_LATENT, first=True)
+        first = chunk_frames(1, first=True)
         state, out = vae.new_state(), []
-        for start, end in [(0, 5)] + [(s, s + 4) for s in range(5, n, 4)]:
+        for start, end in [(0, first)] + [(s, s + FRAMES_PER_LATENT) for s in range(first, n, FRAMES_PER_LATENT)]:
             if end <= n:
                 out.append(vae.decode(state, vae.encode(state, video[:, :, start:end])))
         return torch.cat(out, 1)[0].float().add(1).div(2).clamp(0, 1).cpu()   # [T', 3, H, W]

@@ -25,6 +25,7 @@ from ..stream.driver import wait
 from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream
 from ..stream.timing import percentile
+from ..units import chunk_frames
 from .protocol import StreamOptions
 from .settings import ServeSettings
 
@@ -76,7 +77,7 @@ class Engine:
         self.pipe = build_pipeline(engine_config(cfg, settings))
         self.driver = self.pipe.driver
         self.height, self.width = self.pipe.cfg.height, self.pipe.cfg.width
-        self.first_chunk = 1 + 4 * self.pipe.cfg.frames_per_block
+        self.first_chunk = chunk_frames(self.pipe.cfg.frames_per_block, first=True)
         self._taehv = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdv2-engine")
         self.step_ms: deque = deque(maxlen=256)

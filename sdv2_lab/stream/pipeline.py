@@ -24,7 +24,7 @@ import torch
 
 from ..backbones.kv_cache import StreamKVCache
 from .config import PipelineConfig
-from ..units import FRAMES_PER_LATENT
+from ..units import chunk_frames
 from .driver import Encoded, Previous, StreamDriver, frames_of, wait
 from .executor import DiTExecutor, build_executor
 from .schedule import FlowMatchSchedule
@@ -84,7 +84,7 @@ class StreamPipeline:
         from ..io.synthetic import synthetic_clip
         from .clips import stream_clips
         t0 = time.perf_counter()
-        frames = 1 + FRAMES_PER_LATENT * self.cfg.frames_per_block * (self.cfg.num_kv_cache + self.num_steps + 4)
+        frames = chunk_frames(self.cfg.frames_per_block * (self.cfg.num_kv_cache + self.num_steps + 4), first=True)
         clip = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)[0].to(self.device)
         n = self.cfg.max_streams
         if self.cfg.t2v:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from ..backbones.kv_cache import CacheSpec, RowPositions
-from ..units import FRAMES_PER_LATENT
+from ..units import chunk_frames
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class Scheduler:
     # ------------------------------------------------------------------ input
     def frames_needed(self, s: Stream) -> int:
         """Input frames that make the stream's next chunk (first chunk: 1 + 4k, as the reference: 5)."""
-        return FRAMES_PER_LATENT * s.frames_per_block + (0 if s.started else 1)
+        return chunk_frames(s.frames_per_block, first=not s.started)
 
     def feed(self, s: Stream, frames: torch.Tensor) -> None:
         if frames.shape[1]:
