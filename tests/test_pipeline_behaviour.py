@@ -82,7 +82,7 @@ def test_endless_stream_rebases_positions_and_memory_stays_flat():
         pipe.push(video[:, (0 if i == 0 else 1 + 4 * i):5 + 4 * i])
         cache = pipe.cache
         starts.append(st.next_start // cache.spec.frame_tokens)
-        sizes.append(sum(t.numel() for t in (cache.k, cache.v, cache.queue, st.hidden)))
+        sizes.append(sum(t.numel() for t in (cache.k, cache.v, cache.queue, st.dev.hidden)))
     assert max(starts) <= 12 + 1           # positions never run away (RoPE table bounded)
     assert len(set(sizes)) == 1            # no growth of cached state
     assert all(len(cache.rolling[r]) <= 6 for r in st.rows)

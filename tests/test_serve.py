@@ -385,7 +385,7 @@ def test_controls_noise_steps_taehv_pause_stop(engine):
         assert c.wait_for("ack", control="noise_scale")["noise_scale"] == 0.5
         info = stream_info(base, session)
         assert info["noise_scale"] == 0.5 and info["stream"] == stream          # no restart
-        ctl = engine.driver.scheduler.streams[stream].controller
+        ctl = engine.driver.scheduler.streams[stream].dev.controller
         assert float(ctl.s0) == 0.5
         c.send({"type": "steps", "value": 1})
         ack = c.wait_for("ack", control="steps")
@@ -397,7 +397,7 @@ def test_controls_noise_steps_taehv_pause_stop(engine):
         c.send({"type": "taehv", "on": True})
         ack = c.wait_for("ack", control="taehv", timeout=120)
         assert ack["restarted"] and stream_info(base, session)["taehv"] is True
-        assert type(engine.driver.scheduler.streams[ack["stream"]].vae).__name__ == "TAEHVVAE"
+        assert type(engine.driver.scheduler.streams[ack["stream"]].dev.vae).__name__ == "TAEHVVAE"
         n = len(c.frames)
         feed_chunk(c, session, parts[0])
         c.wait_frames(n + 5)

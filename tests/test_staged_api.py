@@ -172,7 +172,7 @@ def test_enable_acceleration_switches_what_the_driver_runs():
     assert (spec.num_frames, spec.sink_frames) == (5, 2) and driver.scheduler.kv is spec
     assert driver.cfg.adapt_sink_threshold == -1 and driver.executor.dit is dit   # the DiT was kept
     assert type(driver.executor) is DiTExecutor                                   # a CPU: eager
-    assert pipe.pipeline.state is not None and pipe.pipeline.state.vae is driver.vae   # the restarted stream
+    assert pipe.pipeline.state is not None and pipe.pipeline.state.dev.vae is driver.vae   # the restarted stream
     out = seed_loop(pipe, synthetic_clip(13, H, W)[0])
     assert out.shape == (13, H, W, 3)
     # on CUDA the same switch runs the graph executor: the executor the config names for that device

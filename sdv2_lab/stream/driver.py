@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Optional
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -39,6 +40,21 @@ log = logging.getLogger(__name__)
 
 STAGES = ("encode", "dit", "decode")
 LANE_OF = {"noise": "encode", "text": "dit"}   # stages that share another stage's CUDA stream
+
+
+@dataclass
+class DeviceState:
+    """What the driver carries for one stream from chunk to chunk, on the device (``Stream.dev``; the scheduler
+    keeps the stream's schedule and never reads this)."""
+    t: torch.Tensor                          # [n] the slot timesteps (slot 0 written on the device by the controller)
+    controller: MotionNoiseController        # the motion-aware noise controller (its scale lives on the device)
+    checks: Any                              # the input guard's records (input_guard.Checks)
+    generator: Optional[torch.Generator]     # this stream's noise; None = the global generator
+    vae: Any                                 # this stream's VAE (streams may use different ones)
+    vae_state: Any
+    hidden: Optional[torch.Tensor] = None    # [n, F, C, h, w] chunks in flight (stream batch), row 0 refilled per call
+    last_frame: Optional[torch.Tensor] = None    # the last input frame [1, 3, 1, H, W] (the motion reference)
+    scales: deque = field(default_factory=deque)  # noise scale of each real chunk in flight, oldest first
 
 
 @dataclass
@@ -169,15 +185,12 @@ class StreamDriver:
             noise = self.cfg.noise if noise_scale is None else replace(self.cfg.noise, noise_scale=noise_scale)
             if not 0 < noise.noise_scale <= 1:
                 raise ValueError(f"noise_scale must be in (0, 1], got {noise.noise_scale}")
-            s.controller = MotionNoiseController(noise, self.device)
-            s.checks = self.guard.new(self.device)
-            s.t = torch.tensor(s.steps, dtype=torch.long, device=self.device)
-            s.vae = vae if vae is not None else self.vae
-            s.vae_state = s.vae.new_state(1) if s.vae is not None else None
-            if seed is not None:
-                s.generator = torch.Generator(device=self.device).manual_seed(seed)
-            else:
-                s.generator = self.generator
+            vae = vae if vae is not None else self.vae
+            s.dev = DeviceState(
+                t=torch.tensor(s.steps, dtype=torch.long, device=self.device),
+                controller=MotionNoiseController(noise, self.device), checks=self.guard.new(self.device),
+                generator=self.generator if seed is None else torch.Generator(device=self.device).manual_seed(seed),
+                vae=vae, vae_state=vae.new_state(1) if vae is not None else None)
             emb = self._embed(prompt)
             with self.lanes.on("dit", [self._current_event()]):
                 self.executor.reset_rows(s.rows)
@@ -200,22 +213,22 @@ class StreamDriver:
         """Change a stream's noise level s0 from its next chunk on (the controller's EMA moves towards it)."""
         if not 0 < noise_scale <= 1:
             raise ValueError(f"noise_scale must be in (0, 1], got {noise_scale}")
-        ctl = s.controller
+        ctl = s.dev.controller
         ctl.cfg = replace(ctl.cfg, noise_scale=noise_scale)
         with self.lanes.on("encode"):   # the controller runs on the encode lane
             ctl.s0.fill_(noise_scale)
 
     def close(self, s: Stream) -> None:
         """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
-        if not s.closed and s.vae is not None:
-            release(s.vae, s.vae_state)
+        if not s.closed and s.dev is not None and s.dev.vae is not None:
+            release(s.dev.vae, s.dev.vae_state)
         self.scheduler.close(s)
 
     def release(self) -> None:
         """The end of this engine: every stream closed, every device tensor it holds given back (KV cache, CUDA
         graphs and their pools, the streams' VAE states and latents); unusable afterwards."""
         for s in list(self.scheduler.streams.values()):
-            s.vae_state = s.hidden = s.last_frame = None
+            s.dev = None
             s.buffer.clear()
             self.scheduler.close(s)
         self.listeners.clear()
@@ -244,7 +257,7 @@ class StreamDriver:
     # ------------------------------------------------------------------ frames in, finished chunks out
     def feed(self, s: Stream, frames: torch.Tensor) -> None:
         """Buffer input frames [3, T, H, W] in [-1, 1] (moved to the device without blocking the host)."""
-        self.guard.require(s.id, s.checks)
+        self.guard.require(s.id, s.dev.checks)
         frames = self._check_frames(frames)
         self.scheduler.feed(s, frames)
         if frames.shape[1]:
@@ -253,7 +266,7 @@ class StreamDriver:
     def step(self, streams: Optional[list[Stream]] = None) -> list[ChunkOut]:
         """One chunk of every ready stream (or of ``streams``): encode each, one DiT job, decode what finished."""
         pool = streams if streams is not None else list(self.scheduler.streams.values())
-        pool = [s for s in pool if s.checks is None or not s.checks.refused]   # stopped after bad numbers
+        pool = [s for s in pool if s.dev is None or not s.dev.checks.refused]   # stopped after bad numbers
         chunks = [c for c in (self.scheduler.next_chunk(s) for s in pool if self.scheduler.ready(s)) if c]
         for c in chunks:
             if c.frames is not None:
@@ -301,7 +314,7 @@ class StreamDriver:
         return out
 
     def _end_input(self, s: Stream) -> None:
-        self.guard.require(s.id, s.checks)
+        self.guard.require(s.id, s.dev.checks)
         dropped = self.scheduler.flush(s)
         if dropped:
             log.info("stream %d: %d trailing frame(s) do not fill a chunk and were dropped", s.id, dropped)
@@ -347,24 +360,24 @@ class StreamDriver:
         the stream's noise controller, from its own state or from ``previous[id(chunk)]``; all on the encode
         lane, after the events ``after``."""
         for c in chunks:   # a stream stopped after bad numbers takes no more chunks (input_guard.py)
-            self.guard.require(c.stream.id, c.stream.checks)
+            self.guard.require(c.stream.id, c.stream.dev.checks)
         real = [c for c in chunks if c.frames is not None and self.encodes]
         encoded = {}
         if real:
             with self._stage("encode", [c.stream for c in real], [c.frames.shape[2] for c in real], after) as run:
                 for c in real:     # bad values replaced before anything reads them; the first one recorded
-                    c.frames = self.guard.check_chunk(c.stream.checks, c.frames)
-                    self.lanes.handoff(c.stream.checks.record, "decode")
+                    c.frames = self.guard.check_chunk(c.stream.dev.checks, c.frames)
+                    self.lanes.handoff(c.stream.dev.checks.record, "decode")
                 noise_levels = [self._noise_level(c, (previous or {}).get(id(c))) for c in real]
                 latents = self._vae_encode(real)
                 for c, (scale, step) in zip(real, noise_levels):
                     z = latents[id(c)]
                     encoded[id(c)] = Encoded(c, mix_noise(z, self._randn(c.stream, z.shape), scale), scale, step)
-                    c.stream.last_frame = c.frames[:, :, -1:]
+                    c.stream.dev.last_frame = c.frames[:, :, -1:]
             for e in encoded.values():
                 e.ready = run.end.event
                 if e.chunk.real:
-                    e.chunk.stream.scales.append(e.scale)
+                    e.chunk.stream.dev.scales.append(e.scale)
                 for t in (e.noisy, e.scale, e.step):
                     self.lanes.handoff(t, "dit")
         return [encoded[id(c)] if id(c) in encoded else self._noise_chunk(c) for c in chunks]
@@ -373,9 +386,9 @@ class StreamDriver:
         """id(chunk) -> its latents [1, F, 16, h, w]: one VAE call per group of chunks of one VAE, one phase
         (a stream's first chunk is special-cased inside the VAE) and one length."""
         latents = {}
-        for group in _groups(chunks, key=lambda c: (id(c.stream.vae), c.first, c.frames.shape[2])):
+        for group in _groups(chunks, key=lambda c: (id(c.stream.dev.vae), c.first, c.frames.shape[2])):
             video = torch.cat([c.frames for c in group]) if len(group) > 1 else group[0].frames
-            z = encode_streams(group[0].stream.vae, [c.stream.vae_state for c in group], video)
+            z = encode_streams(group[0].stream.dev.vae, [c.stream.dev.vae_state for c in group], video)
             latents.update(zip(map(id, group), z.to(self.dtype).split(1)))
         return latents
 
@@ -384,12 +397,12 @@ class StreamDriver:
         when given, the staged API's explicit inputs)."""
         s = c.stream
         if c.first:
-            return s.controller.s0, None
+            return s.dev.controller.s0, None
         if previous is None:
-            return s.controller.update(c.frames, s.last_frame)
-        scale, step = s.controller.next_scale(c.frames, self._check_frames(previous.last_frame[0])[None],
+            return s.dev.controller.update(c.frames, s.dev.last_frame)
+        scale, step = s.dev.controller.next_scale(c.frames, self._check_frames(previous.last_frame[0])[None],
                                               self._scalar(previous.scale), self._scalar(previous.initial))
-        s.controller.scale = scale
+        s.dev.controller.scale = scale
         return scale, step
 
     def _noise_chunk(self, c: Chunk) -> Encoded:
@@ -398,7 +411,7 @@ class StreamDriver:
         shape = (1, c.latent_frames, 16, self.cfg.height // PIXELS_PER_LATENT, self.cfg.width // PIXELS_PER_LATENT)
         if not self.encodes:  # a pipe stage after the first: the chunk's shape is all it needs
             if c.real:
-                s.scales.append(None)
+                s.dev.scales.append(None)
             return Encoded(c, torch.empty(shape, device="meta", dtype=self.dtype))
         with self._stage("noise", [s], [0]) as run:
             noisy = self._randn(s, shape)
@@ -411,7 +424,7 @@ class StreamDriver:
         with self._stage("dit", job.streams, frames, [e.ready for e in encoded]) as run:
             for s, e in zip(job.streams, encoded):
                 if e.step is not None:
-                    s.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks, as the reference)
+                    s.dev.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks, as the reference)
             x0 = self._stream_batch(job, encoded) if job.stream_batch else self._all_steps(job, encoded)
         for t in x0:
             self.lanes.handoff(t, "decode")
@@ -420,7 +433,7 @@ class StreamDriver:
 
     def _all_steps(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
         x = torch.cat([e.noisy for e in encoded]) if len(encoded) > 1 else encoded[0].noisy
-        t = torch.stack([s.t for s in job.streams], dim=1)                     # [passes, R]
+        t = torch.stack([s.dev.t for s in job.streams], dim=1)                     # [passes, R]
         noise = None
         if job.passes > 1:  # one draw per pass and stream, as the reference re-noises between passes
             noise = torch.stack([torch.cat([self._randn(s, e.noisy.shape) for _ in range(job.passes - 1)])
@@ -429,7 +442,7 @@ class StreamDriver:
         if job.first and self.scheduler.rule.stream_batch:  # the stream batch starts: every row from row 0 (§2.6)
             s = job.streams[0]
             self.executor.copy_rows(s.rows[0], s.rows[1:])
-            s.hidden = torch.zeros(len(s.steps), s.frames_per_block, *x.shape[2:], device=self.latent_device,
+            s.dev.hidden = torch.zeros(len(s.steps), s.frames_per_block, *x.shape[2:], device=self.latent_device,
                                    dtype=self.dtype)
         return list(x0.split(1))
 
@@ -437,7 +450,7 @@ class StreamDriver:
         n = len(job.rows) // len(job.streams)
         x = self._ring(job.streams)
         x.unflatten(0, (-1, n))[:, 0] = torch.cat([e.noisy for e in encoded])   # each stream's new chunk: slot 0
-        t = torch.cat([s.t for s in job.streams]) if len(job.streams) > 1 else job.streams[0].t
+        t = torch.cat([s.dev.t for s in job.streams]) if len(job.streams) > 1 else job.streams[0].dev.t
         noise = torch.zeros_like(x)
         for j, s in enumerate(job.streams):    # re-noise draws per stream, in the reference's order (§2.14)
             rows = noise[j * n:(j + 1) * n - 1]
@@ -447,7 +460,7 @@ class StreamDriver:
                 rows.copy_(self._randn(s, rows.shape))
         result = self.executor.run(job, x, t, noise)
         for j, s in enumerate(job.streams):
-            s.hidden = result.next_x[j * n:(j + 1) * n]
+            s.dev.hidden = result.next_x[j * n:(j + 1) * n]
         self._last_ring = ([s.id for s in job.streams], result.next_x)
         return list(result.out.unsqueeze(1).unbind(0))
 
@@ -456,11 +469,11 @@ class StreamDriver:
         hold consecutive views of it (the steady state: no copy), else joined once."""
         ids, ring = self._last_ring
         n = len(streams[0].steps)
-        if ids == [s.id for s in streams] and all(s.hidden.data_ptr() == ring[j * n].data_ptr()
-                                                  and s.hidden.shape == ring[j * n:(j + 1) * n].shape
+        if ids == [s.id for s in streams] and all(s.dev.hidden.data_ptr() == ring[j * n].data_ptr()
+                                                  and s.dev.hidden.shape == ring[j * n:(j + 1) * n].shape
                                                   for j, s in enumerate(streams)):
             return ring
-        return torch.cat([s.hidden for s in streams])
+        return torch.cat([s.dev.hidden for s in streams])
 
     def decode(self, s: Stream, x0: torch.Tensor) -> ChunkOut:
         """Finished latents of one stream -> its ``ChunkOut`` (``decode_chunks`` for several)."""
@@ -471,18 +484,18 @@ class StreamDriver:
         The streams that share a VAE (and their phase and chunk length) are decoded in one call."""
         if not self.decodes:  # a pipe stage before the last: the last stage decodes (no frames here)
             outs = [ChunkOut(s.id, torch.empty(0, self.cfg.height, self.cfg.width, 3), self.clock.host(),
-                             s.scales.popleft() if s.scales else None, s.shown) for s in streams]
+                             s.dev.scales.popleft() if s.dev.scales else None, s.shown) for s in streams]
             for out in outs:
                 self._emit(out)
             return outs
         with self._stage("decode", streams, [FRAMES_PER_LATENT * x0.shape[1] for x0 in x0s], [self._dit_done]) as run:
             frames = self._vae_decode(streams, x0s)
-            snaps = {s.id: self.guard.snapshot(s.checks, frames[s.id], s.shown) for s in streams}
+            snaps = {s.id: self.guard.snapshot(s.dev.checks, frames[s.id], s.shown) for s in streams}
         outs = []
         for s in streams:
             self.lanes.handoff(frames[s.id], "current")
-            out = ChunkOut(s.id, frames[s.id], run.end, s.scales.popleft() if s.scales else None, s.shown,
-                           checks=(s.checks, snaps[s.id]))
+            out = ChunkOut(s.id, frames[s.id], run.end, s.dev.scales.popleft() if s.dev.scales else None, s.shown,
+                           checks=(s.dev.checks, snaps[s.id]))
             self._emit(out)
             if self.cfg.target_fps:
                 self._adapt_chunk_size(s, out)
@@ -493,9 +506,9 @@ class StreamDriver:
         """stream id -> its frames [T, H, W, 3] in [0, 1]: one VAE call per group of streams of one VAE, one
         phase and one chunk length."""
         frames = {}
-        for group in _groups(list(zip(streams, x0s)), key=lambda p: (id(p[0].vae), _first_decode(p[0]), p[1].shape[1])):
+        for group in _groups(list(zip(streams, x0s)), key=lambda p: (id(p[0].dev.vae), _first_decode(p[0]), p[1].shape[1])):
             z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
-            out = decode_streams(group[0][0].vae, [s.vae_state for s, _ in group], z)
+            out = decode_streams(group[0][0].dev.vae, [s.dev.vae_state for s, _ in group], z)
             for (s, _), f in zip(group, out):
                 frames[s.id] = to_unit(f).permute(0, 2, 3, 1)
         return frames
@@ -513,9 +526,9 @@ class StreamDriver:
             log.info("stream %d: %.1f FPS < target %.1f: chunks grow to %d latent frames", s.id, fps,
                      self.cfg.target_fps, grow)
             self.scheduler.grow_chunks(s, grow)
-            if s.hidden is not None:
+            if s.dev.hidden is not None:
                 with self.lanes.on("dit"):
-                    s.hidden = s.hidden.repeat(1, grow // s.hidden.shape[1], 1, 1, 1)
+                    s.dev.hidden = s.dev.hidden.repeat(1, grow // s.dev.hidden.shape[1], 1, 1, 1)
 
     # ------------------------------------------------------------------ bad numbers (input_guard.py)
     def verify(self, what: ChunkOut | Stream) -> None:
@@ -528,20 +541,20 @@ class StreamDriver:
                 self.guard.verify(what.stream, *what.checks)
             return
         s = what
-        if s.checks is None:
+        if s.dev is None:
             return
-        snap = s.checks.last
+        snap = s.dev.checks.last
         if snap is None and self.guard.on:   # nothing decoded here (a first pipe stage): the input record, once
             if self.lanes.streams is not None:
                 torch.cuda.current_stream().wait_stream(self.lanes.stream("encode"))
-            snap = torch.cat([s.checks.record, s.checks.out]).cpu()
-        self.guard.verify(s.id, s.checks, snap)
+            snap = torch.cat([s.dev.checks.record, s.dev.checks.out]).cpu()
+        self.guard.verify(s.id, s.dev.checks, snap)
 
     # ------------------------------------------------------------------ helpers
     def _randn(self, s: Stream, shape) -> torch.Tensor:
         if self.latent_device.type == "meta":
             return torch.empty(shape, device="meta", dtype=self.dtype)
-        return torch.randn(shape, generator=s.generator, device=self.device, dtype=self.dtype)
+        return torch.randn(shape, generator=s.dev.generator, device=self.device, dtype=self.dtype)
 
     def _scalar(self, value) -> Optional[torch.Tensor]:
         """A noise scale as a float64 device scalar, made where it is used (a float: a fill, no copy)."""
@@ -578,7 +591,7 @@ def _groups(items: list, key) -> list[list]:
 
 def _first_decode(s: Stream):
     """Whether the stream's VAE has decoded nothing yet (None when its state does not say: decoded alone)."""
-    n = getattr(s.vae_state, "latents_in", None)
+    n = getattr(s.dev.vae_state, "latents_in", None)
     return id(s) if n is None else n == 0
 
 

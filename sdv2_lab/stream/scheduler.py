@@ -39,18 +39,13 @@ MODES = {"single": ModeRule("single", True), "single-wo": ModeRule("single-wo", 
 
 @dataclass
 class Stream:
-    """One stream: its schedule (host values) and what it carries between chunks (device tensors, VAE state)."""
+    """One stream's schedule: its rows, slots, positions and input bookkeeping (host values). What it carries on
+    the device between chunks is the driver's (``dev``)."""
     id: int
     prompt: str
     rows: list[int]                          # KV-cache rows: rows[i] holds denoising step i's history
     steps: list[int]                         # timestep per slot; slot 0's is replaced by the noise controller
     frames_per_block: int                    # latent frames per chunk (target_fps may grow it)
-    t: Optional[torch.Tensor] = None         # [n] device copy of the slot timesteps (slot 0 written on device)
-    controller: Any = None                   # the motion-aware noise controller (its scale lives on the device)
-    generator: Optional[torch.Generator] = None   # this stream's noise; None = the global generator
-    vae: Any = None                          # this stream's VAE (streams may use different ones)
-    vae_state: Any = None
-    hidden: Optional[torch.Tensor] = None    # [n, F, C, h, w] chunks in flight (stream batch), row 0 refilled per call
     starts: list[int] = field(default_factory=list)      # virtual start token of the chunk in each slot
     pending_real: list[bool] = field(default_factory=list)  # slots 0..n-2 after a call: a real chunk still in flight?
     next_start: int = 0                      # virtual start token of the next chunk
@@ -61,8 +56,6 @@ class Stream:
     fed: int = 0                             # input frames received so far
     taken: int = 0                           # input frames made into chunks so far
     arrivals: deque = field(default_factory=deque)   # (frames received by then, arrival mark) per input piece
-    scales: deque = field(default_factory=deque)     # noise scale of each real chunk in flight, oldest first
-    last_frame: Optional[torch.Tensor] = None    # last input frame [1, 3, 1, H, W] (the motion reference)
     flush_calls: int = 0                     # noise chunks still to push through the stream batch (flush)
     hide_next_output: bool = False
     out_marks: list = field(default_factory=list)    # target_fps: when the first outputs appeared
@@ -70,7 +63,7 @@ class Stream:
     passes_left: int = 0
     row: RowPositions = field(default_factory=RowPositions)
     closed: bool = False
-    checks: Any = None                       # the input guard's records (input_guard.Checks)
+    dev: Any = None                          # the driver's device state of this stream (driver.DeviceState)
 
     @property
     def started(self) -> bool:
