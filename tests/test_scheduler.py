@@ -271,3 +271,14 @@ def test_static_plans_attend_over_the_whole_cache_with_the_unwritten_part_masked
             outs.append(dit.step(x, t, c, plan))
             c.commit(plan)
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_every_executor_is_an_executor():
+    """The driver's one interface: the eager and graph executors and a pipe stage all declare it."""
+    from sdv2_lab.parallel.stage import PipeStage
+    from sdv2_lab.stream.executor import EXECUTORS, Executor
+    for cls in [EXECUTORS.get(n) for n in ("eager", "cuda_graph")] + [PipeStage]:
+        missing = [m for m in ("set_prompt", "reset_rows", "copy_rows", "run", "release", "device")
+                   if not hasattr(cls, m)]
+        assert not missing, (cls.__name__, missing)
+    assert issubclass(PipeStage, EXECUTORS.get("eager")) and isinstance(Executor, type)

@@ -31,6 +31,7 @@ import torch
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
 from ..vae.registry import decode_streams, encode_streams, release
 from .config import PipelineConfig
+from .executor import Executor
 from .input_guard import InputGuard
 from .noise_controller import MotionNoiseController, mix_noise
 from .scheduler import Chunk, DiTJob, Scheduler, Stream
@@ -105,7 +106,8 @@ class Lanes:
 
 
 class StreamDriver:
-    def __init__(self, executor, vae, text_encoder, cfg: PipelineConfig, *, dtype: torch.dtype = torch.bfloat16,
+    def __init__(self, executor: Executor, vae, text_encoder, cfg: PipelineConfig, *,
+                 dtype: torch.dtype = torch.bfloat16,
                  generator: Optional[torch.Generator] = None):
         cfg.validate()
         self.executor, self.vae, self.text_encoder, self.cfg = executor, vae, text_encoder, cfg
@@ -424,7 +426,7 @@ class StreamDriver:
         with self._stage("dit", job.streams, frames, [e.ready for e in encoded]) as run:
             for s, e in zip(job.streams, encoded):
                 if e.step is not None:
-                    s.dev.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks, as the reference)
+                    s.dev.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks: the reference)
             x0 = self._stream_batch(job, encoded) if job.stream_batch else self._all_steps(job, encoded)
         for t in x0:
             self.lanes.handoff(t, "decode")
@@ -506,7 +508,9 @@ class StreamDriver:
         """stream id -> its frames [T, H, W, 3] in [0, 1]: one VAE call per group of streams of one VAE, one
         phase and one chunk length."""
         frames = {}
-        for group in _groups(list(zip(streams, x0s)), key=lambda p: (id(p[0].dev.vae), _first_decode(p[0]), p[1].shape[1])):
+        def key(p):
+            return id(p[0].dev.vae), _first_decode(p[0]), p[1].shape[1]
+        for group in _groups(list(zip(streams, x0s)), key=key):
             z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
             out = decode_streams(group[0][0].dev.vae, [s.dev.vae_state for s, _ in group], z)
             for (s, _), f in zip(group, out):

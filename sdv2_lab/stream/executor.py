@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -47,8 +47,30 @@ class DiTResult:
     next_x: Optional[torch.Tensor] = None      # the stream-batch ring for the next call
 
 
+@runtime_checkable
+class Executor(Protocol):
+    """What the driver asks of an executor (this module's, and a ``pipe`` stage). It owns the weights and the
+    KV-cache rows of the streams it serves."""
+    dit: Any
+    cache: StreamKVCache
+    schedule: FlowMatchSchedule
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def set_prompt(self, rows: list[int], embedding: Optional[torch.Tensor]) -> None: ...
+
+    def reset_rows(self, rows: list[int]) -> None: ...
+
+    def copy_rows(self, src: int, dst: list[int]) -> None: ...
+
+    def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult: ...
+
+    def release(self) -> None: ...
+
+
 class DiTExecutor:
-    """Eager execution of DiT jobs on one device."""
+    """Eager execution of DiT jobs on one device (an ``Executor``)."""
     name = "eager"
 
     def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None):
