@@ -47,6 +47,20 @@ if not OmegaConf.has_resolver("sdv2.run_dir"):
     OmegaConf.register_new_resolver("sdv2.run_dir", run_dir)
 
 
+def register_schemas() -> None:
+    """The structured configs (``schema.py``) in Hydra's ConfigStore, where the groups' defaults lists find them
+    (``conf/mode/pipe.yaml``: ``defaults: [pipe_schema, _self_]``). Done when this module is imported: before any
+    composition, by ``compose_config`` and the command lines' Hydra apps alike."""
+    from hydra.core.config_store import ConfigStore
+    from .schema import SCHEMAS
+    store = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        store.store(group=group, name=name, node=node)
+
+
+register_schemas()
+
+
 class ConfigError(ValueError):
     """A wrong override or config choice, said in one line (the command lines print it without a traceback)."""
 

@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     from .eval.cli import evaluate
     from .parallel import context
     from .parallel.launch import rank_main, run_with_config
+    from .parallel.placement import pipe_mode
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "run")
     default_dir = os.path.join("outputs", "pipe", run_id)
     if not any(o.startswith("mode=") for o in overrides):
@@ -32,13 +33,13 @@ def main(argv=None) -> None:
     cfg = compose_config("config" if command == "run" else "eval", overrides)
     from omegaconf import OmegaConf
     container = OmegaConf.to_container(cfg, resolve=True)
-    timeout = float(cfg.mode.get("timeout_s", 60))
-    stall = cfg.mode.get("stall_timeout_s")
+    mode = pipe_mode(cfg)
+    timeout, stall = float(mode.timeout_s), mode.stall_timeout_s
     # every rank runs the front end's own function (as a launched job does): its placement is its rank's stage
     call = (run, container, None, (), {}) if command == "run" else \
         (evaluate, container, None, (os.environ.get("SDV2_RUN_DIR", default_dir), overrides), {})
     rank_main(lambda: context.init_from_env(timeout, None if stall is None else float(stall)), run_with_config, call,
-              None, cfg.mode.get("threads"))
+              None, mode.threads)
 
 if __name__ == "__main__":
     main()

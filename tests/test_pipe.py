@@ -347,3 +347,19 @@ def test_torchrun_ranks_run_the_same_front_end(tmp_path):
     timings = json.loads((tmp_path / "timings.json").read_text())
     assert timings["pipe_ranks"] == 2 and timings["output_frames"] > 0 and (tmp_path / "output.mp4").stat().st_size
     assert run.stdout.count("wrote ") == 1   # one rank writes and reports
+
+
+def test_pipe_settings_are_typed_once_in_their_schema():
+    """conf/mode/pipe.yaml names its schema: every default comes from schema.PipeMode, a misspelt key gets the
+    nearest valid one, a wrong type is refused at composition, and the code reads the same values."""
+    from sdv2_lab.configs import ConfigError, compose_config
+    from sdv2_lab.parallel.placement import options, pipe_mode
+    from sdv2_lab.schema import PipeMode
+    cfg = compose_config("config", ["mode=pipe", "mode.tolerance=0.2"])
+    mode = pipe_mode(cfg)
+    assert mode.tolerance == 0.2 and mode.timeout_s == PipeMode.timeout_s and mode.depth == PipeMode.depth
+    assert options(cfg).tolerance == 0.2 and options(cfg).balance_every == PipeMode.balance_every
+    with pytest.raises(ConfigError, match="mode.tolerance"):
+        compose_config("config", ["mode=pipe", "mode.tolerence=0.1"])
+    with pytest.raises(ConfigError):
+        compose_config("config", ["mode=pipe", "mode.depth=two"])

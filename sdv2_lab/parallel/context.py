@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .health import STALL_TIMEOUT_S, Health
+from ..schema import STALL_TIMEOUT_S
+from .health import Health
 
 log = logging.getLogger(__name__)
 

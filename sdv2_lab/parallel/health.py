@@ -32,7 +32,6 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 ABORT = "abort"
-STALL_TIMEOUT_S = 1800.0   # a wait on a live peer (fresh heartbeat) is slowness, not a failure, until this
 
 
 class PipeError(RuntimeError):

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .health import ABORT, STALL_TIMEOUT_S, PipeError
+from ..schema import STALL_TIMEOUT_S
+from .health import ABORT, PipeError
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +287,11 @@ def _restore_hydra(state: Optional[dict]) -> None:
 
 def _settings(cfg: DictConfig) -> dict:
     """The launch settings of a config, checked first (``check_pipe``: devices, the split; before any process)."""
-    from .placement import check_pipe, pipe_devices
+    from .placement import check_pipe, pipe_devices, pipe_mode
     check_pipe(cfg)
-    p = cfg.mode
-    stall = p.get("stall_timeout_s", STALL_TIMEOUT_S)
-    return dict(devices=pipe_devices(cfg), timeout_s=float(p.get("timeout_s", 60)), threads=p.get("threads"),
-                transport=str(p.get("transport", "auto")), stall_timeout_s=None if stall is None else float(stall))
+    p = pipe_mode(cfg)
+    return dict(devices=pipe_devices(cfg), timeout_s=float(p.timeout_s), threads=p.threads, transport=p.transport,
+                stall_timeout_s=None if p.stall_timeout_s is None else float(p.stall_timeout_s))
 
 
 def on_ranks(cfg: DictConfig, fn: Callable, *args, **kwargs) -> list:

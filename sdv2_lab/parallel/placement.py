@@ -6,7 +6,7 @@ rank starts (``check_pipe``)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..backbones.checkpoints import stage_parts
 from ..flops import flops_per_output_frame
+from ..schema import PipeMode
 from ..settings import backbone_config, pipeline_config
 from . import balance
 from .context import PipeContext, StagePosition, current
@@ -22,13 +23,25 @@ from .stage import PipeOptions, PipeStage
 log = logging.getLogger(__name__)
 
 
+def pipe_mode(cfg: DictConfig) -> PipeMode:
+    """``cfg.mode`` as its schema (``schema.PipeMode``: every default there, once); a key it lacks is named."""
+    data = OmegaConf.to_container(cfg.mode, resolve=True)
+    known = {f.name for f in fields(PipeMode)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"mode.{unknown[0]} is not a pipe setting; valid: {', '.join(sorted(known))}")
+    return PipeMode(**data)
+
+
 def pipe_world(cfg: DictConfig) -> int:
     """Stages asked for: ``mode.gpu_ids`` (their count), else ``num_gpus`` (top level), else
-    ``mode.num_gpus``."""
-    ids = cfg.mode.get("gpu_ids")
-    if ids:
-        return len(list(ids))
-    n = cfg.get("num_gpus") or cfg.mode.get("num_gpus") or 1
+    ``mode.num_gpus``; 1 outside mode=pipe."""
+    if cfg.mode.name != "pipe":
+        return 1
+    m = pipe_mode(cfg)
+    if m.gpu_ids:
+        return len(m.gpu_ids)
+    n = cfg.get("num_gpus") or m.num_gpus or 1
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_gpus={n!r}: expected a positive integer (pipeline stages)")
     return n
@@ -43,7 +56,7 @@ def pipe_devices(cfg: DictConfig) -> list[str]:
     if not torch.cuda.is_available():
         raise RuntimeError(f"device={device} was asked for but CUDA is not available on this machine (torch "
                            f"{torch.__version__}); use device=cpu (mode=pipe then runs its stages on the CPU)")
-    ids = list(cfg.mode.get("gpu_ids") or [])
+    ids = list(pipe_mode(cfg).gpu_ids or [])
     if not ids:
         base = int(device.split(":")[1]) if ":" in device else 0
         ids = list(range(base, base + world))
@@ -54,12 +67,10 @@ def pipe_devices(cfg: DictConfig) -> list[str]:
 
 
 def options(cfg: DictConfig) -> PipeOptions:
-    p = cfg.mode
-    debug = p.get("debug")
-    debug = OmegaConf.to_container(debug, resolve=True) if OmegaConf.is_config(debug) else dict(debug or {})
-    return PipeOptions(schedule_block=bool(p.get("schedule_block", False)), tolerance=float(p.get("tolerance", 0.05)),
-                       balance_every=int(p.get("balance_every", 8)), max_ahead=int(p.get("max_ahead", 3)),
-                       depth=int(p.get("depth", 2)),
+    p = pipe_mode(cfg)
+    debug = p.debug or {}
+    return PipeOptions(schedule_block=bool(p.schedule_block), tolerance=float(p.tolerance),
+                       balance_every=int(p.balance_every), max_ahead=int(p.max_ahead), depth=int(p.depth),
                        rebalance_at={int(k): list(v) for k, v in (debug.get("rebalance_at") or {}).items()},
                        fail=debug.get("fail"), slow=debug.get("slow"), stall=debug.get("stall"),
                        cuda_graph=bool(cfg.get("cuda_graph", False)),
@@ -70,7 +81,7 @@ def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
     """The VAE's encode and decode time per chunk in block-times (for the first split): from
     ``mode.vae_blocks``, or estimated from the FLOP model (the VAE runs at about half the DiT's FLOP rate:
     measured on H100/H200, ~20% vs ~45% of peak). The block scheduler corrects it from measurements."""
-    given = cfg.mode.get("vae_blocks", "auto")
+    given = pipe_mode(cfg).vae_blocks
     if given not in (None, "auto"):
         enc, dec = (float(v) for v in given)
         return enc, dec
@@ -85,7 +96,7 @@ def vae_blocks(cfg: DictConfig, steps: int) -> tuple[float, float]:
 
 
 def initial_ranges(cfg: DictConfig, world: int, num_layers: int, steps: int) -> balance.Ranges:
-    split = cfg.mode.get("split")
+    split = pipe_mode(cfg).split
     if split:
         counts = list(split)
         if len(counts) != world:
