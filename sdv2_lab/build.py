@@ -21,13 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def build_text_encoder(cfg: DictConfig, device, dtype):
-    name = cfg.text_encoder.name
-    if name == "hashed":
-        from .text.hashed import HashedTextEncoder
-        return HashedTextEncoder(dim=cfg.backbone.get("text_dim", 4096))
     from .text import build_text_encoder as build
     return build(cfg.text_encoder, wan_folder=cfg.weights.wan_folder, dummy=cfg.weights.kind == "dummy",
-                 device=device, dtype=dtype)
+                 device=device, dtype=dtype, text_dim=cfg.backbone.get("text_dim", 4096))
 
 
 def build_vae(cfg: DictConfig, device, dtype):

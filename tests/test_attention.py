@@ -55,7 +55,7 @@ def test_cuda_kernel_order():
     fn = A.get_attention("sdpa").attend  # the registered partial carries both orders
     assert fn.keywords["order"][0] == int(SDPBackend.CUDNN_ATTENTION)
     assert fn.keywords["capture_order"][0] == int(SDPBackend.FLASH_ATTENTION)
-    assert A._REGISTRY["sdpa_efficient"].attend.keywords["capture_order"][0] == int(SDPBackend.EFFICIENT_ATTENTION)
+    assert A.ATTENTION.get("sdpa_efficient").attend.keywords["capture_order"][0] == int(SDPBackend.EFFICIENT_ATTENTION)
 
 
 def test_with_sdpa_priority_sets_and_restores():

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
+from ..registry import Registry
+
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
@@ -30,25 +32,25 @@ class AttentionBackend:
     description: str = ""
 
 
-_REGISTRY: dict[str, AttentionBackend] = {}
+ATTENTION: Registry[AttentionBackend] = Registry("attention backend")
 
 
 def register_attention(name: str, available: Callable[[], Optional[str]] = lambda: None, description: str = ""):
     def wrap(fn: AttendFn) -> AttendFn:
-        _REGISTRY[name] = AttentionBackend(name, fn, available, description)
+        ATTENTION.register(name)(AttentionBackend(name, fn, available, description))
         return fn
     return wrap
 
 
 def available_attention_backends() -> list[str]:
-    return [n for n, b in _REGISTRY.items() if b.available() is None]
+    return [n for n in ATTENTION if ATTENTION.get(n).available() is None]
 
 
 def get_attention(name: str) -> AttentionBackend:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_REGISTRY)}; "
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attention backend {name!r}; known: {ATTENTION.names()}; "
                          f"usable on this machine: {available_attention_backends()}")
-    backend = _REGISTRY[name]
+    backend = ATTENTION.get(name)
     reason = backend.available()
     if reason is not None:
         raise RuntimeError(f"attention backend {name!r} is not usable here ({reason}); "

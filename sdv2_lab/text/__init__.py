@@ -1,6 +1,7 @@
 """Text encoding: Wan's UMT5-XXL encoder (via transformers), its tokenizer, and a prompt-embedding cache.
 
-``HashedTextEncoder`` (``hashed.py``) is the weightless stand-in; everything else here is the real encoder.
+``HashedTextEncoder`` (``hashed.py``) is the weightless stand-in; everything else here is the real encoder. Both
+are built by name from ``TEXT_ENCODERS`` (``conf/text_encoder/<name>.yaml``'s ``name``): ``build_text_encoder``.
 """
 from __future__ import annotations
 
@@ -9,17 +10,37 @@ from typing import Mapping
 
 import torch
 
+from ..registry import Registry
 from .encoder import TextEncoder
+from .hashed import HashedTextEncoder
 from .prompt_cache import PromptCache
 from .tokenizer import PromptTokenizer, clean_prompt, synthetic_tokenizer
 from .umt5 import UMT5_XXL, CheckpointMismatchError, UMT5Size, load_hf_umt5, load_wan_t5
 
 __all__ = ["TextEncoder", "PromptCache", "PromptTokenizer", "clean_prompt", "synthetic_tokenizer", "UMT5Size",
-           "UMT5_XXL", "CheckpointMismatchError", "load_wan_t5", "load_hf_umt5", "build_text_encoder"]
+           "UMT5_XXL", "CheckpointMismatchError", "load_wan_t5", "load_hf_umt5", "build_text_encoder", "TEXT_ENCODERS",
+           "HashedTextEncoder"]
+
+
+TEXT_ENCODERS: Registry = Registry("text encoder")
 
 
 def build_text_encoder(cfg: Mapping, *, wan_folder: str | Path | None, dummy: bool, device, dtype: torch.dtype,
-                       ) -> TextEncoder:
+                       text_dim: int = 4096):
+    """The text encoder ``cfg`` (a ``conf/text_encoder`` group) names; ``text_dim``: the width the DiT expects."""
+    return TEXT_ENCODERS.get(cfg["name"])(cfg, wan_folder=wan_folder, dummy=dummy, device=device, dtype=dtype,
+                                          text_dim=text_dim)
+
+
+@TEXT_ENCODERS.register("hashed")
+def build_hashed(cfg: Mapping, *, text_dim: int = 4096, **_) -> HashedTextEncoder:
+    """No weights: a prompt-seeded random embedding of the DiT's text width."""
+    return HashedTextEncoder(dim=text_dim)
+
+
+@TEXT_ENCODERS.register("umt5")
+def build_umt5(cfg: Mapping, *, wan_folder: str | Path | None, dummy: bool, device, dtype: torch.dtype,
+               text_dim: int = 4096) -> TextEncoder:
     """A ``TextEncoder`` from a ``conf/text_encoder`` group (see ``umt5_xxl.yaml`` for the keys).
 
     Real weights: ``cfg.checkpoint`` is a transformers folder (has ``config.json``) or a Wan ``.pth`` (relative
