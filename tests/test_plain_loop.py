@@ -1,0 +1,77 @@
+"""The plain loop (stream/plain_loop.py) states what the engine does: the same (chunk, timestep) per slot
+in every DiT call as the real scheduler, and as the tiny pipeline's DiT calls; every finished chunk got all
+timesteps in order, with the stream batch's fill latency (n-1 chunks) and flush."""
+import pytest
+import torch
+
+from sdv2_lab.backbones.kv_cache import CacheSpec
+from sdv2_lab.stream.plain_loop import EMPTY, plain_loop
+from sdv2_lab.stream.scheduler import Scheduler
+
+TIMESTEPS = [700, 500, 400, 200]
+CHUNKS = 6
+CASES = [(mode, steps) for mode in ("single", "single-wo") for steps in (1, 2, 3, 4)]
+
+
+def plain_calls(mode, steps, chunks=CHUNKS):
+    return list(plain_loop(lambda x, t, slot: x, TIMESTEPS[:steps], lambda x0, t: x0, lambda k: torch.zeros(1),
+                           chunks, stream_batch=mode == "single"))
+
+
+def scheduler_calls(mode, steps, chunks=CHUNKS):
+    """(chunk id or EMPTY, timestep) per slot of every DiT call the real scheduler makes, and what finished.
+    A slot's chunk is found by its virtual position (each chunk takes its own); unreal slots are EMPTY."""
+    spec = CacheSpec(num_layers=1, num_heads=1, head_dim=2, frame_tokens=6, num_frames=6, sink_frames=3)
+    sch = Scheduler(mode, TIMESTEPS[:steps], spec)
+    s = sch.open("p")
+    sch.feed(s, torch.zeros(3, 5 + 4 * (chunks - 1), 1, 1))
+    calls, chunk_at, new = [], {}, []
+    while (c := sch.next_chunk(s)) is not None:
+        new.append(c)
+        if len(new) == chunks:
+            sch.flush(s)
+        real_before = [c.real] + list(s.pending_real)
+        (job,) = sch.dit_jobs([c])
+        k = len(new) - 1 if c.real else EMPTY
+        if not job.stream_batch:                            # all steps in turn on one row
+            chunk_at[job.starts[0]] = k
+            calls += [([(k, t)], k if p == job.passes - 1 else None) for p, t in enumerate(s.steps)]
+            continue
+        chunk_at.setdefault(job.starts[0], k)
+        slots = [(chunk_at[start] if real else EMPTY, t) for start, real, t in zip(job.starts, real_before, s.steps)]
+        calls.append((slots, slots[-1][0] if job.emit[0] else None))
+    return calls
+
+
+@pytest.mark.parametrize("mode,steps", CASES)
+def test_every_dit_call_equals_the_schedulers(mode, steps):
+    assert [(c.slots, c.finished) for c in plain_calls(mode, steps)] == scheduler_calls(mode, steps)
+
+
+@pytest.mark.parametrize("mode,steps", CASES)
+def test_fill_latency_and_flush(mode, steps):
+    calls = plain_calls(mode, steps)
+    finished = [c.finished for c in calls if c.finished is not None]
+    assert finished == list(range(CHUNKS))                  # every chunk once, in order
+    if mode == "single":   # chunk 0: n calls; chunks 1..: one call each, finished n-1 calls later; n-1 flush calls
+        assert len(calls) == steps + (CHUNKS - 1) + (steps - 1)
+        assert [c.finished for c in calls[steps:steps + steps - 1]] == [None] * (steps - 1)
+    else:
+        assert len(calls) == steps * CHUNKS
+
+
+@pytest.mark.parametrize("mode,steps", CASES)
+def test_a_finished_chunk_went_through_every_timestep_in_order(mode, steps):
+    """A deterministic fake denoiser and re-noiser: each chunk's x0 equals its own all-steps recurrence."""
+    ts = TIMESTEPS[:steps]
+    denoise = lambda x, t, slot: 0.5 * x + t / 1000          # noqa: E731
+    renoise = lambda x0, t: x0 + t / 10_000                  # noqa: E731
+    latent = lambda k: torch.full((2,), float(k if k is not EMPTY else -1), dtype=torch.float64)  # noqa: E731
+    out = {c.finished: c.x0 for c in plain_loop(denoise, ts, renoise, latent, CHUNKS, mode == "single")
+           if c.finished is not None}
+    for k in range(CHUNKS):
+        x = latent(k)
+        for i, t in enumerate(ts):
+            x0 = denoise(x, t, 0)
+            x = renoise(x0, ts[i + 1]) if i + 1 < steps else x
+        torch.testing.assert_close(out[k], x0, rtol=0, atol=0)
