@@ -75,3 +75,35 @@ def test_a_finished_chunk_went_through_every_timestep_in_order(mode, steps):
             x0 = denoise(x, t, 0)
             x = renoise(x0, ts[i + 1]) if i + 1 < steps else x
         torch.testing.assert_close(out[k], x0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,steps", [("single", 1), ("single", 3), ("single-wo", 2)])
+def test_the_tiny_pipelines_dit_calls_run_the_plain_loops_timesteps(mode, steps, monkeypatch):
+    """The real driver and executors at the tiny size on CPU: the timestep of every row in every DiT call
+    (the noise controller fixed, so slot 0 stays at t_0)."""
+    from dit_oracle import TINY
+    from stand_in_vae import PoolVAE
+    from sdv2_lab.backbones.checkpoints import load_backbone
+    from sdv2_lab.backbones.wan_dit import WanDiTConfig
+    from sdv2_lab.io.synthetic import synthetic_clip
+    from sdv2_lab.stream.config import PipelineConfig
+    from sdv2_lab.stream.noise_controller import NoiseControllerConfig
+    from sdv2_lab.stream.pipeline import StreamPipeline
+    from sdv2_lab.text.hashed import HashedTextEncoder
+
+    torch.manual_seed(0)
+    dit = load_backbone(WanDiTConfig(name="tiny", **TINY), "dummy", dtype=torch.float32, seed=0)
+    cfg = PipelineConfig(height=32, width=48, mode=mode, denoising_steps=TIMESTEPS[:steps],
+                         noise=NoiseControllerConfig(fixed=True))   # int(1000 * 0.8) - 100 = 700 = t_0
+    pipe = StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), cfg, device="cpu", dtype=torch.float32)
+    seen, step = [], pipe.dit.step
+
+    def traced_step(x, t, cache, p):
+        seen.append(t[:, 0].tolist())
+        return step(x, t, cache, p)
+
+    monkeypatch.setattr(pipe.dit, "step", traced_step)
+    pipe.start("a plain loop")
+    pipe.push(synthetic_clip(5 + 4 * (CHUNKS - 1), 32, 48, velocity=(0.7, 2.3))[0])
+    pipe.flush()
+    assert seen == [[t for _, t in c.slots] for c in plain_calls(mode, steps)]
