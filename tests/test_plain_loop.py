@@ -77,15 +77,11 @@ def test_a_finished_chunk_went_through_every_timestep_in_order(mode, steps):
         torch.testing.assert_close(out[k], x0, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode,steps", [("single", 1), ("single", 3), ("single-wo", 2)])
-def test_the_tiny_pipelines_dit_calls_run_the_plain_loops_timesteps(mode, steps, monkeypatch):
-    """The real driver and executors at the tiny size on CPU: the timestep of every row in every DiT call
-    (the noise controller fixed, so slot 0 stays at t_0)."""
+def tiny_pipeline(mode, steps):
     from dit_oracle import TINY
     from stand_in_vae import PoolVAE
     from sdv2_lab.backbones.checkpoints import load_backbone
     from sdv2_lab.backbones.wan_dit import WanDiTConfig
-    from sdv2_lab.io.synthetic import synthetic_clip
     from sdv2_lab.stream.config import PipelineConfig
     from sdv2_lab.stream.noise_controller import NoiseControllerConfig
     from sdv2_lab.stream.pipeline import StreamPipeline
@@ -95,7 +91,21 @@ def test_the_tiny_pipelines_dit_calls_run_the_plain_loops_timesteps(mode, steps,
     dit = load_backbone(WanDiTConfig(name="tiny", **TINY), "dummy", dtype=torch.float32, seed=0)
     cfg = PipelineConfig(height=32, width=48, mode=mode, denoising_steps=TIMESTEPS[:steps],
                          noise=NoiseControllerConfig(fixed=True))   # int(1000 * 0.8) - 100 = 700 = t_0
-    pipe = StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), cfg, device="cpu", dtype=torch.float32)
+    return StreamPipeline(dit, PoolVAE(), HashedTextEncoder(), cfg, device="cpu", dtype=torch.float32)
+
+
+def push_and_flush(pipe):
+    from sdv2_lab.io.synthetic import synthetic_clip
+    pipe.start("a plain loop")
+    pipe.push(synthetic_clip(5 + 4 * (CHUNKS - 1), 32, 48, velocity=(0.7, 2.3))[0])
+    pipe.flush()
+
+
+@pytest.mark.parametrize("mode,steps", [("single", 1), ("single", 3), ("single-wo", 2)])
+def test_the_tiny_pipelines_dit_calls_run_the_plain_loops_timesteps(mode, steps, monkeypatch):
+    """The real driver and executors at the tiny size on CPU: the timestep of every row in every DiT call
+    (the noise controller fixed, so slot 0 stays at t_0)."""
+    pipe = tiny_pipeline(mode, steps)
     seen, step = [], pipe.dit.step
 
     def traced_step(x, t, cache, p):
@@ -103,7 +113,50 @@ def test_the_tiny_pipelines_dit_calls_run_the_plain_loops_timesteps(mode, steps,
         return step(x, t, cache, p)
 
     monkeypatch.setattr(pipe.dit, "step", traced_step)
-    pipe.start("a plain loop")
-    pipe.push(synthetic_clip(5 + 4 * (CHUNKS - 1), 32, 48, velocity=(0.7, 2.3))[0])
-    pipe.flush()
+    push_and_flush(pipe)
     assert seen == [[t for _, t in c.slots] for c in plain_calls(mode, steps)]
+
+
+def fake_velocity(x, t):
+    """A deterministic stand-in for the DiT: the same for a row alone or in a batch (elementwise)."""
+    return 0.1 * x + (t / 1000).reshape(*t.shape, 1, 1, 1)
+
+
+@pytest.mark.parametrize("mode,steps", [("single", 2), ("single", 4), ("single-wo", 3)])
+def test_the_tiny_pipelines_finished_latents_equal_the_plain_loops(mode, steps, monkeypatch):
+    """The real driver and executors with a fake DiT and zero noise draws (so re-noising is deterministic): the
+    x0 of every finished chunk equals the plain loop's, fed the same chunk latents, bit for bit."""
+    pipe = tiny_pipeline(mode, steps)
+    d = pipe.driver
+    monkeypatch.setattr(d, "_randn", lambda s, shape: torch.zeros(shape, dtype=d.dtype))
+    monkeypatch.setattr(pipe.dit, "step", lambda x, t, cache, p: fake_velocity(x, t))
+    latents, finished, run, denoise = [], [], d.executor.run, d.denoise
+
+    def traced_run(job, x, t, noise):   # each real chunk's latent as it enters (slot 0)
+        if job.chunks[0].real:
+            latents.append(x[:1].clone())
+        return run(job, x, t, noise)
+
+    def traced_denoise(job, encoded):
+        x0 = denoise(job, encoded)
+        finished.extend(x.clone() for x, shown in zip(x0, job.emit) if shown)
+        return x0
+
+    monkeypatch.setattr(d.executor, "run", traced_run)
+    monkeypatch.setattr(d, "denoise", traced_denoise)
+    push_and_flush(pipe)
+    sched = d.schedule
+
+    def x0_of(x, t, slot):
+        tt = torch.full(x.shape[:2], t)
+        return sched.velocity_to_x0(fake_velocity(x, tt), x, tt)
+
+    def renoise(x0, t):
+        return sched.add_noise(x0, torch.zeros_like(x0), torch.full(x0.shape[:2], t))
+
+    ours = [c.x0 for c in plain_loop(x0_of, TIMESTEPS[:steps], renoise,
+                                     lambda k: latents[1] * 0 if k is EMPTY else latents[k], CHUNKS,
+                                     stream_batch=mode == "single") if c.finished is not None]
+    assert len(latents) == len(finished) == len(ours) == CHUNKS
+    for k, (a, b) in enumerate(zip(finished, ours)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"chunk {k}")

@@ -44,7 +44,7 @@ def plain_loop(denoise: Callable, timesteps: list[int], renoise: Callable, laten
                 else:
                     yield DiTCall([(k, t)])
                     x = renoise(x0, timesteps[i + 1])
-            ring = [(EMPTY, 0 * x)] * (n - 1)       # the stream batch starts empty: the fill latency
+            ring = [(EMPTY, 0 * latent(EMPTY))] * (n - 1)   # the stream batch starts empty (zeros): fill latency
             continue
         yield from _stream_batch_call(denoise, timesteps, renoise, [(k, latent(k))] + ring, ring)
     flush = n - 1 - next((i for i, (c, _) in enumerate(ring) if c is not EMPTY), n - 1) if stream_batch else 0
