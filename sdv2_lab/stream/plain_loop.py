@@ -33,7 +33,7 @@ def plain_loop(denoise: Callable, timesteps: list[int], renoise: Callable, laten
     """``denoise(x_t, t, slot) -> x0``; ``renoise(x0, t) -> x_t``; ``latent(k)``: chunk k's noisy latent at
     t_0 (``latent(EMPTY)``: a flush noise chunk). Yields one ``DiTCall`` per model call, in order."""
     n = len(timesteps)
-    ring: list = []                                 # (chunk id, x_t) in slots 1..n-1, newest first
+    in_flight: list = []                                 # (chunk id, x_t) in slots 1..n-1, newest first
     for k in range(num_chunks):
         if k == 0 or not stream_batch:              # all steps in turn on one slot
             x = latent(k)
@@ -44,17 +44,18 @@ def plain_loop(denoise: Callable, timesteps: list[int], renoise: Callable, laten
                 else:
                     yield DiTCall([(k, t)])
                     x = renoise(x0, timesteps[i + 1])
-            ring = [(EMPTY, 0 * latent(EMPTY))] * (n - 1)   # the stream batch starts empty (zeros): fill latency
+            if stream_batch:                        # the stream batch starts empty (zeros): the fill latency
+                in_flight = [(EMPTY, 0 * latent(EMPTY))] * (n - 1)
             continue
-        yield from _stream_batch_call(denoise, timesteps, renoise, [(k, latent(k))] + ring, ring)
-    flush = n - 1 - next((i for i, (c, _) in enumerate(ring) if c is not EMPTY), n - 1) if stream_batch else 0
+        yield from _stream_batch_call(denoise, timesteps, renoise, [(k, latent(k))] + in_flight, in_flight)
+    flush = n - 1 - next((i for i, (c, _) in enumerate(in_flight) if c is not EMPTY), n - 1) if stream_batch else 0
     for _ in range(flush):                          # noise chunks until the newest real chunk has left
-        yield from _stream_batch_call(denoise, timesteps, renoise, [(EMPTY, latent(EMPTY))] + ring, ring)
+        yield from _stream_batch_call(denoise, timesteps, renoise, [(EMPTY, latent(EMPTY))] + in_flight, in_flight)
 
 
-def _stream_batch_call(denoise, timesteps, renoise, slots, ring) -> Iterator[DiTCall]:
+def _stream_batch_call(denoise, timesteps, renoise, slots, in_flight) -> Iterator[DiTCall]:
     """All slots in one call; slot i's x0 re-noised to t_{i+1} moves to slot i + 1; the last slot leaves."""
     x0s = [denoise(x, t, i) for i, ((_, x), t) in enumerate(zip(slots, timesteps))]
-    ring[:] = [(c, renoise(x0, t)) for (c, _), x0, t in zip(slots, x0s, timesteps[1:])]
+    in_flight[:] = [(c, renoise(x0, t)) for (c, _), x0, t in zip(slots, x0s, timesteps[1:])]
     leaving = slots[-1][0]
     yield DiTCall([(c, t) for (c, _), t in zip(slots, timesteps)], leaving, x0s[-1] if leaving is not EMPTY else None)
