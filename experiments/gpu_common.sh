@@ -1,6 +1,6 @@
-# Shared by the one-call GPU scripts (source it): install the carried wheels, set the environment, print the GPU,
-# and `step NAME SECONDS command...`, which runs a command under its own limit inside the script's BUDGET, writes
-# $OUT/NAME.txt as it goes and is skipped when the budget cannot hold it.
+# Sourced by experiments/gpu.sh before a suite (experiments/gpu_suites/*.sh): install the carried wheels, set the
+# environment, print the GPU, and `step NAME SECONDS command...`, which runs a command under its own limit inside
+# the suite's BUDGET, writes $OUT/NAME.txt as it goes and is skipped when the budget cannot hold it.
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:.:experiments HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1

@@ -1,4 +1,4 @@
-"""The `pipe` table from one ``gpu_pipe.sh`` call: ours (measured, per-rank stage times, bubble, the predictor's
+"""The `pipe` table from one ``gpu.sh pipe`` call: ours (measured, per-rank stage times, bubble, the predictor's
 figure) beside the reference's pipe mode from the same call and the paper's H100 numbers.
 
     python experiments/pipe_report.py OUT_DIR [--md experiments/results/pipe_<gpu>.md]
@@ -100,7 +100,7 @@ def table(data: dict) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="the directory gpu_pipe.sh wrote")
+    p.add_argument("out", help="the directory gpu.sh pipe wrote")
     p.add_argument("--md", help="also write the table to this markdown file")
     a = p.parse_args()
     text = table(collect(Path(a.out)))

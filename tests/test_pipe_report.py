@@ -1,4 +1,4 @@
-"""experiments/pipe_report.py: a gpu_pipe.sh directory (bench_pipe JSON, the reference's JSON lines, a run that
+"""experiments/pipe_report.py: a gpu.sh pipe directory (bench_pipe JSON, the reference's JSON lines, a run that
 hung) becomes one table with ratios to our one-GPU FPS, the predictor's figure and the paper's number."""
 import json
 import sys

@@ -1,12 +1,10 @@
-#!/usr/bin/env bash
+# issues 8/11/12: the stream engine's checks, overlap and streams rows, pipe one-GPU, serve load
 # One device call for the stream engine (issue 8), pipe mode's one-GPU measurements (issue 11) and the web
 # server's load clients (issue 12). Run on the GPU box from the repo root with .whl carried:
-#   bash experiments/gpu_engine.sh        -> $OUT/*.txt, $OUT/*.json
+#   bash experiments/gpu.sh engine        -> $OUT/*.txt, $OUT/*.json
 # Every step has its own time limit and writes its file as it goes: a step that fails or runs long costs only
 # itself. Weights are DUMMY (random) throughout: timings are real, outputs are noise.
-set -u
 BUDGET=${ENGINE_BUDGET:-440}
-source experiments/gpu_common.sh
 step check_engine 100 python3 experiments/check_engine.py --frames 33
 step engine_overlap 130 python3 experiments/bench_pipeline.py --configs wan_1_3b:1,wan_1_3b:4,wan_14b:1 \
   --frames 65 --overlap both --dit-alone --json "$OUT/engine_overlap.json"

@@ -1,16 +1,10 @@
-#!/usr/bin/env bash
-# One device call for issue 10's VAE half. Run on the GPU box from the repo root, with .whl (the reference
-# wheel) carried:  bash experiments/gpu_vae.sh   -> $OUT/vae_fast.{txt,json}, $OUT/vae_base.{txt,json}
+# issue 10's VAE half: the fused / graph fast paths, then eager, graph, the reference, TAEHV and compile (VAE_BUDGET)
+# Repo root, .whl (the reference wheel) carried:  bash experiments/gpu.sh vae  -> $OUT/vae_fast.*, $OUT/vae_base.*
 #  1. the fast paths: fused vs eager (bf16, fp32) on the GPU, encode + decode on two CUDA streams at once,
 #     device time by kernel kind, single-op timings, and the fused / graph rows;
 #  2. in a second process (so that a crash of a fast path cannot lose them): eager, CUDA graph, the
 #     reference, TAEHV rows, the TAEHV-vs-Wan latent error, and torch.compile last (skipped past its deadline).
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BUDGET=${VAE_BUDGET:-320}
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:.:experiments HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/gpu.txt"
 echo "=== fast paths [${SECONDS}s]"
 timeout 170 python3 experiments/bench_vae.py --check --profile --micro --chunks 12 --warmup 3 --json "$OUT/vae_fast.json" \

@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+# pipe mode: NCCL pipe on 2+ GPUs beside the reference, or one GPU's checks (PIPE_PART, PIPE_BUDGET)
 # One device call for pipe mode. Repo root, .whl and .refbench carried (see gpu_common.sh). It adapts to the GPUs
 # it finds:
 #   2+ GPUs: ours (one-GPU numbers, pipe on 2 and 4 GPUs with the block scheduler off and on, the predictor
@@ -9,11 +9,9 @@
 #   1 GPU:   what one GPU can check of pipe mode: several stages sharing it (check_pipe_gpu.py: the graphed units,
 #            block moves and exit on the GPU), the engine's checks at 3 steps, and bench_pipe.py's one-GPU numbers;
 #            PIPE_PART=predict: the predictor's inputs with TAEHV, at 512x512 and at 4 steps.
-#   bash experiments/gpu_pipe.sh            -> $OUT/*.json, $OUT/*.txt; then experiments/pipe_report.py $OUT
-set -u
+#   bash experiments/gpu.sh pipe            -> $OUT/*.json, $OUT/*.txt; then experiments/pipe_report.py $OUT
 BUDGET=${PIPE_BUDGET:-570}
 PART=${PIPE_PART:-core}
-source experiments/gpu_common.sh
 G=$(nvidia-smi -L | wc -l)
 echo "GPUs visible: $G, part: $PART"
 ref_pipe() {   # ref_pipe GPUS MODEL STEPS CHUNKS [--schedule_block]   (REF_SIZE=512x512: another frame size)
