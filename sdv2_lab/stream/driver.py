@@ -126,7 +126,7 @@ class StreamDriver:
         self.clock = Clock(self.device)
         self.listeners: list[Callable] = []
         self._dit_done: Optional[torch.cuda.Event] = None     # the last DiT job's end (decode waits for it)
-        self._last_ring: tuple = (None, None)                  # (stream ids, ring) of the last stream-batch job
+        self._last_in_flight: tuple = (None, None)             # (stream ids, latents) of the last stream-batch job
 
     # ------------------------------------------------------------------ events
     def subscribe(self, listener: Callable) -> Callable:
@@ -234,7 +234,7 @@ class StreamDriver:
             s.buffer.clear()
             self.scheduler.close(s)
         self.listeners.clear()
-        self._last_ring, self._dit_done = (None, None), None
+        self._last_in_flight, self._dit_done = (None, None), None
         self.executor.release()
 
     @torch.no_grad()
@@ -450,7 +450,7 @@ class StreamDriver:
 
     def _stream_batch(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
         n = len(job.rows) // len(job.streams)
-        x = self._ring(job.streams)
+        x = self._in_flight(job.streams)
         x.unflatten(0, (-1, n))[:, 0] = torch.cat([e.noisy for e in encoded])   # each stream's new chunk: slot 0
         t = torch.cat([s.dev.t for s in job.streams]) if len(job.streams) > 1 else job.streams[0].dev.t
         noise = torch.zeros_like(x)
@@ -463,13 +463,13 @@ class StreamDriver:
         result = self.executor.run(job, x, t, noise)
         for j, s in enumerate(job.streams):
             s.dev.hidden = result.next_x[j * n:(j + 1) * n]
-        self._last_ring = ([s.id for s in job.streams], result.next_x)
+        self._last_in_flight = ([s.id for s in job.streams], result.next_x)
         return list(result.out.unsqueeze(1).unbind(0))
 
-    def _ring(self, streams: list[Stream]) -> torch.Tensor:
-        """The streams' in-flight latents as one [R, ...] tensor: the last job's ring when these streams still
+    def _in_flight(self, streams: list[Stream]) -> torch.Tensor:
+        """The streams' in-flight latents as one [R, ...] tensor: the last job's output when these streams still
         hold consecutive views of it (the steady state: no copy), else joined once."""
-        ids, ring = self._last_ring
+        ids, ring = self._last_in_flight
         n = len(streams[0].steps)
         if ids == [s.id for s in streams] and all(s.dev.hidden.data_ptr() == ring[j * n].data_ptr()
                                                   and s.dev.hidden.shape == ring[j * n:(j + 1) * n].shape

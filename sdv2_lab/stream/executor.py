@@ -6,7 +6,7 @@
 
 * ``eager``: plain calls.
 * ``cuda_graph``: a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
-  velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised ring
+  velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised in-flight
   stays in the graph's input buffer, so the next call only writes each stream's new chunk into its row 0. Shapes
   are static (while the cache fills, attention spans the whole cache with the unwritten part masked): one graph
   while the cache fills, one once it is full, each captured after one eager call of its shape. Every per-call
@@ -20,7 +20,7 @@ Job inputs (the driver prepares them from the streams' state):
 * stream-batch job (``job.stream_batch``): ``x [R, F, C, h, w]`` the rows' latents (row 0 of each stream: its
   new chunk), ``t [R]`` each slot's timestep, ``noise [R, F, C, h, w]`` for re-noising slot i to t_{i+1} (each
   stream's last row: unused). Result: ``out [S, F, ...]`` each stream's leaving x0, ``next_x [R, ...]`` the
-  ring for the next call (slot i+1 = re-noised x0 of slot i; slot 0 to be overwritten);
+  in-flight latents for the next call (slot i+1 = re-noised x0 of slot i; slot 0 to be overwritten);
 * all-steps job: ``x [R, F, ...]`` noisy chunks, ``t [passes, R]`` each pass's timesteps, ``noise
   [passes - 1, R, ...]`` for re-noising between passes. Result: ``out [R, F, ...]`` x0 of the last pass.
 """
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DiTResult:
     out: torch.Tensor                          # finished x0: per stream (stream batch) or per row
-    next_x: Optional[torch.Tensor] = None      # the stream-batch ring for the next call
+    next_x: Optional[torch.Tensor] = None      # the stream batch's in-flight latents for the next call
 
 
 @runtime_checkable
@@ -162,13 +162,13 @@ class CUDAGraphExecutor(DiTExecutor):
         if g is None:   # the key's first call: eager
             v = self._call(job, x, t[:, None].expand(-1, x.shape[1]), job.pops[0], plan)
             return DiTResult(*self.finish_step(job, v, x, t, noise))
-        if x.data_ptr() != g.x.data_ptr():   # the ring of the last replay is already in place
+        if x.data_ptr() != g.x.data_ptr():   # the in-flight latents of the last replay are in place
             g.x.copy_(x)
         g.t.copy_(t)
         g.noise.copy_(noise)
         g.graph.replay()
         self.cache.commit(plan)
-        return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the ring is meant to be reused
+        return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the in-flight latents are reused
 
     def _capture(self, job, x, t, noise, plan):
         g = _Graph(x=x.clone(), t=t.clone(), noise=noise.clone())

@@ -67,8 +67,8 @@ def next_slot_timesteps(t: torch.Tensor, slots: int) -> torch.Tensor:
 def stream_batch_step(schedule: FlowMatchSchedule, velocity: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
                       noise: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the stream batch over rows [S * slots, F, ...] (slot i of every stream at its own timestep):
-    returns each stream's leaving x0 [S, F, ...] (its last slot) and the ring for the next call [S * slots, ...]:
+    returns each stream's leaving x0 [S, F, ...] (its last slot) and the in-flight latents for the next call [S * slots, ...]:
     slot i + 1 = slot i's x0 re-noised to t_{i+1}; slot 0 is overwritten by the stream's next chunk."""
     x0, renoised = schedule.step(velocity, x, t, noise, next_slot_timesteps(t, slots))
-    ring = renoised.unflatten(0, (-1, slots)).roll(1, dims=1).flatten(0, 1)
-    return x0.unflatten(0, (-1, slots))[:, -1], ring
+    in_flight = renoised.unflatten(0, (-1, slots)).roll(1, dims=1).flatten(0, 1)
+    return x0.unflatten(0, (-1, slots))[:, -1], in_flight

@@ -11,7 +11,7 @@ A mode is data here (``ModeRule``), not a class calling back into a pipeline:
   every chunk in flight one step: row 0 takes the new chunk at t_0, row i the chunk that entered i calls ago
   (re-noised to t_i), and the chunk in row n-1 leaves finished (reference.md §2.7);
 * ``single-wo``: a stream owns one row; each chunk gets all ``n`` steps in turn (n calls at the same positions,
-  re-noised between them); one pass in n rotates the KV ring, counted as the reference counts (§2.8);
+  re-noised between them); one pass in n rotates the KV eviction ring, counted as the reference counts (§2.8);
 * every stream's first chunk (2 latent frames) gets all steps at once on its first row, as ``single-wo`` does
   (the reference's ``prepare``, §2.6); in stream-batch modes the row is then copied to the stream's other rows.
 """
