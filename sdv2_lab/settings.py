@@ -95,7 +95,7 @@ def describe_paths(cfg: DictConfig) -> str:
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
-        num_kv_cache=cfg.num_kv_cache, sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
+        num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
         frames_per_block=cfg.frames_per_block,
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,

@@ -29,6 +29,12 @@ writes; per-row lengths only while the cache fills (then one static shape); the 
 not hidden module state; a clear error instead of an IndexError when no rolling slot exists; pending
 refreshes beyond ``queue_capacity`` are dropped (the reference's list would grow without bound; this only
 arises when a refresh fires on several passes of every chunk in ``single-wo``).
+Storage (``kv_dtype``): keys and values in the model's dtype (``model``, the default), or quantised to
+``int8`` / ``fp8`` (e4m3) with one float32 scale per (token, head) — the absmax over ``head_dim`` — written with the
+token, so a write never rescales what is already stored and every shape stays static (CUDA graphs). Sinks and
+evicted slots move scales with values because both are indexed by the same token slot. Reads dequantise the rows
+a call attends over into the model's dtype; the sink check sees the dequantised keys, in fp32.
+
 One deliberate numeric difference: the refresh similarity is computed in fp32 (``sink_similarity``; the
 reference's is bf16), so a decision never hangs on one bf16 ulp (it can differ from the reference's only there).
 """
@@ -38,6 +44,32 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
+
+
+# storage name -> (dtype of the stored bits, what they mean, largest magnitude); None: the model's dtype, unscaled.
+# fp8 is kept as its raw bytes (uint8): row fills, copies and gathers then work on every device.
+KV_DTYPES = {"model": None, "int8": (torch.int8, torch.int8, 127.0),
+             "fp8": (torch.uint8, torch.float8_e4m3fn, 448.0)}
+
+
+def check_kv_dtype(name: str) -> str:
+    if name not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype={name!r}: expected one of {', '.join(KV_DTYPES)}")
+    return name
+
+
+def quantize_kv(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., dh] -> (values in the storage dtype, float32 scales [...]): one scale per vector (token, head)."""
+    stored, meaning, qmax = KV_DTYPES[kind]
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-12) / qmax
+    q = xf / scale[..., None]
+    q = q.round().clamp_(-qmax, qmax).to(meaning) if meaning == torch.int8 else q.to(meaning)
+    return q.view(stored), scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, kind: str) -> torch.Tensor:
+    return (q.view(KV_DTYPES[kind][1]).float() * scale[..., None]).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -188,10 +220,12 @@ class StreamKVCache:
     """Self-attention KV rows for layers ``[first_layer, first_layer + L)``, plus per-row cross-attention K/V."""
 
     def __init__(self, spec: CacheSpec, rows: int, dtype: torch.dtype, device: torch.device | str,
-                 layers: Optional[tuple[int, int]] = None):
+                 layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model"):
         """``rows``: how many KV histories the pool holds. ``layers``: the (first, end) layer range this pool
-        serves (a ``pipe`` stage holds only its own layers); default all of ``spec.num_layers``."""
+        serves (a ``pipe`` stage holds only its own layers); default all of ``spec.num_layers``. ``dtype``: the
+        model's (what attention reads); ``kv_dtype``: how keys and values are stored (``KV_DTYPES``)."""
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         self.first_layer, self.end_layer = layers if layers is not None else (0, spec.num_layers)
         if not 0 <= self.first_layer < self.end_layer <= spec.num_layers:
             raise ValueError(f"layer range {layers} outside [0, {spec.num_layers})")
@@ -201,8 +235,12 @@ class StreamKVCache:
     def _alloc(self, rows: int) -> None:
         spec, n_layers = self.spec, self.end_layer - self.first_layer
         shape = (n_layers, rows, spec.size, spec.num_heads, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        stored = KV_DTYPES[self.kv_dtype]
+        self.k = torch.zeros(shape, dtype=stored[0] if stored else self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=stored[0] if stored else self.dtype, device=self.device)
+        # per (token, head) scales of quantised storage; None when stored in the model's dtype
+        self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if stored else None
+        self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device) if stored else None
         self.queue = torch.zeros(n_layers, rows, spec.capacity, dtype=torch.long, device=self.device)
         self.q_head = torch.zeros(n_layers, rows, dtype=torch.long, device=self.device)
         self.q_len = torch.zeros(n_layers, rows, dtype=torch.long, device=self.device)
@@ -220,6 +258,24 @@ class StreamKVCache:
         return self.k.shape[1]
 
     @property
+    def nbytes(self) -> int:
+        """Device bytes of the self-attention keys and values (with their scales)."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
+
+    def _scaled(self) -> list[torch.Tensor]:
+        return [t for t in (self.k_scale, self.v_scale) if t is not None]
+
+    def _read(self, li: int, plan: StepPlan, which: str, tokens: Optional[int] = None) -> torch.Tensor:
+        """The call's rows of one layer's keys or values in the model's dtype (dequantised when stored so)."""
+        q = self._rows(getattr(self, which)[li], plan)
+        q = q if tokens is None else q[:, :tokens]
+        scale = getattr(self, f"{which}_scale")
+        if scale is None:
+            return q
+        s = self._rows(scale[li], plan)
+        return dequantize_kv(q, s if tokens is None else s[:, :tokens], self.dtype, self.kv_dtype)
+
+    @property
     def batch_size(self) -> int:  # a cache made for one stream: its rows are its batch
         return self.num_rows
 
@@ -233,7 +289,7 @@ class StreamKVCache:
     def reset_rows(self, rows: Sequence[int]) -> None:
         """Forget what these rows held (a new stream must not see an old one's keys); keeps the allocation."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
-        for t in (self.k, self.v, self.queue, self.q_head, self.q_len):
+        for t in (self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled()):
             t.index_fill_(1, idx, 0)
         for r in rows:
             self.global_end[r] = self.local_end[r] = 0
@@ -248,6 +304,7 @@ class StreamKVCache:
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
         self.k = self.v = empty
         self.queue = self.q_head = self.q_len = torch.empty(0, dtype=torch.long, device=self.device)
+        self.k_scale = self.v_scale = None
         self.cross_k = self.cross_v = None
         self._static_plans.clear()
 
@@ -257,7 +314,7 @@ class StreamKVCache:
         if not dst:
             return
         idx = torch.as_tensor(dst, dtype=torch.long, device=self.device)
-        tensors = [self.k, self.v, self.queue, self.q_head, self.q_len]
+        tensors = [self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled()]
         tensors += [t for t in (self.cross_k, self.cross_v) if t is not None]
         for t in tensors:
             # repeat (a copy): with one layer, a contiguous() view of the source row would alias the destination
@@ -271,9 +328,11 @@ class StreamKVCache:
         if batch_size > self.num_rows:
             old = (self.k, self.v, self.queue, self.q_head, self.q_len, self.cross_k, self.cross_v,
                    self.global_end, self.local_end, self.rolling)
+            old_scales = self._scaled()
             self._alloc(batch_size)
             r = old[0].shape[1]
-            for new, o in zip((self.k, self.v, self.queue, self.q_head, self.q_len), old[:5]):
+            for new, o in zip((self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled()),
+                              (*old[:5], *old_scales)):
                 new[:, :r] = o
             self.global_end[:r], self.local_end[:r], self.rolling[:r] = old[7], old[8], old[9]
             if old[5] is not None:
@@ -313,7 +372,7 @@ class StreamKVCache:
         return [int(self.queue[i, row, (head + j) % cap]) for j in range(n)]
 
     # ------------------------------------------------------------------ layers (a pipe stage hands some over)
-    LAYER_STATE = ("k", "v", "queue", "q_head", "q_len", "cross_k", "cross_v")
+    LAYER_STATE = ("k", "v", "k_scale", "v_scale", "queue", "q_head", "q_len", "cross_k", "cross_v")
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """Everything this pool holds for one layer, every row: keys, values, the eviction queues (head, length,
@@ -407,8 +466,8 @@ class StreamKVCache:
 
         if plan.refresh_check:  # adaptive sink refresh (§1.7 step 1), all rows at once
             sinks, s = spec.sink_frames, spec.frame_tokens
-            k_sink = self._rows(self.k[li], plan)[:, : sinks * s]
-            v_sink = self._rows(self.v[li], plan)[:, : sinks * s]
+            k_sink = self._read(li, plan, "k", sinks * s)
+            v_sink = self._read(li, plan, "v", sinks * s)
             sim = sink_similarity(k_sink, v_sink, k_new, v_new, sinks)
             low, idx = sim.min(dim=1)
             fire = (low < spec.refresh_threshold) & (length < cap)
@@ -438,11 +497,16 @@ class StreamKVCache:
         # start before the cache at a slot registered for one-frame chunks; the reference slices out of range)
         start = torch.where(plan.evict_mask, (target - m).clamp(0, spec.size - m), plan.append_start)
         flat = (rows[:, None] * spec.size + start[:, None] + torch.arange(m, device=self.device)[None, :]).reshape(-1)
-        kc, vc = self.k[li].view(-1, *k_new.shape[2:]), self.v[li].view(-1, *v_new.shape[2:])
-        kc.index_copy_(0, flat, k_new.reshape(-1, *k_new.shape[2:]).to(self.dtype))
-        vc.index_copy_(0, flat, v_new.reshape(-1, *v_new.shape[2:]).to(self.dtype))
-        k_all, v_all = self._rows(self.k[li], plan), self._rows(self.v[li], plan)
-        return k_all[:, : plan.max_len], v_all[:, : plan.max_len], plan.kv_lens
+        for name, new in (("k", k_new), ("v", v_new)):
+            new = new.reshape(-1, *new.shape[2:])
+            store, scale = getattr(self, name)[li].view(-1, *new.shape[1:]), getattr(self, f"{name}_scale")
+            if scale is None:
+                store.index_copy_(0, flat, new.to(self.dtype))
+            else:   # quantised with the token's own scales (written beside it: sinks and evictions move both)
+                q, s = quantize_kv(new, self.kv_dtype)
+                store.index_copy_(0, flat, q)
+                scale[li].view(-1, new.shape[1]).index_copy_(0, flat, s)
+        return self._read(li, plan, "k", plan.max_len), self._read(li, plan, "v", plan.max_len), plan.kv_lens
 
     def commit(self, plan: StepPlan) -> None:
         """Advance the host mirrors after all layers ran this plan."""

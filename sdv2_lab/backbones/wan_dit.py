@@ -317,12 +317,12 @@ class CausalWanDiT(nn.Module):
 
     def new_cache(self, rows: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
                   refresh_threshold: float = -1.0, dtype=None, device=None,
-                  layers: Optional[tuple[int, int]] = None) -> StreamKVCache:
+                  layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model") -> StreamKVCache:
         """A KV cache of ``rows`` histories (a stream's stream-batch slots, or several streams' rows) for the
-        layers ``layers`` (default all)."""
+        layers ``layers`` (default all), stored as ``kv_dtype`` (``kv_cache.KV_DTYPES``)."""
         p = self.held_parameter()
         spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold)
-        return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers)
+        return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers, kv_dtype=kv_dtype)
 
     # ------------------------------------------------------------------ prompt
     @torch.no_grad()

@@ -201,7 +201,8 @@ def pipe_stage(place: Placement, dit, vae, pcfg, cfg: DictConfig, device: torch.
         log.info("VAE warm-up at %dx%d: %.1f s", cfg.height, cfg.width, vae.warmup(cfg.height, cfg.width))
     rows = pcfg.max_streams * len(pcfg.step_list)
     cache = dit.new_cache(rows, pcfg.height, pcfg.width, pcfg.num_kv_cache, pcfg.sink_frames,
-                          pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=place.layers)
+                          pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=place.layers,
+                          kv_dtype=pcfg.kv_cache_dtype)
     stage = PipeStage(dit, cache, ctx=place.ctx, ranges=place.ranges, options=options(cfg))
     if place.ctx is not None:
         place.ctx.health.role = stage.role

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..backbones.kv_cache import CacheSpec, RowPositions
+from ..backbones.kv_cache import CacheSpec, RowPositions, check_kv_dtype
 from ..units import check_resolution
 from .input_guard import InputGuard
 from .noise_controller import NoiseControllerConfig
@@ -18,6 +18,7 @@ class PipelineConfig:
     mode: str = "single"                      # single (stream batch) | single-wo (all steps per chunk) | pipe
     denoising_steps: list = field(default_factory=lambda: [700, 500])  # one entry per step, no trailing 0
     num_kv_cache: int = 6                     # latent frames held in the KV cache
+    kv_cache_dtype: str = "model"             # KV storage: model (its dtype) | int8 | fp8 (kv_cache.KV_DTYPES)
     sink_frames: int = 3                      # num_sink_tokens (counts latent frames)
     adapt_sink_threshold: float = 0.2         # -1 disables adaptive sink refresh
     frames_per_block: int = 1                 # latent frames per chunk (num_frame_per_block)
@@ -52,6 +53,7 @@ class PipelineConfig:
         if not isinstance(self.num_kv_cache, int) or self.num_kv_cache <= max(self.sink_frames, first):
             raise ValueError(f"num_kv_cache={self.num_kv_cache!r} must exceed sink_frames={self.sink_frames} and the "
                              f"first chunk's {first} latent frames")
+        check_kv_dtype(self.kv_cache_dtype)
         if not -1 <= self.adapt_sink_threshold <= 1:
             raise ValueError(f"adapt_sink_threshold must be in [-1, 1] (-1 = off), got {self.adapt_sink_threshold}")
         if not 0 < self.noise.noise_scale <= 1:
