@@ -59,6 +59,7 @@ def config_columns(cfg: DictConfig) -> dict:
             "steps": int(cfg.steps),
             "streams": int(cfg.get("streams", 1)), "overlap": bool(cfg.get("overlap", False)),
             "height": int(cfg.height), "width": int(cfg.width), "num_kv_cache": int(cfg.num_kv_cache),
+            "kv_cache_dtype": str(cfg.kv_cache_dtype),
             "sink_frames": int(cfg.sink_frames), "adapt_sink_threshold": float(cfg.adapt_sink_threshold),
             "noise_scale": float(cfg.noise_scale), "fixed_noise": bool(cfg.fixed_noise),
             "cuda_graph": bool(cfg.cuda_graph), "compile_kernels": bool(cfg.get("compile_kernels", False)),

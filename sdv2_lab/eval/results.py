@@ -264,7 +264,7 @@ def gather_results(sweep_dir: str | Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------------- reading
 CONFIG_COLUMNS = ["backbone", "vae_config", "attention", "mode", "steps", "height", "width", "num_kv_cache",
-                  "weights", "dataset", "gpu"]
+                  "kv_cache_dtype", "weights", "dataset", "gpu"]
 KEY_MEASURES = ["e2e_fps", "steady_fps", "ttff_s", "latency_p95_ms", "dit_fps", "mfu", "peak_gpu_mem_gib",
                 "warp_error_float", "ssim", "psnr", "lpips", "clip_score"]
 
