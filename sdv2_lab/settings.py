@@ -34,11 +34,17 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype={spec!r}: expected auto, bfloat16, float32 or float16") from None
 
 
+# A backbone entry's keys that are not sizes: where its weights come from and how its file is read
+# (``checkpoints.load_backbone``), its source and licence (docs/backbones.md).
+PLUGIN_KEYS = ("checkpoint", "source", "license", "paper_fps")
+
+
 def backbone_config(cfg: DictConfig) -> WanDiTConfig:
     """The backbone's config object: the class named by ``_target_`` in ``conf/backbone/<name>.yaml`` (a new
     backbone is a new config file pointing at its config class), filled with the file's other keys."""
     from hydra.utils import get_class
-    data = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items() if not k.startswith("_")}
+    data = {k: v for k, v in OmegaConf.to_container(cfg.backbone, resolve=True).items()
+            if not k.startswith("_") and k not in PLUGIN_KEYS}
     config_class = get_class(cfg.backbone.get("_target_", f"{WanDiTConfig.__module__}.WanDiTConfig"))
     return config_class(attention=cfg.attention.name, **data)
 
@@ -48,6 +54,11 @@ def denoising_steps(cfg: DictConfig) -> list[int]:
     if not isinstance(n, int) or not 1 <= n <= min(4, len(table)):
         raise ValueError(f"steps={n!r}: expected an integer from 1 to {min(4, len(table))}")
     return table[:n]
+
+
+def _first_chunk_steps(cfg: DictConfig):
+    steps = cfg.get("first_chunk_steps")
+    return None if steps is None else [int(t) for t in steps]
 
 
 def on_cuda(cfg: DictConfig) -> bool:
@@ -96,7 +107,10 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
         num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
-        frames_per_block=cfg.frames_per_block,
+        frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.get("first_chunk_latents"),
+        first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.get("timestep_shift", 8.0)),
+        warp_denoising_step=bool(cfg.get("warp_denoising_step", False)),
+        context_pass=bool(cfg.get("context_pass", False)),
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
         cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.get("streams", 1)),

@@ -16,6 +16,7 @@ from ..backbones.checkpoints import stage_parts
 from ..flops import flops_per_output_frame
 from ..schema import PipeMode
 from ..settings import backbone_config, pipeline_config
+from ..stream.schedule import FlowMatchSchedule
 from . import balance
 from .context import PipeContext, StagePosition, current
 from .stage import PipeOptions, PipeStage
@@ -203,7 +204,8 @@ def pipe_stage(place: Placement, dit, vae, pcfg, cfg: DictConfig, device: torch.
     cache = dit.new_cache(rows, pcfg.height, pcfg.width, pcfg.num_kv_cache, pcfg.sink_frames,
                           pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=place.layers,
                           kv_dtype=pcfg.kv_cache_dtype)
-    stage = PipeStage(dit, cache, ctx=place.ctx, ranges=place.ranges, options=options(cfg))
+    stage = PipeStage(dit, cache, FlowMatchSchedule(pcfg.timestep_shift), ctx=place.ctx, ranges=place.ranges,
+                      options=options(cfg))
     if place.ctx is not None:
         place.ctx.health.role = stage.role
     log.info("pipe stage %d/%d on %s: %s (split %s)", place.rank, place.world, device, stage.role,

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..backbones.kv_cache import CacheSpec, RowPositions, check_kv_dtype
-from ..units import check_resolution
+from ..units import check_resolution, chunk_frames
 from .input_guard import InputGuard
 from .noise_controller import NoiseControllerConfig
 from .scheduler import MODES
@@ -17,6 +17,13 @@ class PipelineConfig:
     width: int = 832
     mode: str = "single"                      # single (stream batch) | single-wo (all steps per chunk) | pipe
     denoising_steps: list = field(default_factory=lambda: [700, 500])  # one entry per step, no trailing 0
+    first_chunk_steps: Optional[list] = None  # a stream's first chunk's own steps (None: ``denoising_steps``)
+    timestep_shift: float = 8.0               # the flow-matching grid's shift (schedule.py)
+    warp_denoising_step: bool = False         # steps t read as grid indices: t -> timesteps[1000 - t] (floats)
+    context_pass: bool = False                # all-steps chunks: one more pass at t = 0 over the finished x0
+                                              # writes the KV cache from clean latents (Self-Forcing's recipe)
+    first_chunk_latents: Optional[int] = None # latent frames of a stream's first chunk (None: 1 + frames_per_block
+                                              # in V2V, 1 in T2V, StreamDiffusionV2's)
     num_kv_cache: int = 6                     # latent frames held in the KV cache
     kv_cache_dtype: str = "model"             # KV storage: model (its dtype) | int8 | fp8 (kv_cache.KV_DTYPES)
     sink_frames: int = 3                      # num_sink_tokens (counts latent frames)
@@ -40,16 +47,28 @@ class PipelineConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not one of {sorted(MODES)}")
         check_resolution(self.height, self.width)
-        steps = list(self.denoising_steps)
-        if not 1 <= len(steps) <= 4:
-            raise ValueError(f"1 to 4 denoising steps are supported, got {steps}")
-        if any(not isinstance(t, int) or not 0 < t < 1000 for t in steps) or steps != sorted(steps, reverse=True):
-            raise ValueError(f"denoising steps must be decreasing integers in (0, 1000), got {steps}")
+        for what, steps in (("denoising steps", self.denoising_steps), ("first_chunk_steps", self.first_chunk_steps)):
+            if steps is None:
+                continue
+            steps = list(steps)
+            if not 1 <= len(steps) <= 4:
+                raise ValueError(f"1 to 4 {what} are supported, got {steps}")
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= 1000 for t in steps) \
+                    or steps != sorted(steps, reverse=True):
+                raise ValueError(f"{what} must be decreasing integers in (0, 1000], got {steps}")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
+        if self.context_pass and self.mode == "pipe":
+            raise ValueError("context_pass (a clean pass after each chunk's steps) runs in mode=single-wo or single "
+                             "(there on first chunks: the stream batch keeps each step's own history), not mode=pipe")
         if not isinstance(self.frames_per_block, int) or self.frames_per_block < 1:
             raise ValueError(f"frames_per_block must be a positive integer, got {self.frames_per_block!r}")
         if not isinstance(self.sink_frames, int) or self.sink_frames < 0:
             raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames!r}")
-        first = 1 + self.frames_per_block if not self.t2v else 1
+        fl = self.first_chunk_latents
+        if fl is not None and (isinstance(fl, bool) or not isinstance(fl, int) or fl < 1):
+            raise ValueError(f"first_chunk_latents must be a positive integer or null, got {fl!r}")
+        first = self.first_latent_frames
         if not isinstance(self.num_kv_cache, int) or self.num_kv_cache <= max(self.sink_frames, first):
             raise ValueError(f"num_kv_cache={self.num_kv_cache!r} must exceed sink_frames={self.sink_frames} and the "
                              f"first chunk's {first} latent frames")
@@ -73,9 +92,39 @@ class PipelineConfig:
         self._dry_run()
         return self
 
+    def timesteps(self, steps: list) -> list:
+        """Timesteps the model sees for a step list: warped onto the shifted grid (floats) when asked, and the
+        final t = 0 pass that StreamDiffusionV2's t2v keeps (without a context pass, which does that job)."""
+        if self.warp_denoising_step:
+            from .schedule import FlowMatchSchedule
+            grid = FlowMatchSchedule(self.timestep_shift).timesteps
+            steps = [float(grid[1000 - t]) for t in steps]
+        return list(steps) + ([0] if self.t2v and not self.context_pass else [])
+
     @property
-    def step_list(self) -> list[int]:
-        return list(self.denoising_steps) + ([0] if self.t2v else [])  # t2v keeps the final t = 0 pass
+    def step_list(self) -> list:
+        return self.timesteps(list(self.denoising_steps))
+
+    @property
+    def first_step_list(self) -> list:
+        return self.timesteps(list(self.first_chunk_steps or self.denoising_steps))
+
+    @property
+    def first_latent_frames(self) -> int:
+        """Latent frames of a stream's first chunk."""
+        if self.first_chunk_latents is not None:
+            return self.first_chunk_latents
+        return 1 if self.t2v else 1 + self.frames_per_block
+
+    @property
+    def first_chunk_frames(self) -> int:
+        """Input frames of a stream's first chunk (its first frame has a latent frame of its own)."""
+        return chunk_frames(self.first_latent_frames - 1, first=True)
+
+    @property
+    def chunk_frames(self) -> int:
+        """Input frames of every later chunk."""
+        return chunk_frames(self.frames_per_block, first=False)
 
     @property
     def max_frames_per_chunk(self) -> int:
@@ -86,7 +135,7 @@ class PipelineConfig:
         """Positions and cache decisions of one row over 3 cache lengths of chunks, on the host (S = 1 token)."""
         spec = CacheSpec(num_layers=1, num_heads=1, head_dim=2, frame_tokens=1, num_frames=self.num_kv_cache,
                          sink_frames=self.sink_frames)
-        sizes = [1 if self.t2v else 1 + self.frames_per_block] + [self.frames_per_block] * (3 * self.num_kv_cache)
+        sizes = [self.first_latent_frames] + [self.frames_per_block] * (3 * self.num_kv_cache)
         if self.target_fps:
             sizes += [max(self.frames_per_block, self.num_kv_cache - self.sink_frames - 1)] * self.num_kv_cache
         row, start = RowPositions(), 0

@@ -48,6 +48,7 @@ class DeviceState:
     """What the driver carries for one stream from chunk to chunk, on the device (``Stream.dev``; the scheduler
     keeps the stream's schedule and never reads this)."""
     t: torch.Tensor                          # [n] the slot timesteps (slot 0 written on the device by the controller)
+    t_first: torch.Tensor                    # the first chunk's timesteps (all steps at once)
     controller: MotionNoiseController        # the motion-aware noise controller (its scale lives on the device)
     checks: Any                              # the input guard's records (input_guard.Checks)
     generator: Optional[torch.Generator]     # this stream's noise; None = the global generator
@@ -120,7 +121,9 @@ class StreamDriver:
         self.schedule = executor.schedule
         self.generator = generator              # the default noise source of streams opened without a seed
         self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
-                                   cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows)
+                                   cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows,
+                                   first_step_list=cfg.first_step_list if cfg.first_chunk_steps else None,
+                                   first_latents=cfg.first_latent_frames, context_pass=cfg.context_pass)
         self.lanes = Lanes(self.device, cfg.overlap)
         self.guard = InputGuard(cfg.input_guard, cfg.input_limit)   # bad numbers in (input_guard.py)
         self.clock = Clock(self.device)
@@ -181,7 +184,7 @@ class StreamDriver:
             table = list(self.cfg.denoising_steps)
             if not 1 <= steps <= len(table):
                 raise ValueError(f"steps={steps}: this engine has denoising steps {table} (1 to {len(table)})")
-            step_list = table[:steps] + ([0] if self.cfg.t2v else [])
+            step_list = self.cfg.timesteps(table[:steps])
         s = self.scheduler.open(prompt, step_list)
         try:
             noise = self.cfg.noise if noise_scale is None else replace(self.cfg.noise, noise_scale=noise_scale)
@@ -189,7 +192,7 @@ class StreamDriver:
                 raise ValueError(f"noise_scale must be in (0, 1], got {noise.noise_scale}")
             vae = vae if vae is not None else self.vae
             s.dev = DeviceState(
-                t=torch.tensor(s.steps, dtype=torch.long, device=self.device),
+                t=_timesteps(s.steps, self.device), t_first=_timesteps(s.first_steps, self.device),
                 controller=MotionNoiseController(noise, self.device), checks=self.guard.new(self.device),
                 generator=self.generator if seed is None else torch.Generator(device=self.device).manual_seed(seed),
                 vae=vae, vae_state=vae.new_state(1) if vae is not None else None)
@@ -326,9 +329,10 @@ class StreamDriver:
         """Text-to-video: chunks of pure noise for about ``num_frames`` frames, then the flush."""
         if not self.cfg.t2v:
             raise ValueError("generate() needs PipelineConfig(t2v=True)")
-        outs = []
-        for _ in range((num_frames - 1) // FRAMES_PER_LATENT + 1):
+        outs, latents = [], (num_frames - 1) // FRAMES_PER_LATENT + 1
+        while latents > 0:
             c = self.scheduler.noise_chunk(s)
+            latents -= c.latent_frames
             if self.listeners:
                 self._emit(ChunkIn(s.id, FRAMES_PER_LATENT * c.latent_frames, self.clock.host()))
             outs += self._run([c])
@@ -435,7 +439,7 @@ class StreamDriver:
 
     def _all_steps(self, job: DiTJob, encoded: list[Encoded]) -> list[torch.Tensor]:
         x = torch.cat([e.noisy for e in encoded]) if len(encoded) > 1 else encoded[0].noisy
-        t = torch.stack([s.dev.t for s in job.streams], dim=1)                     # [passes, R]
+        t = torch.stack([s.dev.t_first if job.first else s.dev.t for s in job.streams], dim=1)   # [passes, R]
         noise = None
         if job.passes > 1:  # one draw per pass and stream, as the reference re-noises between passes
             noise = torch.stack([torch.cat([self._randn(s, e.noisy.shape) for _ in range(job.passes - 1)])
@@ -583,6 +587,12 @@ class StreamDriver:
             # across devices in the source dtype, then cast on the device: a cast on the way would be made on the
             # host, into pageable memory, and the copy from there would block the host
             return frames.to(self.device, non_blocking=True).to(self.dtype)
+
+
+def _timesteps(steps: list, device) -> torch.Tensor:
+    """A stream's timesteps on the device: int64 as the reference keeps them, float32 once warped onto the grid."""
+    integral = all(float(t).is_integer() for t in steps)
+    return torch.tensor(steps, dtype=torch.long if integral else torch.float32, device=device)
 
 
 def _groups(items: list, key) -> list[list]:

@@ -22,7 +22,8 @@ Job inputs (the driver prepares them from the streams' state):
   stream's last row: unused). Result: ``out [S, F, ...]`` each stream's leaving x0, ``next_x [R, ...]`` the
   in-flight latents for the next call (slot i+1 = re-noised x0 of slot i; slot 0 to be overwritten);
 * all-steps job: ``x [R, F, ...]`` noisy chunks, ``t [passes, R]`` each pass's timesteps, ``noise
-  [passes - 1, R, ...]`` for re-noising between passes. Result: ``out [R, F, ...]`` x0 of the last pass.
+  [passes - 1, R, ...]`` for re-noising between passes. Result: ``out [R, F, ...]`` x0 of the last pass (with
+  ``job.context``, a pass at t = 0 over that x0 then writes the KV cache from the clean chunk).
 """
 from __future__ import annotations
 
@@ -110,6 +111,8 @@ class DiTExecutor:
             last = k == job.passes - 1
             v = self._call(job, x, t[k][:, None].expand(-1, f), job.pops[k])
             x0, x = self.schedule.step(v, x, t[k], None if last else noise[k], None if last else t[k + 1])
+        if job.context:   # the clean chunk into the KV cache: one pass at t = 0, its output unused
+            self._call(job, x0, torch.zeros_like(t[0])[:, None].expand(-1, f), job.pops[job.passes])
         return DiTResult(x0)
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:

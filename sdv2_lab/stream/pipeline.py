@@ -24,7 +24,6 @@ import torch
 
 from ..backbones.kv_cache import StreamKVCache
 from .config import PipelineConfig
-from ..units import chunk_frames
 from .driver import Encoded, Previous, StreamDriver, frames_of, wait
 from .executor import DiTExecutor, build_executor
 from .schedule import FlowMatchSchedule
@@ -55,7 +54,8 @@ class StreamPipeline:
             cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
                                   cfg.adapt_sink_threshold, dtype=dtype, device=self.device,
                                   kv_dtype=cfg.kv_cache_dtype)
-            self.executor = build_executor(executor or executor_name(cfg, self.device), dit, cache, schedule)
+            self.executor = build_executor(executor or executor_name(cfg, self.device), dit, cache,
+                                           schedule or FlowMatchSchedule(cfg.timestep_shift))
         self.driver = StreamDriver(self.executor, vae, text_encoder, cfg, dtype=dtype, generator=generator)
         self.stream: Optional[Stream] = None
         self._encoded: list[Encoded] = []
@@ -85,7 +85,7 @@ class StreamPipeline:
         from ..io.synthetic import synthetic_clip
         from .clips import stream_clips
         t0 = time.perf_counter()
-        frames = chunk_frames(self.cfg.frames_per_block * (self.cfg.num_kv_cache + self.num_steps + 4), first=True)
+        frames = self.cfg.first_chunk_frames + self.cfg.chunk_frames * (self.cfg.num_kv_cache + self.num_steps + 3)
         clip = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)[0].to(self.device)
         n = self.cfg.max_streams
         if self.cfg.t2v:
@@ -153,7 +153,7 @@ class StreamPipeline:
         return self.stream
 
     def frames_needed(self) -> int:
-        """Input frames that make the next chunk (first chunk: 1 + 4*frames_per_block, as the reference: 5)."""
+        """Input frames that make the next chunk (the first: ``cfg.first_chunk_frames``, the reference's 5)."""
         return self.driver.frames_needed(self._require())
 
     @property

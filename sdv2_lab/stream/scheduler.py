@@ -12,8 +12,11 @@ A mode is data here (``ModeRule``), not a class calling back into a pipeline:
   (re-noised to t_i), and the chunk in row n-1 leaves finished (reference.md §2.7);
 * ``single-wo``: a stream owns one row; each chunk gets all ``n`` steps in turn (n calls at the same positions,
   re-noised between them); one pass in n rotates the KV eviction ring, counted as the reference counts (§2.8);
-* every stream's first chunk (2 latent frames) gets all steps at once on its first row, as ``single-wo`` does
-  (the reference's ``prepare``, §2.6); in stream-batch modes the row is then copied to the stream's other rows.
+* every stream's first chunk (2 latent frames; ``first_latents``) gets all steps at once on its first row, as
+  ``single-wo`` does (the reference's ``prepare``, §2.6), with its own step list when the recipe has one
+  (``first_step_list``); in stream-batch modes the row is then copied to the stream's other rows;
+* ``context_pass`` (Self-Forcing's recipe): an all-steps chunk gets one more pass at t = 0 over its finished x0,
+  at the same positions, so the KV cache holds the clean chunk rather than its last noisy step.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class Stream:
     rows: list[int]                          # KV-cache rows: rows[i] holds denoising step i's history
     steps: list[int]                         # timestep per slot; slot 0's is replaced by the noise controller
     frames_per_block: int                    # latent frames per chunk (target_fps may grow it)
+    first_steps: list = field(default_factory=list)   # the first chunk's timesteps (all steps at once)
     starts: list[int] = field(default_factory=list)      # virtual start token of the chunk in each slot
     pending_real: list[bool] = field(default_factory=list)  # slots 0..n-2 after a call: a real chunk still in flight?
     next_start: int = 0                      # virtual start token of the next chunk
@@ -93,7 +97,8 @@ class DiTJob:
     pass, each row at its slot's timestep), rows at virtual positions ``starts``; ``pops[k]`` says whether an
     evicting row rotates its ring in pass k. ``stream_batch``: after the call each stream's slot i moves to
     slot i + 1 (re-noised to t_{i+1}) and its last slot leaves; ``emit[j]``: whether stream j's leaving chunk is
-    shown (not a warm-up placeholder, not flush noise)."""
+    shown (not a warm-up placeholder, not flush noise); ``context``: after the passes, one pass at t = 0 over the
+    finished x0 writes the KV cache from the clean chunk (its output is not used)."""
     streams: list[Stream]
     chunks: list[Chunk]
     rows: list[int]
@@ -103,14 +108,18 @@ class DiTJob:
     stream_batch: bool
     first: bool
     emit: list[bool]
+    context: bool = False                    # one more pass at t = 0 over the x0 (pops[passes] is its flag)
 
 
 class Scheduler:
     def __init__(self, mode: str, step_list: list[int], kv: CacheSpec, frames_per_block: int = 1,
                  position_refresh_frames: int = 50, max_streams: int = 1, t2v: bool = False,
-                 num_rows: Optional[int] = None):
+                 num_rows: Optional[int] = None, first_step_list: Optional[list] = None,
+                 first_latents: Optional[int] = None, context_pass: bool = False):
         """``step_list``: the default timesteps of a stream's slots; ``num_rows``: KV-cache rows to share out
-        (default: ``max_streams`` streams of ``len(step_list)`` steps)."""
+        (default: ``max_streams`` streams of ``len(step_list)`` steps); ``first_step_list``: a first chunk's own
+        timesteps (default ``step_list``); ``first_latents``: latent frames of a first chunk (default 1 in t2v,
+        else 1 + ``frames_per_block``); ``context_pass``: see the module's docstring."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {sorted(MODES)}")
         self.rule = MODES[mode]
@@ -119,11 +128,18 @@ class Scheduler:
         self.frames_per_block, self.num_kv_cache = frames_per_block, kv.num_frames
         self.frame_tokens, self.refresh = kv.frame_tokens, position_refresh_frames
         self.t2v = t2v
+        self.first_step_list = list(first_step_list) if first_step_list else None
+        self.first_latents = first_latents or (1 if t2v else 1 + frames_per_block)
+        self.context_pass = context_pass
         self.max_streams = max_streams
         self.num_rows = num_rows or max_streams * self.rows_for(len(self.step_list))
         self.free_rows = list(range(self.num_rows))
         self.streams: dict[int, Stream] = {}
         self._next_id = 0
+
+    def passes_per_chunk(self, s_steps: list) -> int:
+        """DiT passes over one chunk at one position in all-steps jobs (the eviction ring counts them)."""
+        return len(s_steps) + int(self.context_pass)
 
     def rows_for(self, steps: int) -> int:
         """KV-cache rows a stream of ``steps`` steps owns: one per step with the stream batch, else one."""
@@ -139,8 +155,9 @@ class Scheduler:
             raise RuntimeError(f"all {self.max_streams} stream(s) are busy (max_streams={self.max_streams}, "
                                f"{len(self.free_rows)} of {self.num_rows} KV rows free, {n} needed): close one first")
         rows = self._take_rows(n)
-        s = Stream(id=self._next_id, prompt=prompt, rows=rows, steps=steps,
-                   frames_per_block=self.frames_per_block, passes_left=len(steps))
+        first = list(self.first_step_list or steps)
+        s = Stream(id=self._next_id, prompt=prompt, rows=rows, steps=steps, first_steps=first,
+                   frames_per_block=self.frames_per_block, passes_left=self.passes_per_chunk(s_steps=steps))
         self._next_id += 1
         self.streams[s.id] = s
         return s
@@ -166,7 +183,9 @@ class Scheduler:
     # ------------------------------------------------------------------ input
     def frames_needed(self, s: Stream) -> int:
         """Input frames that make the stream's next chunk (first chunk: 1 + 4k, as the reference: 5)."""
-        return chunk_frames(s.frames_per_block, first=not s.started)
+        if not s.started:
+            return chunk_frames(self.first_latents - 1, first=True)
+        return chunk_frames(s.frames_per_block, first=False)
 
     def feed(self, s: Stream, frames: torch.Tensor) -> None:
         if frames.shape[1]:
@@ -210,7 +229,7 @@ class Scheduler:
 
     def _chunk(self, s: Stream, frames, real: bool) -> Chunk:
         first = not s.started
-        f = (1 if self.t2v else 1 + s.frames_per_block) if first else s.frames_per_block
+        f = self.first_latents if first else s.frames_per_block
         s.chunks_in += 1
         return Chunk(s, frames, f, first, real)
 
@@ -257,25 +276,27 @@ class Scheduler:
             s.starts = [s.next_start] * n       # empty slots sit at the next position until chunks arrive
             s.pending_real = [False] * (n - 1)
             s.hide_next_output = self.t2v
-        return DiTJob([s], [c], rows=[s.rows[0]], starts=[start], passes=n,
-                      pops=[[p] for p in self._pass_pops(s, start, c.latent_frames)],
-                      stream_batch=False, first=True, emit=[True])
+        passes = len(s.first_steps)
+        return DiTJob([s], [c], rows=[s.rows[0]], starts=[start], passes=passes,
+                      pops=[[p] for p in self._pass_pops(s, start, c.latent_frames, passes + self.context_pass)],
+                      stream_batch=False, first=True, emit=[True], context=self.context_pass)
 
     def _sequential_job(self, chunks: list[Chunk]) -> DiTJob:
         n = len(chunks[0].stream.steps)
         streams = [c.stream for c in chunks]
         starts = [self.take_position(s, c.latent_frames) for s, c in zip(streams, chunks)]
-        per_stream = [self._pass_pops(s, start, c.latent_frames) for s, c, start in zip(streams, chunks, starts)]
+        per_stream = [self._pass_pops(s, start, c.latent_frames, n + self.context_pass)
+                      for s, c, start in zip(streams, chunks, starts)]
         return DiTJob(streams, chunks, rows=[s.rows[0] for s in streams], starts=starts, passes=n,
                       pops=[list(p) for p in zip(*per_stream)], stream_batch=False, first=False,
-                      emit=[c.real for c in chunks])
+                      emit=[c.real for c in chunks], context=self.context_pass)
 
-    def _pass_pops(self, s: Stream, start: int, frames: int) -> list[bool]:
+    def _pass_pops(self, s: Stream, start: int, frames: int, passes: int) -> list[bool]:
         """Which of a chunk's passes (all steps at one position, batch 1) rotate the eviction ring. The
         reference counts passes that evict and pops on every n-th (§1.7 step 2): the count runs on across
         chunks, so after the chunk where the cache becomes full the pop falls on a chunk's first pass."""
-        m, n, pops = frames * self.frame_tokens, len(s.steps), []
-        for _ in range(n):
+        m, n, pops = frames * self.frame_tokens, self.passes_per_chunk(s.steps), []
+        for _ in range(passes):
             pop = False
             if s.row.advance(self.kv, start, m, where=f"stream {s.id}").evict:
                 pop = s.passes_left <= 1
