@@ -3,11 +3,17 @@
 Accepted ``weights``:
 * a Wan2.1 folder: ``config.json`` + ``diffusion_pytorch_model.safetensors`` or the sharded set with
   ``diffusion_pytorch_model.safetensors.index.json`` (original Wan key names);
-* a StreamDiffusionV2 ``model.pt`` (or a folder holding one): a dict with ``generator``, ``generator_ema`` or
-  ``state_dict`` (first hit wins, as the reference), or a flat state dict; keys with or without ``model.``;
+* a StreamDiffusionV2 ``model.pt`` (or a folder holding one): a dict with ``generator``, ``generator_ema``,
+  ``state_dict`` or ``model`` (first hit wins, as the reference; ``container_keys`` changes the order), or a flat
+  state dict; keys with or without ``model.``. The causal-Wan plugins' files are such containers: Self-Forcing,
+  Rolling Forcing, Causal Forcing and LongLive (``generator`` / ``generator_ema``), CausVid (``model``), Krea
+  Realtime (a flat ``model.*`` safetensors). Wrapper names (FSDP's ``_fsdp_wrapped_module.``, torch.compile's
+  ``_orig_mod.``, activation checkpointing's ``_checkpoint_wrapped_module.``) are dropped wherever they appear;
 * a diffusers ``WanTransformer3DModel`` folder or file (its key names are converted);
 * any single ``.safetensors`` / ``.pt`` / ``.pth`` state dict in one of those namings;
 * ``"dummy"``: random init at the configured size, directly on the device (for throughput work).
+
+A PEFT LoRA file (LongLive's ``lora.pt``) can be merged at load (``lora=``, see ``lora.py``).
 
 Loading is strict (missing, unexpected or mis-shaped keys raise, naming the file) and goes through the
 meta device: every tensor is read (memory-mapped), cast and moved on its own, so a 14B checkpoint needs
@@ -19,7 +25,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -31,6 +37,12 @@ WAN_SINGLE = "diffusion_pytorch_model.safetensors"
 WAN_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SDV2_FILE = "model.pt"
 SDV2_CONTAINER_KEYS = ("generator", "generator_ema", "state_dict")  # checked in this order, as the reference
+# The default order: StreamDiffusionV2's, then CausVid's ``{'model': sd}``. A plugin preferring EMA weights passes
+# its own order (``container_keys=("generator_ema", "generator")``), as those repos' ``use_ema`` does.
+CONTAINER_KEYS = (*SDV2_CONTAINER_KEYS, "model")
+# Module names that wrappers insert into parameter names; they are not part of the model.
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
+WAN_HEAD_DIM = 128  # every released Wan2.1 DiT (1.3B: 1536 / 12 heads, 14B: 5120 / 40 heads)
 
 # diffusers WanTransformer3DModel name <-> original Wan name; "{n}" is a block index. One table serves both
 # directions. Block norms are swapped: diffusers norm2 is Wan's affine cross-attention norm3 (the FFN norms of
@@ -100,7 +112,15 @@ def to_diffusers_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- file reading
-def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+def strip_wrappers(key: str) -> str:
+    """A parameter name without the wrapper module names (FSDP, torch.compile, checkpointing) inside it."""
+    for name in WRAPPER_NAMES:
+        key = key.replace(name, "")
+    return key
+
+
+def _read_tensor_file(path: Path, container_keys=CONTAINER_KEYS) -> dict[str, torch.Tensor]:
+    """A file's flat state dict: the first of ``container_keys`` holding a mapping, or the whole file."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path), device="cpu")
@@ -110,15 +130,16 @@ def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict (a mapping), found {type(obj).__name__}")
-    for key in SDV2_CONTAINER_KEYS:
-        if key in obj and isinstance(obj[key], Mapping):
-            log.info("%s: using the %r entry", path, key)
-            obj = obj[key]
-            break
+    found = next((k for k in container_keys if isinstance(obj.get(k), Mapping)), None)
+    if found is not None:
+        log.info("%s: using the %r entry", path, found)
+        obj = obj[found]
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad and found is None:
+        raise CheckpointError(f"{path}: none of the expected container keys {list(container_keys)} and not a flat "
+                              f"dict of tensors; top-level keys found: {sorted(map(str, obj))[:10]}")
     if bad:
-        raise CheckpointError(f"{path}: not a state dict; non-tensor entries {bad[:5]} "
-                              f"(expected one of {SDV2_CONTAINER_KEYS} or a flat dict of tensors)")
+        raise CheckpointError(f"{path}: the {found!r} entry is not a state dict; non-tensor entries {bad[:5]}")
     return dict(obj)
 
 
@@ -153,33 +174,64 @@ def read_state_dict(weights: str | Path) -> tuple[dict[str, torch.Tensor], str, 
     return sd, source, config
 
 
-def read_selected(weights: str | Path, keys: Optional[set[str]] = None
+def read_selected(weights: str | Path, keys: Optional[set[str]] = None, container_keys=None
                   ) -> tuple[dict[str, torch.Tensor], str, Optional[dict], list[str]]:
     """``read_state_dict`` for some tensors: (state dict, source, config, every key of the file in Wan names).
     ``keys``: read only these tensors (Wan names); the others are listed, not read (safetensors lazily per key,
-    ``model.pt`` memory-mapped: a pipe stage reads only its own blocks)."""
+    ``model.pt`` memory-mapped: a pipe stage reads only its own blocks). ``container_keys``: the top-level keys of
+    a torch pickle to try, in order (default ``CONTAINER_KEYS``)."""
+    lazy, source, config = _wan_entries(weights, container_keys)
+    sd = {wan: read() for wan, (read, _) in lazy.items() if keys is None or wan in keys}
+    return sd, source, config, list(lazy)
+
+
+def _wan_entries(weights, container_keys=None) -> tuple[dict[str, tuple], str, Optional[dict]]:
+    """(Wan name -> (reader, shape), source, config.json) for every tensor behind ``weights``; nothing is read."""
     files, config = resolve_weight_files(weights)
-    lazy: dict[str, tuple] = {}   # file key -> (reader, file)
+    source = ", ".join(str(f) for f in files)
+    lazy: dict[str, tuple] = {}   # file key -> (reader, shape)
     for f in files:
-        lazy.update(_lazy_tensors(f))
-    names = {k: k for k in lazy}
-    if names and all(k.startswith("model.") for k in names):
-        names = {k: k[len("model."):] for k in names}
+        lazy.update(_lazy_tensors(f, CONTAINER_KEYS if container_keys is None else tuple(container_keys)))
+    names = {k: strip_wrappers(k) for k in lazy}   # before the prefix rule: FSDP may sit before "model."
+    if names and all(k.startswith("model.") for k in names.values()):
+        names = {k: v[len("model."):] for k, v in names.items()}
     if is_diffusers_layout(names.values()):
         names = dict(zip(names, convert_diffusers_keys(dict.fromkeys(names.values())).keys()))
-    sd = {wan: lazy[key]() for key, wan in names.items() if keys is None or wan in keys}
-    return sd, ", ".join(str(f) for f in files), config, list(names.values())
+    seen: dict[str, str] = {}
+    for key, wan in names.items():   # two file keys for one parameter: which to load would be a guess
+        if wan in seen:
+            raise CheckpointError(f"{source}: keys {seen[wan]!r} and {key!r} both name {wan!r}")
+        seen[wan] = key
+    return {names[k]: v for k, v in lazy.items()}, source, config
 
 
-def _lazy_tensors(path: Path) -> dict[str, "callable"]:
-    """key -> a function reading that tensor (safetensors: per key from the file; torch files: a memory-mapped
-    state dict, so an unread tensor costs no memory)."""
+def _lazy_tensors(path: Path, container_keys=CONTAINER_KEYS) -> dict[str, tuple]:
+    """key -> (a function reading that tensor, its shape) (safetensors: per key from the file, shapes from the
+    header; torch files: a memory-mapped state dict, so an unread tensor costs no memory)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         handle = safe_open(str(path), framework="pt", device="cpu")
-        return {k: (lambda k=k: handle.get_tensor(k)) for k in handle.keys()}
-    sd = _read_tensor_file(path)
-    return {k: (lambda v=v: v) for k, v in sd.items()}
+        return {k: ((lambda k=k: handle.get_tensor(k)), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+    sd = _read_tensor_file(path, container_keys)
+    return {k: ((lambda v=v: v), tuple(v.shape)) for k, v in sd.items()}
+
+
+def size_from_checkpoint(weights: str | Path, container_keys=None) -> dict[str, int]:
+    """The DiT size of a checkpoint from its tensor shapes (no tensor is read): ``dim`` (the self-attention key
+    projection's rows, as Krea Realtime tells 1.3B from 14B), ``ffn_dim``, ``num_layers`` (distinct block
+    indices) and ``num_heads`` = dim / 128 (the head size of every released Wan2.1 DiT; no tensor holds it)."""
+    lazy, source, _ = _wan_entries(weights, container_keys)
+
+    def rows(key: str) -> int:
+        if key not in lazy:
+            raise CheckpointError(f"{source}: no {key!r}, so the DiT size cannot be read; keys e.g. {list(lazy)[:4]}")
+        return int(lazy[key][1][0])
+
+    dim, ffn_dim = rows("blocks.0.self_attn.k.weight"), rows("blocks.0.ffn.0.weight")
+    if dim % WAN_HEAD_DIM:
+        raise CheckpointError(f"{source}: dim {dim} is not a multiple of Wan's head size {WAN_HEAD_DIM}")
+    layers = {m.group(1) for m in map(re.compile(r"blocks\.(\d+)\.").match, lazy) if m}
+    return dict(dim=dim, ffn_dim=ffn_dim, num_heads=dim // WAN_HEAD_DIM, num_layers=len(layers))
 
 
 def check_config(cfg: WanDiTConfig, config: Optional[dict], source: str) -> None:
@@ -229,8 +281,15 @@ def stage_parts(num_layers: int, first: int, end: int, *, embed: bool, head: boo
 
 
 def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu", dtype=torch.bfloat16,
-                  seed: int = 0, parts: Optional[list[str]] = None) -> CausalWanDiT:
+                  seed: int = 0, parts: Optional[list[str]] = None, lora: str | Path | None = None,
+                  lora_alpha: Optional[float] = None, container_keys: Optional[Sequence[str]] = None
+                  ) -> CausalWanDiT:
     """Build the DiT of ``cfg`` on ``device``/``dtype`` with ``weights`` (a path, or ``"dummy"``/None).
+
+    ``container_keys``: the top-level keys of a torch pickle to try, in order (a plugin's preference, e.g.
+    ``("generator_ema", "generator")``); default ``CONTAINER_KEYS``. ``lora``: a PEFT LoRA file merged into the
+    block Linears after the strict base load (``lora.read_lora`` / ``merge_lora``; ``lora_alpha`` default: the
+    rank); dummy weights refuse one.
 
     ``parts`` (``stage_parts``): build only these parts (a ``pipe`` stage); the others stay on the meta device,
     cost no memory and are not read from the file. The file is still checked strictly against the whole model
@@ -244,6 +303,9 @@ def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu"
     if unknown:
         raise ValueError(f"unknown model parts {unknown}; the parts are {model.part_names()[:5]} ... 'head'")
     if weights is None or str(weights) == "dummy":
+        if lora is not None:
+            raise CheckpointError(f"dummy (random) DiT weights cannot take a LoRA file ({lora}); "
+                                  "give base weights, or no lora")
         _materialize(model, held, device, dtype)
         model.init_weights(seed=seed, parts=held)
         model.weights_are_dummy = True
@@ -251,9 +313,12 @@ def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu"
         log.warning("DiT %s uses DUMMY (random) weights: outputs are noise; use them for throughput only", cfg.name)
         return model.eval().requires_grad_(False)
     wanted = {k for name in held for k in _part_keys(model, name)}
-    sd, source, config, file_keys = read_selected(weights, keys=wanted)
+    sd, source, config, file_keys = read_selected(weights, keys=wanted, container_keys=container_keys)
     check_config(cfg, config, source)
     check_state_dict(model, sd, source, file_keys)   # on the meta model: nothing allocated yet
+    if lora is not None:
+        from .lora import merge_lora, read_lora   # here: lora.py imports this module
+        lora_pairs = read_lora(lora, model)        # checked against the meta model, before any allocation
     _materialize(model, held, device, dtype)
     # Cast/move one tensor at a time so peak memory is one target-dtype copy.
     with torch.no_grad():
@@ -261,6 +326,8 @@ def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu"
         params.update(dict(model.named_buffers()))
         for k in sorted(wanted):
             params[k].copy_(sd.pop(k).to(device=device, dtype=params[k].dtype))
+    if lora is not None:   # before fuse_qkv: the merge writes the separate q/k/v weights
+        merge_lora(model, lora_pairs, alpha=lora_alpha, source=str(lora))
     model.fuse_qkv()
     return model.eval().requires_grad_(False)
 
