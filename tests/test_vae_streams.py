@@ -171,6 +171,21 @@ def test_graph_bookkeeping_forgets_streams_that_ended():
     assert len({StreamCache().uid for _ in range(5)}) == 5   # never reused
 
 
+def test_graph_capture_after_every_graph_ended_takes_a_fresh_pool():
+    """A private memory pool is freed with its last graph: the next capture (a new stream after the old one
+    ended, as in ``sdv2 serve`` and any second ``run``) must not reuse the freed pool's handle."""
+    from sdv2_lab.vae.accel import CUDAGraphed
+    step = CUDAGraphed(lambda x, c: x + 1, "encode", emulate=True)
+    x, a, b, c = torch.zeros(1), StreamCache(), StreamCache(), StreamCache()
+    for caches in ([a], [a, b]):
+        step(x, Batch(caches)), step(x, Batch(caches))
+    first = step.pool
+    assert step.captures == 2 and step.pools_made == 1   # graphs alive share one pool
+    step.forget({a.uid})                                 # every graph ended: the pool went with them
+    step(x, Batch([c])), step(x, Batch([c]))
+    assert step.captures == 3 and step.pools_made == 2 and step.pool is not first
+
+
 def test_vae_graph_replays_equal_eager_emulated_on_cpu():
     """The Wan VAE's steps wrapped in graph replays (emulated on CPU): a 3-chunk stream equals the eager one and
     the steady chunks replay."""

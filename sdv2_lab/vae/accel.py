@@ -87,6 +87,7 @@ class CUDAGraphed(_Accelerated):
         self.emulate = emulate
         self.graphs: GraphCache[_Graph] = GraphCache(max_graphs)   # (stream ids, shape, dtype, device) -> _Graph
         self.pool = self.stream = None
+        self.pools_made = 0
 
     @property
     def captures(self) -> int:
@@ -110,11 +111,16 @@ class CUDAGraphed(_Accelerated):
     def _capture(self, x, cache) -> _Graph:
         """Record the step (nothing runs: the streams are not advanced by capturing) into the step's memory
         pool, on the step's own capture stream, after the caller's pending work."""
-        if self.pool is None and not self.emulate:
-            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=x.device)
+        if not self.graphs.graphs:
+            # a fresh pool whenever no graph holds one: the allocator frees a private pool with its last graph,
+            # and capturing into the freed pool's handle fails (an internal assert, and a generator left mid-capture)
+            self.pool = object() if self.emulate else torch.cuda.graph_pool_handle()
+            self.pools_made += 1
+        if self.stream is None and not self.emulate:
+            self.stream = torch.cuda.Stream(device=x.device)
         static_in = torch.empty_like(x)  # filled by every replay
         g = _Graph(static_in, Captured(lambda: self.fn(static_in, cache), self.emulate, error_mode="thread_local",
-                                       pool=self.pool, stream=self.stream))
+                                       pool=None if self.emulate else self.pool, stream=self.stream))
         if not self.emulate:
             log.info("VAE %s step: captured a CUDA graph for %d stream(s), input %s", self.name, len(cache.key),
                      tuple(x.shape))
