@@ -122,7 +122,7 @@ def test_fast_config_and_single_wo_passes(reference_checkpoint):
     ours.set_prompt(cache, context)
     for c in range(0, 20):
         f, start = (2, 0) if c == 0 else (1, (c + 1) * S)
-        pops = scheduler._pass_pops(stream, start, f)
+        pops = scheduler._pass_pops(stream, start, f, steps)
         for k in range(steps):
             x = torch.randn(1, f, 16, H // 8, W // 8, generator=g)
             t = torch.full((1, f), [700, 500, 400][k])
