@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .units import FRAMES_PER_LATENT, chunk_frames, tokens_per_latent_frame
+from .units import chunk_frames, latent_frames, tokens_per_latent_frame
 
 log = logging.getLogger(__name__)
 DUMMY_HINT = "checkpoint_folder=... loads the official files: README, 'Real weights'"
@@ -269,7 +269,7 @@ class StreamDiffusionV2Pipeline:
         self.mode, self.device, self.fps = mode, self.pipeline.device, fps
         self.height, self.width = height, width
         self.noise_scale = noise_scale
-        self.chunk_size = chunk_frames(int(self.cfg.frames_per_block), first=False)
+        self.first_chunk_size, self.chunk_size = self.pipeline.cfg.first_chunk_frames, self.pipeline.cfg.chunk_frames
         self.num_steps = self.pipeline.num_steps
         self.profile = profile
         self._prompt: Optional[str] = None
@@ -356,20 +356,20 @@ class StreamDiffusionV2Pipeline:
 
     # ------------------------------------------------------------------ stages
     def chunk_video(self, video) -> list[VideoChunk]:
-        """The chunks of the offline loop: frames [0, 5), then [1+4k, 5+4k); trailing frames are dropped. Views of
-        the video (a file is loaded once); nothing is copied here."""
+        """The chunks of the offline loop: the recipe's first chunk (StreamDiffusionV2's: frames [0, 5)), then
+        ``chunk_size`` frames each; trailing frames are dropped. Views of the video (a file is loaded once);
+        nothing is copied here."""
         video = self._video.get(video)
-        total = video.shape[2]
-        if total < 1 + self.chunk_size:
-            raise ValueError(f"the video has {total} frame(s); the first chunk needs {1 + self.chunk_size} "
-                             f"(1 + {self.chunk_size}): give a longer video")
+        total, first = video.shape[2], self.first_chunk_size
+        if total < first:
+            raise ValueError(f"the video has {total} frame(s); the first chunk needs {first}: give a longer video")
         S = tokens_per_latent_frame(self.height, self.width)
-        chunks, start, end = [], 0, 1 + self.chunk_size
-        cs, ce = 0, S * (1 + self.chunk_size // FRAMES_PER_LATENT)
+        chunks, start, end = [], 0, first
+        cs, ce = 0, S * latent_frames(first, first=True)
         while end <= total:
             chunks.append(VideoChunk(video[:, :, start:end], start, end, cs, ce))
             start, end = end, end + self.chunk_size
-            cs, ce = ce, ce + S * (self.chunk_size // FRAMES_PER_LATENT)
+            cs, ce = ce, ce + S * latent_frames(self.chunk_size, first=False)
         return chunks
 
     def encode_chunk(self, input_video, chunk: VideoChunk, *, previous_noise_scale=None,

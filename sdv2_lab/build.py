@@ -13,8 +13,8 @@ from .backbones.checkpoints import load_backbone
 from .backbones.fp8 import apply_dit_precision
 from .parallel.placement import pipe_stage, placement_of
 from .configs import CONF_DIR, compose_config  # noqa: F401  (defined in configs.py; imported from here too)
-from .settings import (backbone_config, describe_paths, dit_weights, pipeline_config, resolve_device,  # noqa: F401
-                       resolve_dtype, switch, vae_accelerate)
+from .settings import (backbone_config, describe_paths, dit_config, dit_load_options, dit_weights,  # noqa: F401
+                       pipeline_config, resolve_device, resolve_dtype, switch, vae_accelerate)
 from .stream.pipeline import StreamPipeline
 
 log = logging.getLogger(__name__)
@@ -136,8 +136,8 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     device = place.ctx.device if place.ctx is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
-    dit = load_backbone(backbone_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
-                        parts=place.parts)
+    dit = load_backbone(dit_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
+                        parts=place.parts, **dit_load_options(cfg))
     dit = apply_dit_precision(dit, cfg.get("dit_precision", "bf16"))  # after loading: names stay loadable
     if cfg.get("compile_kernels", False):
         dit.use_compiled_kernels(True)

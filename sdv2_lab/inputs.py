@@ -7,7 +7,6 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from .units import chunk_frames
 
 
 def read_prompt(cfg: DictConfig) -> str:
@@ -28,15 +27,19 @@ def read_prompt(cfg: DictConfig) -> str:
 
 
 def first_chunk_frames(cfg: DictConfig) -> int:
-    return chunk_frames(int(cfg.frames_per_block), first=True)
+    """Input frames of a stream's first chunk, as the pipeline config derives them from the recipe."""
+    from .settings import pipeline_config
+    return pipeline_config(cfg).first_chunk_frames
 
 
 def expected_output_frames(input_frames: int, cfg: DictConfig) -> Optional[int]:
     """Frames a clip of ``input_frames`` makes (whole chunks; the rest is dropped), None when unknown."""
-    if not input_frames or input_frames < first_chunk_frames(cfg):
+    from .settings import pipeline_config
+    pcfg = pipeline_config(cfg)
+    first, per_chunk = pcfg.first_chunk_frames, pcfg.chunk_frames
+    if not input_frames or input_frames < first:
         return None
-    per_chunk = chunk_frames(int(cfg.frames_per_block), first=False)
-    return 1 + per_chunk * ((input_frames - 1) // per_chunk)
+    return first + per_chunk * ((input_frames - first) // per_chunk)
 
 
 def input_frames(cfg: DictConfig):

@@ -74,6 +74,12 @@ def weight_files(cfg: DictConfig) -> list[Path]:
     if ckpt:
         p = Path(ckpt).expanduser()
         files.append(p / GENERATOR_FILE if p.is_dir() else p)
+    lora = (cfg.backbone.get("checkpoint") or {}).get("lora")
+    if lora:   # a plugin's LoRA (LongLive's lora.pt): a missing one is named now, not after the base has loaded
+        if not Path(lora).expanduser().is_file():
+            raise FileNotFoundError(f"backbone {cfg.backbone.name}: its LoRA file {lora} (backbone.checkpoint.lora) "
+                                    f"does not exist; set backbone.checkpoint.lora=PATH, or null for the base alone")
+        files.append(Path(lora).expanduser())
     if vae.name == "taehv":
         files.append(Path(vae.get("path") or cfg.weights.get("taehv") or TAEHV_FILE))
     if vae.name == "wan" and vae.get("path"):

@@ -36,7 +36,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 # A backbone entry's keys that are not sizes: where its weights come from and how its file is read
 # (``checkpoints.load_backbone``), its source and licence (docs/backbones.md).
-PLUGIN_KEYS = ("checkpoint", "source", "license", "paper_fps")
+PLUGIN_KEYS = ("checkpoint", "recipe", "source", "license", "paper_fps")
 
 
 def backbone_config(cfg: DictConfig) -> WanDiTConfig:
@@ -125,3 +125,32 @@ def dit_weights(cfg: DictConfig):
     if not ckpt:
         raise ValueError("weights=real needs weights.checkpoint (a StreamDiffusionV2 model.pt or its folder)")
     return ckpt
+
+
+def _checkpoint_rules(cfg: DictConfig) -> dict:
+    rules = cfg.backbone.get("checkpoint") or {}
+    return OmegaConf.to_container(rules, resolve=True) if isinstance(rules, DictConfig) else dict(rules)
+
+
+def dit_load_options(cfg: DictConfig) -> dict:
+    """How the backbone entry's file is read (``backbone.checkpoint``): the pickle's container keys in order and
+    a LoRA merged at load. Dummy weights take neither (there is no file, and a LoRA on noise means nothing)."""
+    if cfg.weights.kind == "dummy":
+        return {}
+    rules = _checkpoint_rules(cfg)
+    keys = rules.get("container_keys")
+    return {"container_keys": None if keys is None else tuple(keys), "lora": rules.get("lora"),
+            "lora_alpha": rules.get("lora_alpha")}
+
+
+def dit_config(cfg: DictConfig) -> WanDiTConfig:
+    """The DiT's config for the build: ``backbone_config``, with the sizes read from the weight file's shapes when
+    the entry says ``checkpoint.size_from_checkpoint`` (Krea's one file serves 1.3B and 14B)."""
+    config = backbone_config(cfg)
+    if cfg.weights.kind != "dummy" and _checkpoint_rules(cfg).get("size_from_checkpoint"):
+        import dataclasses
+
+        from .backbones.checkpoints import size_from_checkpoint
+        keys = _checkpoint_rules(cfg).get("container_keys")
+        config = dataclasses.replace(config, **size_from_checkpoint(dit_weights(cfg), keys))
+    return config

@@ -45,10 +45,10 @@ class VideoInfo:
                              f"give a video of at least {needed} frames")
         if self.frames == 1:
             raise ValueError(f"{flag} {self.path} is a one-frame video ({self.codec or self.container}); the first "
-                             f"chunk needs {needed} frames (1 + 4 x frames_per_block): give a longer video")
+                             f"chunk needs {needed} frames (the recipe's first chunk): give a longer video")
         if 0 < self.frames < needed:
             raise ValueError(f"{flag} {self.path} has {self.frames} frame(s); the first chunk needs {needed} "
-                             f"(1 + 4 x frames_per_block): give a longer video")
+                             f"(the recipe's first chunk): give a longer video")
 
 
 class VideoDecodeError(ValueError):

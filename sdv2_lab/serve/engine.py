@@ -25,7 +25,6 @@ from ..stream.driver import wait
 from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream
 from ..stream.timing import percentile
-from ..units import chunk_frames
 from .protocol import StreamOptions
 from .settings import ServeSettings
 
@@ -77,7 +76,7 @@ class Engine:
         self.pipe = build_pipeline(engine_config(cfg, settings))
         self.driver = self.pipe.driver
         self.height, self.width = self.pipe.cfg.height, self.pipe.cfg.width
-        self.first_chunk = chunk_frames(self.pipe.cfg.frames_per_block, first=True)
+        self.first_chunk, self.chunk = self.pipe.cfg.first_chunk_frames, self.pipe.cfg.chunk_frames
         self._taehv = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdv2-engine")
         self.step_ms: deque = deque(maxlen=256)
@@ -102,7 +101,7 @@ class Engine:
         return {"model": c.backbone.name, "vae": c.vae.name, "mode": c.mode.name,
                 "device": str(self.pipe.device), "dtype": str(self.pipe.dtype).replace("torch.", ""),
                 "height": self.height, "width": self.width, "first_chunk_frames": self.first_chunk,
-                "chunk_frames": 4 * self.pipe.cfg.frames_per_block,
+                "chunk_frames": self.chunk,
                 "weights": "dummy" if self.weights_are_dummy else "real", "weights_dummy": self.weights_are_dummy,
                 "default_steps": self.default_steps, "max_steps": self.settings.max_steps,
                 "default_noise_scale": self.default_noise, "taehv_vae": self.settings.taehv_vae,
@@ -206,7 +205,7 @@ class Engine:
         opts = StreamOptions(self.settings.default_prompt, self.default_steps, self.default_noise)
         s = self.open(opts)
         try:
-            n = self.first_chunk + 4 * self.pipe.cfg.frames_per_block * (self.default_steps + 1)
+            n = self.first_chunk + self.chunk * (self.default_steps + 1)
             t = torch.linspace(0, 1, n)[None, :, None, None]
             frames = (torch.rand(3, 1, self.height, self.width) * 2 - 1) * (1 - t) + t * 0.5
             self.driver.push(s, frames)

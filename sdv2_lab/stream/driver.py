@@ -405,11 +405,17 @@ class StreamDriver:
         if c.first:
             return s.dev.controller.s0, None
         if previous is None:
-            return s.dev.controller.update(c.frames, s.dev.last_frame)
-        scale, step = s.dev.controller.next_scale(c.frames, self._check_frames(previous.last_frame[0])[None],
-                                              self._scalar(previous.scale), self._scalar(previous.initial))
-        s.dev.controller.scale = scale
-        return scale, step
+            scale, step = s.dev.controller.update(c.frames, s.dev.last_frame)
+        else:
+            scale, step = s.dev.controller.next_scale(c.frames, self._check_frames(previous.last_frame[0])[None],
+                                                  self._scalar(previous.scale), self._scalar(previous.initial))
+            s.dev.controller.scale = scale
+        return scale, self._warped(step)
+
+    def _warped(self, step: torch.Tensor) -> torch.Tensor:
+        """A recipe that warps its steps (``warp_denoising_step``) warps the controller's too, so that slot 0 sits
+        on the same grid as the list's steps: t -> timesteps[1000 - t], on the device."""
+        return self.schedule.warp(step) if self.cfg.warp_denoising_step else step
 
     def _noise_chunk(self, c: Chunk) -> Encoded:
         """A chunk of pure noise (text-to-video, flush), or (a pipe stage after the first) only its shape."""

@@ -29,6 +29,12 @@ class FlowMatchSchedule:
             self._device_cache[device] = (self.sigmas.to(device), self.timesteps.to(device))
         return self._device_cache[device]
 
+    def warp(self, t: torch.Tensor) -> torch.Tensor:
+        """Self-Forcing's ``warp_denoising_step``: a step t (an integer in (0, 1000]) read as a grid index,
+        t -> timesteps[1000 - t] (float32, same shape, on t's device; no host sync)."""
+        _, timesteps = self._on(t.device)
+        return timesteps[(1000 - t.long()).clamp(0, timesteps.numel() - 1)]
+
     def sigma(self, t: torch.Tensor, lookup_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """sigma for each timestep (any shape, any numeric dtype) -> float32, same shape. No host sync.
 
