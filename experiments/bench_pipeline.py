@@ -29,7 +29,7 @@ def fmt(v, spec=".1f"):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="wan_1_3b:1,wan_1_3b:2,wan_1_3b:4", help="backbone:steps,...")
+    p.add_argument("--configs", default="wan_1_3b:1,wan_1_3b:2,wan_1_3b:4", help="backbone[:steps],... (no steps: the backbone's recipe's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -51,26 +51,29 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     overlaps = {"on": [True], "off": [False], "both": [False, True]}[a.overlap]
     for item in a.configs.split(","):
-        backbone, steps = item.split(":")
+        backbone, _, asked = item.partition(":")
         for streams in map(int, a.streams.split(",")):
             for overlap in overlaps:
-                ov = [f"backbone={backbone}", f"steps={steps}", f"device={a.device}", f"height={a.height}",
-                      f"width={a.width}", f"cuda_graph={'true' if a.graph == 'on' else 'false'}", f"vae={a.vae}",
+                ov = [f"backbone={backbone}", *([f"steps={asked}"] if asked else []), f"device={a.device}",
+                      f"height={a.height}", f"width={a.width}", f"vae={a.vae}",
+                      f"cuda_graph={'true' if a.graph == 'on' else 'false'}",
                       f"compile_kernels={'true' if a.compile else 'false'}", f"streams={streams}",
                       f"overlap={'true' if overlap else 'false'}"]
                 ov += [x for x in a.extra.split(",") if x]
                 cfg = compose_config("config", ov)
+                steps = int(cfg.steps)
                 pipe = build_pipeline(cfg)
                 clips = [synthetic_clip(a.frames, a.height, a.width, seed=i)[0].to(pipe.device) for i in range(streams)]
                 prompts = [f"a watercolor street {i}" for i in range(streams)]
-                warm = 1 + 4 * (cfg.num_kv_cache + int(steps) + 4)  # fills the KV cache: both graphs captured
+                pc = pipe.cfg   # enough chunks to fill the KV cache: every graph captured
+                warm = pc.first_chunk_frames + pc.chunk_frames * (pc.num_kv_cache // pc.frames_per_block + steps + 4)
                 stream_clips(pipe, [c[:, :warm] for c in clips], prompts, seeds=list(range(streams)))  # warm-up
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 r = stream_clips(pipe, clips, prompts, seeds=list(range(streams)))
                 per, tot = r.per_stream, r.total
-                mean = lambda k: sum(s.get(k, float("nan")) for s in per) / len(per)  # noqa: E731
+                mean = lambda k: sum(float("nan") if s.get(k) is None else s[k] for s in per) / len(per)  # noqa: E731
                 row = dict(model=backbone, steps=int(steps), vae=cfg.vae.name, streams=streams, overlap=overlap,
                            e2e_fps_per_stream=mean("e2e_fps"), total_e2e_fps=tot.get("e2e_fps"),
                            steady_fps_per_stream=mean("steady_fps"), total_steady_fps=tot.get("steady_fps"),
