@@ -248,7 +248,8 @@ class StreamDiffusionV2Pipeline:
 
     def __init__(self, checkpoint_folder: Optional[str] = None, *, mode: str = "single", config_path=None,
                  device=None, noise_scale: float = 0.8, height: int = 480, width: int = 832, fps: int = 16,
-                 step: int = 2, seed: int = 0, model_type: str = "T2V-1.3B", use_taehv: bool = False,
+                 step: Optional[int] = None, seed: int = 0, model_type: str = "T2V-1.3B",
+                 model: Optional[str] = None, use_taehv: bool = False,
                  use_tensorrt: bool = False, fast: bool = False, profile: bool = False,
                  wan_folder: Optional[str] = None, taehv: Optional[str] = None, vae: Optional[str] = None,
                  overrides: Optional[list[str]] = None):
@@ -257,11 +258,12 @@ class StreamDiffusionV2Pipeline:
         if mode not in ("single", "single-wo"):
             raise ValueError(f"StreamDiffusionV2Pipeline runs 'single' or 'single-wo', not {mode!r} "
                              f"(pipe mode: run_video_to_video(mode='pipe', ...) or ./run_v2v.sh pipe)")
-        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 4:
-            raise ValueError(f"step must be an integer from 1 to 4, got {step!r}")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 4):
+            raise ValueError(f"step must be an integer from 1 to 4, got {step!r} (None: the model's recipe)")
         self._seed_args = dict(checkpoint_folder=checkpoint_folder, mode=mode, config_path=config_path,
                                device=device, noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
-                               seed=seed, model_type=model_type, wan_folder=wan_folder, taehv=taehv, vae=vae)
+                               seed=seed, model_type=model_type, model=model, wan_folder=wan_folder, taehv=taehv,
+                               vae=vae)
         self._overrides = list(overrides or [])
         self.cfg = self._compose(use_taehv=use_taehv, use_tensorrt=use_tensorrt, fast=fast)
         torch.manual_seed(seed)
@@ -469,13 +471,13 @@ def _progress(enabled: bool, total: int):
 
 def run_video_to_video(*, checkpoint_folder=None, video_path, prompt, output_path, mode="single", config_path=None,
                        device=None, gpu_ids=None, num_gpus=None, noise_scale=0.8, height=480, width=832, fps=16,
-                       step=2, seed=0, model_type="T2V-1.3B", use_taehv=False, use_tensorrt=False, fast=False,
+                       step=None, seed=0, model_type="T2V-1.3B", model=None, use_taehv=False, use_tensorrt=False, fast=False,
                        profile=False, schedule_block=False, wan_folder=None, taehv=None, vae=None,
                        overrides=None) -> str:
     """Restyle a video file and write the result; returns ``output_path``. In process for single modes. The
     output path and the input video are checked before any model is built."""
     options = dict(config_path=config_path, device=device, noise_scale=noise_scale, height=height, width=width,
-                   fps=fps, step=step, seed=seed, model_type=model_type, use_taehv=use_taehv,
+                   fps=fps, step=step, seed=seed, model_type=model_type, model=model, use_taehv=use_taehv,
                    use_tensorrt=use_tensorrt, fast=fast, wan_folder=wan_folder, taehv=taehv, vae=vae,
                    overrides=overrides)
     if mode == "pipe":  # the DiT's blocks over num_gpus GPUs: `sdv2 run`'s function on one process per stage

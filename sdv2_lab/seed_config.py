@@ -282,13 +282,20 @@ def yaml_overrides(path: str | Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- the one mapping
+def backbone_names() -> list[str]:
+    """The backbone entries of ``conf/backbone`` (the names ``model=`` / ``--model`` take)."""
+    from .configs import CONF_DIR
+    return sorted(p.stem for p in (Path(CONF_DIR) / "backbone").glob("*.yaml"))
+
+
 def default_device() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str = "single",
-                   model_type: str = "T2V-1.3B", step: int = 2, height: int = 480, width: int = 832, fps: int = 16,
+                   model_type: str = "T2V-1.3B", step: Optional[int] = None, height: int = 480, width: int = 832,
+                   fps: int = 16, model: Optional[str] = None,
                    seed: int = 0, noise_scale: float = 0.8, device: Optional[str] = None, use_taehv: bool = False,
                    use_tensorrt: bool = False, fast: bool = False, config_path: Optional[str | Path] = None,
                    wan_folder: Optional[str | Path] = None, taehv: Optional[str | Path] = None,
@@ -300,13 +307,19 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
     is no TensorRT here: the accelerated decode path is TAEHV's CUDA-graph replay (on a GPU). ``vae``: one of
     ``VAES`` (default: ``taehv`` with ``use_taehv``, else ``wan``); it wins over ``use_taehv``'s choice, except
     that a VAE without a tiny decoder (wan, lightvae) contradicts ``use_taehv``. Without a checkpoint folder the
-    pipeline is the tiny model with dummy weights (for trying things on a CPU) and each VAE its tiny variant."""
+    pipeline is the tiny model with dummy weights (for trying things on a CPU) and each VAE its tiny variant.
+
+    ``model``: a backbone entry of ``conf/backbone`` (``self_forcing``, ``longlive``, ...: docs/backbones.md) in
+    place of the StreamDiffusionV2 model ``model_type`` names; its recipe comes with it (the Wan folder is still
+    ``model_type``'s). ``step`` None: the model's recipe's steps (StreamDiffusionV2's: 2)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)} here, got {mode!r} (pipe: run_v2v.sh pipe)")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {sorted(MODEL_TYPES)}, got {model_type!r}")
     if vae is not None and vae not in VAES:
         raise ValueError(f"vae must be one of {sorted(VAES)}, got {vae!r}")
+    if model is not None and model not in backbone_names():
+        raise ValueError(f"model must be one of {backbone_names()} (conf/backbone), got {model!r}")
     use_tensorrt = use_tensorrt or fast
     use_taehv = use_taehv or use_tensorrt
     if use_taehv and vae in ("wan", "lightvae"):
@@ -314,21 +327,24 @@ def seed_overrides(*, checkpoint_folder: Optional[str | Path] = None, mode: str 
                          f"decoder: drop one (vae='taehv' or 'lighttae' decode with a tiny decoder)")
     vae = vae or ("taehv" if use_taehv else "wan")
     device = str(device or default_device())
-    ov = [f"mode={MODES[mode]}", f"steps={step}", f"height={height}", f"width={width}", f"fps={fps}",
-          f"seed={seed}", f"noise_scale={noise_scale}", f"device={device}"]
+    ov = [f"mode={MODES[mode]}", *([f"steps={step}"] if step is not None else []), f"height={height}",
+          f"width={width}", f"fps={fps}", f"seed={seed}", f"noise_scale={noise_scale}", f"device={device}"]
     real, tiny, needs = VAES[vae]
     if checkpoint_folder is not None:
         layout = resolve_checkpoint_folder(checkpoint_folder, model_type, wan_folder=wan_folder, taehv=taehv,
                                            lightvae=lightvae, lighttae=lighttae, need=(needs,) if needs else ())
-        ov += [f"backbone={MODEL_TYPES[model_type]}", "weights=real",
+        ov += [f"backbone={model or MODEL_TYPES[model_type]}", "weights=real",
                f"weights.checkpoint={quote(layout.checkpoint)}", f"weights.wan_folder={quote(layout.wan_folder)}",
                f"weights.taehv={quote(layout.taehv) if layout.taehv else 'null'}",
                f"weights.lightvae={quote(layout.lightvae)}", f"weights.lighttae={quote(layout.lighttae)}",
                "text_encoder=umt5_xxl", f"++text_encoder.checkpoint={quote(layout.t5)}",
                f"++text_encoder.tokenizer={quote(layout.tokenizer)}", f"vae={real}"]
         ov += size_overrides(layout)
-    elif vae != "wan":
-        ov.append(f"vae={tiny}")
+    else:
+        if model is not None:   # dummy weights at the model's own size
+            ov.append(f"backbone={model}")
+        if vae != "wan":
+            ov.append(f"vae={tiny}")
     if not device.startswith("cuda"):
         ov.append("vae.accelerate=none")  # CUDA graphs need a GPU: eager, said once here instead of per build
     elif use_tensorrt:

@@ -32,8 +32,9 @@ FLAGS = {
     "config_path": ("CONFIG_PATH", None, str), "checkpoint_folder": ("CHECKPOINT_FOLDER", None, str),
     "video_path": ("VIDEO_PATH", None, str), "prompt_file_path": ("PROMPT_FILE_PATH", None, str),
     "output_folder": ("OUTPUT_FOLDER", "outputs", str), "height": ("HEIGHT", None, int), "width": ("WIDTH", None, int),
-    "fps": ("FPS", "16", int), "step": ("STEP", "2", int), "noise_scale": ("NOISE_SCALE", None, float),
+    "fps": ("FPS", "16", int), "step": ("STEP", None, int), "noise_scale": ("NOISE_SCALE", None, float),
     "seed": ("SEED", "0", int), "model_type": ("MODEL_TYPE", "T2V-1.3B", str),
+    "model": ("SDV2_MODEL", None, str),   # a conf/backbone entry (self_forcing, longlive, ...): docs/backbones.md
     "num_frames": ("NUM_FRAMES", "81", int), "target_fps": ("TARGET_FPS", None, float),
     "gpu_id": ("GPU_ID", None, int), "device": ("DEVICE", None, str), "wan_folder": ("SDV2_WAN_ROOT", None, str),
     "taehv": ("SDV2_TAEHV", None, str), "vae": ("SDV2_VAE", None, str),
@@ -127,7 +128,7 @@ def to_overrides(a) -> list[str]:
     ov = seed_overrides(
         checkpoint_folder=caller_path(a.checkpoint_folder) if a.checkpoint_folder else None,
         mode="single" if mode == "pipe" else mode,
-        model_type=a.model_type, step=a.step, height=height, width=width, fps=a.fps, seed=a.seed,
+        model_type=a.model_type, model=a.model, step=a.step, height=height, width=width, fps=a.fps, seed=a.seed,
         noise_scale=noise_scale, device=device, use_taehv=a.use_taehv, use_tensorrt=a.use_tensorrt, fast=a.fast,
         config_path=caller_path(a.config_path) if a.config_path else None,
         wan_folder=caller_path(a.wan_folder) if a.wan_folder else None,

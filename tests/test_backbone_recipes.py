@@ -240,3 +240,28 @@ def test_a_sweep_over_backbones_gives_one_table(tmp_path):
     steps = dict(zip(df["backbone"], df["steps"]))
     assert steps == {"wan_1_3b": 2, "self_forcing": 4, "causal_forcing_pp_1step": 1}
     assert Path(sweep).is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- the seed's doors
+def test_the_seeds_api_and_run_v2v_take_a_model(tmp_path):
+    """``model=`` (API) / ``--model`` (run_v2v.sh) pick a backbone entry with its recipe; ``step`` left out is the
+    recipe's; with a checkpoint folder the entry's file rules read the official weights of that folder."""
+    from sdv2_lab.seed_config import seed_overrides
+    from sdv2_lab.tiny_checkpoint import write_tiny_checkpoint
+    from sdv2_lab.v2v import parse, to_overrides
+
+    cfg = compose_config("config", seed_overrides(model="self_forcing", device="cpu", height=H, width=W))
+    assert cfg.backbone.name == "self_forcing" and cfg.steps == 4 and cfg.frames_per_block == 3
+    assert compose_config("config", seed_overrides(device="cpu")).steps == 2          # StreamDiffusionV2's recipe
+    assert compose_config("config", seed_overrides(model="longlive", step=1, device="cpu")).steps == 1
+    with pytest.raises(ValueError, match=r"model must be one of .*self_forcing.*'nope'"):
+        seed_overrides(model="nope")
+    folder = write_tiny_checkpoint(tmp_path)
+    cfg = compose_config("config", seed_overrides(checkpoint_folder=folder, model="causal_forcing_pp_1step",
+                                                  device="cpu", height=H, width=W))
+    assert cfg.backbone.name == "causal_forcing_pp_1step" and cfg.weights.kind == "real"
+    assert cfg.backbone.dim == 256 and cfg.steps == 1 and list(cfg.first_chunk_steps) == [1000, 750, 500, 250]
+    assert Path(cfg.weights.checkpoint) == folder / "model.pt"
+    a = parse(["single", "--model", "self_forcing", "--device", "cpu", "--height", str(H), "--width", str(W)])
+    cfg = compose_config("config", to_overrides(a))
+    assert cfg.backbone.name == "self_forcing" and cfg.steps == 4
