@@ -265,3 +265,24 @@ def test_the_seeds_api_and_run_v2v_take_a_model(tmp_path):
     a = parse(["single", "--model", "self_forcing", "--device", "cpu", "--height", str(H), "--width", str(W)])
     cfg = compose_config("config", to_overrides(a))
     assert cfg.backbone.name == "self_forcing" and cfg.steps == 4
+
+
+RECIPES = sorted(p.stem for p in (CONF_DIR / "backbone" / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("t2v", [False, True], ids=["v2v", "t2v"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_streams_in_single_mode(recipe, t2v, monkeypatch):
+    """Each recipe at the tiny size, stream batch on: whole chunks of its sizes come out, none lost or doubled."""
+    cfg = compose_config("config", [f"backbone/recipe={recipe}", f"height={H}", f"width={W}", "warmup=false"])
+    pc = pipeline_config(cfg)
+    ov = [f"backbone/recipe={recipe}", "num_kv_cache=12" if pc.num_kv_cache > 12 else f"num_kv_cache={pc.num_kv_cache}"]
+    frames = pc.first_chunk_frames + pc.chunk_frames * 4
+    if t2v:
+        frames = 1 + 4 * pc.frames_per_block * 4     # about five blocks ("about num_frames": whole blocks are made)
+    _, calls, out = traced_run(ov, monkeypatch, t2v=t2v, frames=frames)
+    assert calls and out.shape[1:] == (H, W, 3) and torch.isfinite(out).all()
+    if not t2v:
+        assert out.shape[0] == frames
+    else:
+        assert abs(out.shape[0] - frames) <= pc.chunk_frames
