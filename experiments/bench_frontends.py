@@ -147,7 +147,10 @@ def subprocess_run(cmd: list[str], timings: Path, log: Path, timeout: int) -> di
         res = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     wall = time.perf_counter() - t0
     if res.returncode != 0 or not timings.is_file():
-        return {"error": f"exit {res.returncode}: " + log.read_text()[-600:]}
+        # the log's last lines on stdout too: a device call's machine (and its files) may be gone before it is read
+        tail = log.read_text()[-4000:]
+        print(f"=== {log.name} (exit {res.returncode}), its end:\n{tail}", flush=True)
+        return {"error": f"exit {res.returncode}: " + tail[-600:]}
     stats = json.loads(timings.read_text())
     return {**summary(stats), "wall_s": round(wall, 2)}
 
