@@ -74,7 +74,8 @@ def weight_files(cfg: DictConfig) -> list[Path]:
     if ckpt:
         p = Path(ckpt).expanduser()
         files.append(p / GENERATOR_FILE if p.is_dir() else p)
-    lora = (cfg.backbone.get("checkpoint") or {}).get("lora")
+    from .settings import checkpoint_rules
+    lora = checkpoint_rules(cfg).get("lora")
     if lora:   # a plugin's LoRA (LongLive's lora.pt): a missing one is named now, not after the base has loaded
         if not Path(lora).expanduser().is_file():
             raise FileNotFoundError(f"backbone {cfg.backbone.name}: its LoRA file {lora} (backbone.checkpoint.lora) "

@@ -127,9 +127,10 @@ def dit_weights(cfg: DictConfig):
     return ckpt
 
 
-def _checkpoint_rules(cfg: DictConfig) -> dict:
-    rules = cfg.backbone.get("checkpoint") or {}
-    return OmegaConf.to_container(rules, resolve=True) if isinstance(rules, DictConfig) else dict(rules)
+def checkpoint_rules(cfg: DictConfig) -> dict:
+    """The backbone entry's ``checkpoint:`` block (docs/backbones.md), resolved; {} when it has none."""
+    rules = cfg.backbone.get("checkpoint")
+    return OmegaConf.to_container(rules, resolve=True) if rules is not None else {}
 
 
 def dit_load_options(cfg: DictConfig) -> dict:
@@ -137,7 +138,7 @@ def dit_load_options(cfg: DictConfig) -> dict:
     a LoRA merged at load. Dummy weights take neither (there is no file, and a LoRA on noise means nothing)."""
     if cfg.weights.kind == "dummy":
         return {}
-    rules = _checkpoint_rules(cfg)
+    rules = checkpoint_rules(cfg)
     keys = rules.get("container_keys")
     return {"container_keys": None if keys is None else tuple(keys), "lora": rules.get("lora"),
             "lora_alpha": rules.get("lora_alpha")}
@@ -146,11 +147,10 @@ def dit_load_options(cfg: DictConfig) -> dict:
 def dit_config(cfg: DictConfig) -> WanDiTConfig:
     """The DiT's config for the build: ``backbone_config``, with the sizes read from the weight file's shapes when
     the entry says ``checkpoint.size_from_checkpoint`` (Krea's one file serves 1.3B and 14B)."""
-    config = backbone_config(cfg)
-    if cfg.weights.kind != "dummy" and _checkpoint_rules(cfg).get("size_from_checkpoint"):
+    config, rules = backbone_config(cfg), checkpoint_rules(cfg)
+    if cfg.weights.kind != "dummy" and rules.get("size_from_checkpoint"):
         import dataclasses
 
         from .backbones.checkpoints import size_from_checkpoint
-        keys = _checkpoint_rules(cfg).get("container_keys")
-        config = dataclasses.replace(config, **size_from_checkpoint(dit_weights(cfg), keys))
+        config = dataclasses.replace(config, **size_from_checkpoint(dit_weights(cfg), rules.get("container_keys")))
     return config

@@ -95,10 +95,11 @@ class PipelineConfig:
     def timesteps(self, steps: list) -> list:
         """Timesteps the model sees for a step list: warped onto the shifted grid (floats) when asked, and the
         final t = 0 pass that StreamDiffusionV2's t2v keeps (without a context pass, which does that job)."""
-        if self.warp_denoising_step:
+        if self.warp_denoising_step:   # the one warp, the driver's too (FlowMatchSchedule.warp)
+            import torch
+
             from .schedule import FlowMatchSchedule
-            grid = FlowMatchSchedule(self.timestep_shift).timesteps
-            steps = [float(grid[1000 - t]) for t in steps]
+            steps = FlowMatchSchedule(self.timestep_shift).warp(torch.tensor(list(steps))).tolist()
         return list(steps) + ([0] if self.t2v and not self.context_pass else [])
 
     @property
