@@ -29,6 +29,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
+from .files import (CONTAINER_KEYS, SDV2_CONTAINER_KEYS, WRAPPER_NAMES, CheckpointError,  # noqa: F401 (re-exported)
+                    read_tensor_file as _read_tensor_file, strip_wrappers)
 from .wan_dit import CausalWanDiT, WanDiTConfig
 
 log = logging.getLogger(__name__)
@@ -36,12 +38,6 @@ log = logging.getLogger(__name__)
 WAN_SINGLE = "diffusion_pytorch_model.safetensors"
 WAN_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SDV2_FILE = "model.pt"
-SDV2_CONTAINER_KEYS = ("generator", "generator_ema", "state_dict")  # checked in this order, as the reference
-# The default order: StreamDiffusionV2's, then CausVid's ``{'model': sd}``. A plugin preferring EMA weights passes
-# its own order (``container_keys=("generator_ema", "generator")``), as those repos' ``use_ema`` does.
-CONTAINER_KEYS = (*SDV2_CONTAINER_KEYS, "model")
-# Module names that wrappers insert into parameter names; they are not part of the model.
-WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 WAN_HEAD_DIM = 128  # every released Wan2.1 DiT (1.3B: 1536 / 12 heads, 14B: 5120 / 40 heads)
 
 # diffusers WanTransformer3DModel name <-> original Wan name; "{n}" is a block index. One table serves both
@@ -93,10 +89,6 @@ def _rename(sd: Mapping[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
     return out
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the configured model."""
-
-
 def is_diffusers_layout(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys)
 
@@ -112,37 +104,6 @@ def to_diffusers_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- file reading
-def strip_wrappers(key: str) -> str:
-    """A parameter name without the wrapper module names (FSDP, torch.compile, checkpointing) inside it."""
-    for name in WRAPPER_NAMES:
-        key = key.replace(name, "")
-    return key
-
-
-def _read_tensor_file(path: Path, container_keys=CONTAINER_KEYS) -> dict[str, torch.Tensor]:
-    """A file's flat state dict: the first of ``container_keys`` holding a mapping, or the whole file."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict (a mapping), found {type(obj).__name__}")
-    found = next((k for k in container_keys if isinstance(obj.get(k), Mapping)), None)
-    if found is not None:
-        log.info("%s: using the %r entry", path, found)
-        obj = obj[found]
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad and found is None:
-        raise CheckpointError(f"{path}: none of the expected container keys {list(container_keys)} and not a flat "
-                              f"dict of tensors; top-level keys found: {sorted(map(str, obj))[:10]}")
-    if bad:
-        raise CheckpointError(f"{path}: the {found!r} entry is not a state dict; non-tensor entries {bad[:5]}")
-    return dict(obj)
-
-
 def resolve_weight_files(weights: str | Path) -> tuple[list[Path], Optional[dict]]:
     """The tensor files behind ``weights`` and the folder's config.json (if any)."""
     path = Path(weights).expanduser()
@@ -317,7 +278,7 @@ def load_backbone(cfg: WanDiTConfig, weights: str | Path | None, *, device="cpu"
     check_config(cfg, config, source)
     check_state_dict(model, sd, source, file_keys)   # on the meta model: nothing allocated yet
     if lora is not None:
-        from .lora import merge_lora, read_lora   # here: lora.py imports this module
+        from .lora import merge_lora, read_lora
         lora_pairs = read_lora(lora, model)        # checked against the meta model, before any allocation
     _materialize(model, held, device, dtype)
     # Cast/move one tensor at a time so peak memory is one target-dtype copy.

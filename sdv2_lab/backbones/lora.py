@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, _read_tensor_file, strip_wrappers
+from .files import CheckpointError, read_tensor_file, strip_wrappers
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def read_lora(path: str | Path, model: nn.Module) -> dict[str, tuple[torch.Tenso
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    sd = _read_tensor_file(path, LORA_CONTAINER_KEYS)
+    sd = read_tensor_file(path, LORA_CONTAINER_KEYS)
     halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     for key, value in sd.items():
         try:
