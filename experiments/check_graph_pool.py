@@ -17,6 +17,9 @@ def fn(x, cache):
 def reuse_freed_handle() -> str:
     pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
     x = torch.randn(1, 8, 2, 32, 32, device="cuda")
+    with torch.cuda.stream(stream):   # cuDNN picks its kernels outside the capture, as CUDAGraphed's warm-up does
+        fn(x, None)
+    torch.cuda.synchronize()
     for i in range(2):
         g = torch.cuda.CUDAGraph()
         try:

@@ -139,3 +139,24 @@ def test_the_threaded_reader_gives_the_files_frames(tmp_path):
     assert [p.shape[1] for p in pieces] == [4, 4, 4, 1]
     torch.testing.assert_close(torch.cat(pieces, dim=1), load_video(tmp_path / "in.mp4", height=H, width=W),
                                rtol=0, atol=0)
+
+
+def test_chunks_spread_over_pieces_are_joined_on_the_encode_lane(tmp_path):
+    """A file's pieces of 4 frames do not line up with chunks (5, then 4): the join of two pieces must run on the
+    encode lane, where their host->device copies were queued (on the GPU, a join on another CUDA stream read
+    frames still being copied: NaN in `sdv2 run`'s chunk 3)."""
+    pipe = build_pipeline(compose_config("config", ["device=cpu", f"height={H}", f"width={W}", "steps=1"]))
+    driver = pipe.driver
+    joins, take = [], driver.scheduler.next_chunk
+
+    def next_chunk(stream):   # where a chunk's frames are cut from the buffered pieces (joined when spread)
+        joined = stream.buffer and stream.buffer[0].shape[1] < driver.scheduler.frames_needed(stream)
+        c = take(stream)
+        if c is not None and c.frames is not None and joined:
+            joins.append(driver.lanes.active)
+        return c
+
+    driver.scheduler.next_chunk = next_chunk
+    frames, _ = stream_clip(pipe, iter([torch.rand(3, 4, H, W) * 2 - 1 for _ in range(4)]), "a watercolor")
+    assert frames.shape[0] == 13 and torch.isfinite(frames).all()
+    assert joins and set(joins) == {"encode"}, joins

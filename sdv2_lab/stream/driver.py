@@ -83,6 +83,7 @@ class Lanes:
     def __init__(self, device: torch.device, overlap: bool):
         self.streams = {name: torch.cuda.Stream(device) for name in STAGES} if overlap and device.type == "cuda" \
             else None
+        self.active: Optional[str] = None   # the lane of the innermost ``on`` block (what tests check)
 
     def stream(self, name: str) -> Optional[torch.cuda.Stream]:
         return None if self.streams is None else self.streams[LANE_OF.get(name, name)]
@@ -90,15 +91,19 @@ class Lanes:
     @contextlib.contextmanager
     def on(self, name: str, after: Iterable[Optional[torch.cuda.Event]] = ()):
         """Run the block on stage ``name``'s stream, after the given events."""
-        s = self.stream(name)
-        if s is None:
-            yield
-            return
-        for ev in after:
-            if ev is not None:
-                s.wait_event(ev)
-        with torch.cuda.stream(s):
-            yield
+        s, outer = self.stream(name), self.active
+        self.active = LANE_OF.get(name, name)
+        try:
+            if s is None:
+                yield
+                return
+            for ev in after:
+                if ev is not None:
+                    s.wait_event(ev)
+            with torch.cuda.stream(s):
+                yield
+        finally:
+            self.active = outer
 
     def handoff(self, t: Optional[torch.Tensor], to: str) -> None:
         """``t`` is used on stage ``to``'s stream too: keep its memory until that stream is done with it."""
@@ -272,7 +277,8 @@ class StreamDriver:
         """One chunk of every ready stream (or of ``streams``): encode each, one DiT job, decode what finished."""
         pool = streams if streams is not None else list(self.scheduler.streams.values())
         pool = [s for s in pool if s.dev is None or not s.dev.checks.refused]   # stopped after bad numbers
-        chunks = [c for c in (self.scheduler.next_chunk(s) for s in pool if self.scheduler.ready(s)) if c]
+        with self.lanes.on("encode"):   # a chunk spread over pieces is joined where they were copied (feed)
+            chunks = [c for c in (self.scheduler.next_chunk(s) for s in pool if self.scheduler.ready(s)) if c]
         for c in chunks:
             if c.frames is not None:
                 self._arrived(c)
@@ -315,7 +321,9 @@ class StreamDriver:
         self._end_input(s)
         out = []
         while s.flush_calls:
-            out += [x0 for done in self._denoised([self.scheduler.next_chunk(s)]) for _, x0 in done]
+            with self.lanes.on("encode"):
+                c = self.scheduler.next_chunk(s)
+            out += [x0 for done in self._denoised([c]) for _, x0 in done]
         return out
 
     def _end_input(self, s: Stream) -> None:
