@@ -138,8 +138,8 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     torch.manual_seed(cfg.seed)
     dit = load_backbone(dit_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
                         parts=place.parts, **dit_load_options(cfg))
-    dit = apply_dit_precision(dit, cfg.get("dit_precision", "bf16"))  # after loading: names stay loadable
-    if cfg.get("compile_kernels", False):
+    dit = apply_dit_precision(dit, cfg.dit_precision)  # after loading: names stay loadable
+    if cfg.compile_kernels:
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype) if place.holds_vae else None
     text = build_text_encoder(cfg, device, dtype) if place.holds_text_encoder else None

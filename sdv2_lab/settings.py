@@ -57,7 +57,7 @@ def denoising_steps(cfg: DictConfig) -> list[int]:
 
 
 def _first_chunk_steps(cfg: DictConfig):
-    steps = cfg.get("first_chunk_steps")
+    steps = cfg.first_chunk_steps
     return None if steps is None else [int(t) for t in steps]
 
 
@@ -106,16 +106,16 @@ def describe_paths(cfg: DictConfig) -> str:
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
-        num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames, adapt_sink_threshold=cfg.adapt_sink_threshold,
-        frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.get("first_chunk_latents"),
-        first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.get("timestep_shift", 8.0)),
-        warp_denoising_step=bool(cfg.get("warp_denoising_step", False)),
-        context_pass=bool(cfg.get("context_pass", False)),
+        num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames,
+        adapt_sink_threshold=cfg.adapt_sink_threshold,
+        frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.first_chunk_latents,
+        first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
+        warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
-        cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.get("streams", 1)),
-        rope_positions=backbone_config(cfg).rope_max_positions, input_guard=str(cfg.get("input_guard", "raise")),
-        input_limit=float(cfg.get("input_limit", 1.5)))
+        cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.streams),
+        rope_positions=backbone_config(cfg).rope_max_positions, input_guard=str(cfg.input_guard),
+        input_limit=float(cfg.input_limit))
 
 
 def dit_weights(cfg: DictConfig):

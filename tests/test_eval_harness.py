@@ -154,3 +154,14 @@ def test_models_are_freed_after_the_run(tmp_path, monkeypatch):
     evaluate(eval_cfg(tmp_path, "dataset.n=1", SHORT, "logger=none", "metrics=none", "eval.save_videos=0"), tmp_path)
     gc.collect()
     assert len(built) == 1 and built[0]() is None
+
+
+def test_result_rows_say_which_fast_paths_ran_not_the_raw_auto():
+    """``cuda_graph`` / ``overlap`` default to ``auto``: a row records what ran on its device (on a CPU neither),
+    not ``bool("auto")``."""
+    from sdv2_lab.build import compose_config
+    from sdv2_lab.eval.module import config_columns
+    cpu = config_columns(compose_config("eval", ["device=cpu"]))
+    assert cpu["cuda_graph"] is False and cpu["overlap"] is False
+    cuda = config_columns(compose_config("eval", ["device=cuda", "overlap=false"]))
+    assert cuda["cuda_graph"] is True and cuda["overlap"] is False

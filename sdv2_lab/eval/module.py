@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..build import build_pipeline
-from ..settings import backbone_config
+from ..settings import backbone_config, switch
 from ..metrics import build_metrics
 from .datasets import VideoItem
 from ..flops import flops_per_output_frame, mfu, peak_bf16_tflops
@@ -57,12 +57,12 @@ def config_columns(cfg: DictConfig) -> dict:
     return {"backbone": cfg.backbone.name, "vae": cfg.vae.name, "vae_config": config_choice("vae", cfg.vae.name),
             "attention": cfg.attention.name, "mode": cfg.mode.name, "num_gpus": gpus_per_stream(cfg),
             "steps": int(cfg.steps),
-            "streams": int(cfg.get("streams", 1)), "overlap": bool(cfg.get("overlap", False)),
+            "streams": int(cfg.streams), "overlap": switch(cfg, "overlap"),
             "height": int(cfg.height), "width": int(cfg.width), "num_kv_cache": int(cfg.num_kv_cache),
             "kv_cache_dtype": str(cfg.kv_cache_dtype),
             "sink_frames": int(cfg.sink_frames), "adapt_sink_threshold": float(cfg.adapt_sink_threshold),
             "noise_scale": float(cfg.noise_scale), "fixed_noise": bool(cfg.fixed_noise),
-            "cuda_graph": bool(cfg.cuda_graph), "compile_kernels": bool(cfg.get("compile_kernels", False)),
+            "cuda_graph": switch(cfg, "cuda_graph"), "compile_kernels": bool(cfg.compile_kernels),
             "weights": cfg.weights.kind, "dataset": cfg.dataset.name}
 
 

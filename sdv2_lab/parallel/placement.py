@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..backbones.checkpoints import stage_parts
 from ..flops import flops_per_output_frame
 from ..schema import PipeMode
-from ..settings import backbone_config, pipeline_config
+from ..settings import backbone_config, pipeline_config, switch
 from ..stream.schedule import FlowMatchSchedule
 from . import balance
 from .context import PipeContext, StagePosition, current
@@ -74,7 +74,7 @@ def options(cfg: DictConfig) -> PipeOptions:
                        balance_every=int(p.balance_every), max_ahead=int(p.max_ahead), depth=int(p.depth),
                        rebalance_at={int(k): list(v) for k, v in (debug.get("rebalance_at") or {}).items()},
                        fail=debug.get("fail"), slow=debug.get("slow"), stall=debug.get("stall"),
-                       cuda_graph=bool(cfg.get("cuda_graph", False)),
+                       cuda_graph=switch(cfg, "cuda_graph"),
                        emulate_graphs=bool(debug.get("emulate_graphs", False)))
 
 
