@@ -295,23 +295,6 @@ class StreamKVCache:
             self.global_end[r] = self.local_end[r] = 0
             self.rolling[r] = []
 
-    def restart_rows(self, rows: Sequence[int], keep: int = 0, register: Optional[int] = None) -> None:
-        """A KV rebuild's start (``kv_rebuild``): the rows keep their first ``keep`` tokens (the sinks) and forget
-        the rest, as if a stream had written only those; ``register``: the rolling slot the chunk at ``keep``
-        would have registered (a fresh stream's first chunk registers the next chunk's end, so a row restarted
-        after its sinks takes that slot into its queue too, or the region after the sinks would never roll)."""
-        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
-        for t in (self.k, self.v, *self._scaled()):
-            t[:, :, keep:].index_fill_(1, idx, 0)   # a view: the fill lands in the pool
-        for t in (self.queue, self.q_head, self.q_len):
-            t.index_fill_(1, idx, 0)
-        if register is not None:
-            self.queue[:, idx, 0] = register
-            self.q_len[:, idx] = 1
-        for r in rows:
-            self.global_end[r] = self.local_end[r] = keep
-            self.rolling[r] = [] if register is None else [register]
-
     def reset(self) -> None:
         self.reset_rows(range(self.num_rows))
         self.cross_k = self.cross_v = None

@@ -23,8 +23,7 @@ Job inputs (the driver prepares them from the streams' state):
   in-flight latents for the next call (slot i+1 = re-noised x0 of slot i; slot 0 to be overwritten);
 * all-steps job: ``x [R, F, ...]`` noisy chunks, ``t [passes, R]`` each pass's timesteps, ``noise
   [passes - 1, R, ...]`` for re-noising between passes. Result: ``out [R, F, ...]`` x0 of the last pass (with
-  ``job.context``, a pass at t = 0 over that x0 then writes the KV cache from the clean chunk). A job of no
-  passes (a KV rebuild) runs the context pass alone over ``x``, clean latents already (``t [0, R]``).
+  ``job.context``, a pass at t = 0 over that x0 then writes the KV cache from the clean chunk).
 """
 from __future__ import annotations
 
@@ -64,8 +63,6 @@ class Executor(Protocol):
 
     def reset_rows(self, rows: list[int]) -> None: ...
 
-    def restart_rows(self, rows: list[int], keep: int = 0, register: Optional[int] = None) -> None: ...
-
     def copy_rows(self, src: int, dst: list[int]) -> None: ...
 
     def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult: ...
@@ -93,9 +90,6 @@ class DiTExecutor:
     def reset_rows(self, rows: list[int]) -> None:
         self.cache.reset_rows(rows)
 
-    def restart_rows(self, rows: list[int], keep: int = 0, register: Optional[int] = None) -> None:
-        self.cache.restart_rows(rows, keep, register)
-
     def release(self) -> None:
         """Give back device memory (the KV cache's tensors, graphs and their pools); unusable afterwards."""
         self.cache.release()
@@ -111,15 +105,14 @@ class DiTExecutor:
         return self.all_steps(job, x, t, noise)
 
     def all_steps(self, job: DiTJob, x, t, noise) -> DiTResult:
-        """``passes`` calls at the same positions; between them x0 is re-noised to the next pass's timestep. With no
-        passes (a KV rebuild, ``kv_rebuild``) ``x`` is clean already and only the context pass runs."""
-        f, x0 = x.shape[1], x
+        """``passes`` calls at the same positions; between them x0 is re-noised to the next pass's timestep."""
+        f = x.shape[1]
         for k in range(job.passes):
             last = k == job.passes - 1
             v = self._call(job, x, t[k][:, None].expand(-1, f), job.pops[k])
             x0, x = self.schedule.step(v, x, t[k], None if last else noise[k], None if last else t[k + 1])
         if job.context:   # the clean chunk into the KV cache: one pass at t = 0, its output unused
-            self._call(job, x0, torch.zeros(x0.shape[0], f, dtype=t.dtype, device=x0.device), job.pops[job.passes])
+            self._call(job, x0, torch.zeros_like(t[0])[:, None].expand(-1, f), job.pops[job.passes])
         return DiTResult(x0)
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
