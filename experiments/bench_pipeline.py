@@ -74,7 +74,9 @@ def main():
                 r = stream_clips(pipe, clips, prompts, seeds=list(range(streams)))
                 per, tot = r.per_stream, r.total
                 mean = lambda k: sum(float("nan") if s.get(k) is None else s[k] for s in per) / len(per)  # noqa: E731
-                row = dict(model=backbone, steps=int(steps), vae=cfg.vae.name, streams=streams, overlap=overlap,
+                asked_vae = [x.split("=", 1)[1] for x in ov if x.startswith("vae=")][-1]   # the group, not the module
+                row = dict(model=backbone, steps=int(steps), vae=asked_vae, vae_module=cfg.vae.name,
+                           streams=streams, overlap=overlap,
                            e2e_fps_per_stream=mean("e2e_fps"), total_e2e_fps=tot.get("e2e_fps"),
                            steady_fps_per_stream=mean("steady_fps"), total_steady_fps=tot.get("steady_fps"),
                            ttff_s=mean("ttff_s"), ttff_compute_s=mean("ttff_compute_s"),

@@ -195,3 +195,11 @@ def test_pipe_mode_is_a_clear_error_not_a_silent_single_gpu_run():
         build_pipeline(compose_config("config", ["mode=pipe"]))
     with pytest.raises(ValueError, match="mode=single runs on one GPU"):
         build_pipeline(compose_config("config", ["num_gpus=2"]))
+
+
+def test_named_streams_are_cuda_only_and_say_so():
+    # the lanes and the VAE capture streams come from one process-wide table (cuda_streams.py): asking for one on
+    # a CPU device is a clear error, not a stream that silently does nothing
+    from sdv2_lab.cuda_streams import named_stream
+    with pytest.raises(ValueError, match=r"'lane:encode' asked for on cpu; only CUDA devices have streams"):
+        named_stream(torch.device("cpu"), "lane:encode")

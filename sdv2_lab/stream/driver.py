@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from ..cuda_streams import named_stream
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
 from ..vae.registry import decode_streams, encode_streams, release
 from .config import PipelineConfig
@@ -81,8 +82,9 @@ class Lanes:
     """Where each stage runs: its own CUDA stream when overlapping, else the current stream."""
 
     def __init__(self, device: torch.device, overlap: bool):
-        self.streams = {name: torch.cuda.Stream(device) for name in STAGES} if overlap and device.type == "cuda" \
-            else None
+        # the process's lanes, shared with earlier pipelines: a stream per pipeline leaks its cuBLAS workspace
+        self.streams = {name: named_stream(device, f"lane:{name}") for name in STAGES} \
+            if overlap and device.type == "cuda" else None
         self.active: Optional[str] = None   # the lane of the innermost ``on`` block (what tests check)
 
     def stream(self, name: str) -> Optional[torch.cuda.Stream]:

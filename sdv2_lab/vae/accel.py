@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from ..cuda_streams import named_stream
 from ..graph_cache import Captured, GraphCache
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class CUDAGraphed(_Accelerated):
             self.pool = object() if self.emulate else torch.cuda.graph_pool_handle()
             self.pools_made += 1
         if self.stream is None and not self.emulate:
-            self.stream = torch.cuda.Stream(device=x.device)
+            self.stream = named_stream(x.device, f"vae-capture:{self.name}")
         static_in = torch.empty_like(x)  # filled by every replay
         g = _Graph(static_in, Captured(lambda: self.fn(static_in, cache), self.emulate, error_mode="thread_local",
                                        pool=None if self.emulate else self.pool, stream=self.stream))
