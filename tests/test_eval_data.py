@@ -15,8 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from sdv2_lab.eval.datasets import (EvalDataModule, EvalDataset, FolderDataset, PromptsFileError, ShardSampler,
-                                    SyntheticDataset, VideoItem, build_dataset, read_prompts_file)
+from sdv2_lab.eval.datamodule import EvalDataModule
+from sdv2_lab.eval.datasets import (EvalDataset, FolderDataset, PromptsFileError, ShardSampler, SyntheticDataset,
+                                    VideoItem, build_dataset, read_prompts_file)
 from sdv2_lab.eval.results import ResultsWriter, _git_state, gather_results, main as results_main, run_metadata
 from sdv2_lab.io.synthetic import write_synthetic_clip
 
@@ -286,7 +287,7 @@ def test_lightning_passes_items_through_unchanged():
 DDP_SCRIPT = """
 import os, sys
 import lightning.pytorch as pl
-from sdv2_lab.eval.datasets import EvalDataModule
+from sdv2_lab.eval.datamodule import EvalDataModule
 
 class Record(pl.LightningModule):
     def _record(self, kind, item):

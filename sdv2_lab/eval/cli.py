@@ -135,13 +135,9 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
 
     from .results import read_jsonl
 
-    quiet_lightning()
-    warnings.filterwarnings("ignore", message=".*treespec.*")   # Lightning's own deprecation noise
-
     from ..inputs import first_chunk_frames
     from ..preflight import check_config
-    from .datasets import EvalDataModule, build_dataset
-    from .module import StreamingEvalModule
+    from .datasets import build_dataset
 
     from ..parallel.launch import launches, on_ranks
     from ..parallel.placement import writes_output
@@ -159,6 +155,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None =
         path = run_dir / "results.jsonl"
         return pd.DataFrame(read_jsonl(path)) if path.exists() else None
     dataset = build_dataset(cfg.dataset, cfg.height, cfg.width, min_frames=first_chunk_frames(cfg))
+    quiet_lightning()   # Lightning is imported only now: a mistake above is said without waiting for it
+    warnings.filterwarnings("ignore", message=".*treespec.*")   # Lightning's own deprecation noise
+    from .datamodule import EvalDataModule
+    from .module import StreamingEvalModule
     data = EvalDataModule(dataset, num_workers=int(cfg.eval.num_workers))
     module = StreamingEvalModule(cfg, run_dir, overrides)
     outcome = _outcome()

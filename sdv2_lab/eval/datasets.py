@@ -1,8 +1,8 @@
 """(video, prompt) items for the evaluation loop: a folder of videos with a prompts file, or generated clips.
 
 Sources (``FolderDataset``, ``SyntheticDataset``) are plain sequences of ``VideoItem``s whose frames load on
-first use. ``build_dataset`` makes one from a ``conf/dataset`` mapping; ``EvalDataModule`` serves them to
-Lightning one item per batch.
+first use. ``build_dataset`` makes one from a ``conf/dataset`` mapping; ``datamodule.EvalDataModule`` serves
+them to Lightning one item per batch.
 
 Failures never vanish. With ``on_error="raise"`` a bad item stops the run with an error naming it. With
 ``on_error="skip"`` the item goes to ``dataset.skipped`` as ``(id, reason)`` and is logged. An item whose
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from ..io.synthetic import synthetic_clip
 from ..registry import Registry
@@ -416,53 +416,3 @@ def single_item(batch: list[VideoItem]) -> VideoItem:
     if len(batch) != 1:
         raise ValueError(f"evaluation batches hold one item, got {len(batch)}")
     return batch[0]
-
-
-try:
-    import lightning.pytorch as pl
-    _DataModuleBase = pl.LightningDataModule
-except ImportError:  # pragma: no cover - lightning is a dependency
-    _DataModuleBase = object
-
-
-class EvalDataModule(_DataModuleBase):
-    """Serves a source to ``trainer.test`` / ``trainer.predict``, one ``VideoItem`` per batch, split over DDP
-    ranks by ``ShardSampler`` (no duplicates, nothing dropped). ``dataset``: a built source, or a conf/dataset
-    mapping built in ``setup`` (then ``height`` and ``width`` are needed)."""
-
-    def __init__(self, dataset, height: Optional[int] = None, width: Optional[int] = None, num_workers: int = 0):
-        super().__init__()
-        self._spec, self.source = (dataset, None) if isinstance(dataset, Mapping) or hasattr(dataset, "keys") \
-            else (None, dataset)
-        if self._spec is not None and (height is None or width is None):
-            raise ValueError("EvalDataModule built from a dataset config needs height and width")
-        self.height, self.width, self.num_workers = height, width, num_workers
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.source is None:
-            self.source = build_dataset(self._spec, self.height, self.width)
-
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.world_size, trainer.global_rank
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
-
-    def _loader(self) -> DataLoader:
-        self.setup()
-        data = EvalDataset(self.source)
-        num_replicas, rank = self._world()
-        return DataLoader(data, batch_size=1, sampler=ShardSampler(data, num_replicas, rank), collate_fn=single_item,
-                          num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        return [] if self.source is None else list(self.source.skipped)
