@@ -199,7 +199,9 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(d, eps=cfg.eps)  # affine: cross_attn_norm=True in both released models
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        # values from init_weights (Wan's randn / sqrt(dim)) or a checkpoint: the loader builds on the meta device,
+        # where torch's first arithmetic op imports TorchDynamo (2 s of every process that builds a DiT)
+        self.modulation = nn.Parameter(torch.empty(1, 6, d))
         self.kernels = EAGER
 
     def forward(self, x, e0, rope, cross_kv, cache, layer, plan, attend):
@@ -217,7 +219,7 @@ class Head(nn.Module):
         super().__init__()
         self.eps = cfg.eps
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))   # as Block's: set by init_weights or a file
 
     def forward(self, x, e):
         """x [B, F*S, D]; e [B, F, D] (the time embedding, not its 6-way projection)."""
