@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -40,13 +39,13 @@ def sync(device):
 
 
 def bench_one(cfg, steps, height, width, device, dtype, warmup, iters, num_kv, sink, threshold, graph, compiled=False,
-              streams=1):
+              streams=1, kv_dtype="model"):
     """Time the steady-state stream-batch DiT job of ``streams`` streams through an executor: the same code path
     (plan, DiT, velocity -> x0, re-noising, slot shift) as the pipeline's DiT stage."""
     model = load_backbone(cfg, "dummy", device=device, dtype=dtype)
     if compiled:
         model.use_compiled_kernels(True)
-    cache = model.new_cache(streams * steps, height, width, num_kv, sink, threshold)
+    cache = model.new_cache(streams * steps, height, width, num_kv, sink, threshold, kv_dtype=kv_dtype)
     executor = build_executor("cuda_graph" if graph else "eager", model, cache)
     scheduler = Scheduler("single", [700, 500, 400, 200][:steps], cache.spec, max_streams=streams)
     S = cache.spec.frame_tokens

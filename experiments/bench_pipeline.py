@@ -95,7 +95,7 @@ def main():
                     alone = bench_one(backbone_config(cfg), int(steps), a.height, a.width, torch.device(a.device),
                                       torch.bfloat16 if cuda else torch.float32, 3, 12, cfg.num_kv_cache,
                                       cfg.sink_frames, cfg.adapt_sink_threshold, a.graph == "on" and cuda,
-                                      a.compile, streams)
+                                      a.compile, streams, kv_dtype=str(cfg.kv_cache_dtype))
                     row["dit_alone_fps"] = alone["dit_fps"]
                 rows.append(row)
                 print(f"| {backbone} | {steps} | {row['vae']} | {streams} | {'on' if overlap else 'off'} | "
