@@ -4,7 +4,7 @@
 # side-by-side 1.3B / 1 step / Wan VAE row on our side only, before, after, before, after.
 BUDGET=${RENOVATION_BUDGET:-585}
 step check_memory 100 python3 experiments/check_memory.py --out "$OUT"
-for round in 1 2; do
+for round in $(seq 1 "${RENOVATION_ROUNDS:-2}"); do
   step "before_$round" 110 bash -c "cd .before && python3 experiments/bench_sidebyside.py --ref-bench '' --frames 129 \
     --configs 1.3B:1:wan --out '$OUT/before_$round'"
   step "after_$round" 110 python3 experiments/bench_sidebyside.py --ref-bench '' --frames 129 --configs 1.3B:1:wan \
