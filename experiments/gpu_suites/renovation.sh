@@ -9,5 +9,8 @@ for round in $(seq 1 "${RENOVATION_ROUNDS:-2}"); do
     --configs 1.3B:1:wan --out '$OUT/before_$round'"
   step "after_$round" 110 python3 experiments/bench_sidebyside.py --ref-bench '' --frames 129 --configs 1.3B:1:wan \
     --out "$OUT/after_$round"
+  # the before tree's VAE graph capture fails (a freed pool handle) and runs eager: the same path on this side
+  step "after_eager_vae_$round" 110 python3 experiments/bench_sidebyside.py --ref-bench '' --frames 129 \
+    --configs 1.3B:1:wan --extra vae.accelerate=none --out "$OUT/after_eager_vae_$round"
 done
 echo "=== done [${SECONDS}s]"
