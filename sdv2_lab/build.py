@@ -14,7 +14,8 @@ from .backbones.fp8 import apply_dit_precision
 from .parallel.placement import pipe_stage, placement_of
 from .configs import CONF_DIR, compose_config  # noqa: F401  (defined in configs.py; imported from here too)
 from .settings import (backbone_config, describe_paths, dit_config, dit_load_options, dit_weights,  # noqa: F401
-                       pipeline_config, resolve_device, resolve_dtype, switch, vae_accelerate)
+                       compile_kernels, pipeline_config, resolve_device, resolve_dtype, switch,
+                       vae_accelerate)
 from .stream.pipeline import StreamPipeline
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     dit = load_backbone(dit_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
                         parts=place.parts, **dit_load_options(cfg))
     dit = apply_dit_precision(dit, cfg.dit_precision)  # after loading: names stay loadable
-    if cfg.compile_kernels:
+    if compile_kernels(cfg):
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype) if place.holds_vae else None
     text = build_text_encoder(cfg, device, dtype) if place.holds_text_encoder else None

@@ -76,6 +76,17 @@ def switch(cfg: DictConfig, key: str, default="auto") -> bool:
     raise ValueError(f"{key}={value!r}: expected auto, true or false")
 
 
+def compile_kernels(cfg: DictConfig) -> bool:
+    """``compile_kernels`` resolved: auto = on for CUDA where Triton (torch.compile's GPU code generator) is
+    installed, off on a CPU (eager there is the reference-exact path the tests compare)."""
+    if switch(cfg, "compile_kernels", default=False):
+        if cfg.get("compile_kernels") in ("auto", None):
+            import importlib.util
+            return importlib.util.find_spec("triton") is not None
+        return True
+    return False
+
+
 def vae_accelerate(cfg: DictConfig) -> str:
     """``vae.accelerate`` resolved: auto = cuda_graph on CUDA, none on a CPU."""
     value = cfg.vae.get("accelerate", "none")
@@ -90,7 +101,8 @@ def fast_paths(cfg: DictConfig) -> dict:
     accelerate = vae_accelerate(cfg)
     fused = "fused" in cfg.vae and cfg.vae.get("encoder", "wan") == "wan" and \
         use_fused(cfg.vae.fused, "cuda" if on_cuda(cfg) else "cpu", accelerate)
-    return {"cuda_graph": switch(cfg, "cuda_graph"), "overlap": switch(cfg, "overlap"),
+    return {"cuda_graph": switch(cfg, "cuda_graph"), "compile_kernels": compile_kernels(cfg),
+            "overlap": switch(cfg, "overlap"),
             "vae_accelerate": accelerate, "vae_fused": bool(fused), "warmup": switch(cfg, "warmup")}
 
 
@@ -99,7 +111,8 @@ def describe_paths(cfg: DictConfig) -> str:
     vae = cfg.vae.name + "".join(f", {x}" for x, on in (("fused", p["vae_fused"]),
                                                         (p["vae_accelerate"].replace("_", " "),
                                                          p["vae_accelerate"] != "none")) if on)
-    return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}, stages "
+    return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
+            f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}, stages "
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
 
 

@@ -45,8 +45,11 @@ def test_cuda_kernel_order():
     assert A.SDPA_CUDA_ORDER[0] == "cudnn"  # measured fastest at the cache shapes (results/attention_h200.md)
     for order in (A.SDPA_CUDA_ORDER, A.SDPA_CAPTURE_ORDER):
         assert sorted(order) == sorted(A.SDPA_KERNELS)  # every kernel stays reachable (masks, fp32)
-    # while capturing a CUDA graph, cuDNN (its plan build cannot be captured) comes after math: never used
-    assert A.SDPA_CAPTURE_ORDER.index("cudnn") > A.SDPA_CAPTURE_ORDER.index("math")
+    # while capturing a CUDA graph (always after the key's eager call): the same order, unless told otherwise
+    assert A.SDPA_CAPTURE_ORDER == A.SDPA_CUDA_ORDER == A.capture_order(None) == A.capture_order("cudnn")
+    assert A.capture_order("flash").index("cudnn") > A.capture_order("flash").index("math")  # torch's: never cuDNN
+    with pytest.raises(ValueError, match="SDV2_SDPA_CAPTURE='fa3': expected cudnn"):
+        A.capture_order("fa3")
     for first in ("cudnn", "flash", "efficient"):
         order = A.sdpa_order(first)
         assert order[0] == A.SDPA_KERNELS[first] and sorted(order, key=int) == sorted(A.sdpa_order(), key=int)
@@ -54,8 +57,17 @@ def test_cuda_kernel_order():
     assert full[:4] == [int(b) for b in A.sdpa_order()] and sorted(full) == sorted(torch._C._get_sdp_priority_order())
     fn = A.get_attention("sdpa").attend  # the registered partial carries both orders
     assert fn.keywords["order"][0] == int(SDPBackend.CUDNN_ATTENTION)
-    assert fn.keywords["capture_order"][0] == int(SDPBackend.FLASH_ATTENTION)
+    assert fn.keywords["capture_order"][0] == int(SDPBackend.CUDNN_ATTENTION)
     assert A.ATTENTION.get("sdpa_efficient").attend.keywords["capture_order"][0] == int(SDPBackend.EFFICIENT_ATTENTION)
+
+
+def test_capture_order_flash_keeps_cudnn_out_of_captures(monkeypatch):
+    monkeypatch.setattr(A, "SDPA_CAPTURE_ORDER", A.capture_order("flash"))
+    for first, expect in ((None, SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        fn = A._sdpa_backend(first)
+        assert fn.keywords["capture_order"][0] == int(expect)
+        assert fn.keywords["order"][0] == int(A.SDPA_KERNELS[first or "cudnn"])
 
 
 def test_with_sdpa_priority_sets_and_restores():

@@ -165,3 +165,24 @@ def test_result_rows_say_which_fast_paths_ran_not_the_raw_auto():
     assert cpu["cuda_graph"] is False and cpu["overlap"] is False
     cuda = config_columns(compose_config("eval", ["device=cuda", "overlap=false"]))
     assert cuda["cuda_graph"] is True and cuda["overlap"] is False
+    assert cpu["compile_kernels"] is False  # eager (reference-exact) on a CPU
+
+
+def test_compile_kernels_auto_is_on_for_cuda_with_triton_only(monkeypatch):
+    import importlib.util
+
+    from sdv2_lab.build import compose_config
+    from sdv2_lab.settings import compile_kernels, describe_paths
+    cuda, cpu = compose_config("config", ["device=cuda"]), compose_config("config", ["device=cpu"])
+    real_find_spec = importlib.util.find_spec
+    for triton in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: (real_find_spec("torch") if triton else None) if name == "triton"
+                            else real_find_spec(name, *a))
+        assert compile_kernels(cuda) is triton
+        assert ("compiled elementwise kernels" in describe_paths(cuda)) is triton
+        assert compile_kernels(cpu) is False
+    assert compile_kernels(compose_config("config", ["device=cpu", "compile_kernels=true"])) is True
+    assert compile_kernels(compose_config("config", ["device=cuda", "compile_kernels=false"])) is False
+    with pytest.raises(ValueError, match="compile_kernels='yes': expected auto, true or false"):
+        compile_kernels(compose_config("config", ["device=cuda", "compile_kernels=yes"]))

@@ -67,14 +67,28 @@ def _key_mask(kv_lens: torch.Tensor, lk: int) -> torch.Tensor:
 # efficient, then math, and never reaches cuDNN); a kernel that cannot run a call (flash with a key mask, say)
 # passes it to the next. Measured at the cache shapes on an H200 (experiments/results/attention_h200.md): cuDNN
 # runs self-attention 1.7x faster than flash (585 vs 340 TFLOP/s at 14B) and is the fastest or within 10% on
-# cross-attention. But cuDNN builds a plan at its first call of a shape, which a CUDA-graph capture cannot
-# contain (measured: the capture is invalidated), so a call made while capturing uses torch's default order.
+# cross-attention.
+# Inside a CUDA-graph capture: cuDNN builds a plan at the first call of a shape, which a capture cannot contain
+# (the capture is invalidated), but a capture after an eager call of the same shape keeps cuDNN. Every graph here
+# is made that way (graph_cache.GraphCache: a key's first call eager, its second captured), so captures use the
+# same order (H100, 1.3B DiT step in a graph: 125.7 DiT FPS with cuDNN, 106.5 with flash; experiments/results/
+# 2026-12-07_h100_session2). A graph of one's own at an unseen shape: SDV2_SDPA_CAPTURE=flash (torch's order).
 SDPA_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 SDPA_CUDA_ORDER = ("cudnn", "flash", "efficient", "math")
-SDPA_CAPTURE_ORDER = ("flash", "efficient", "math", "cudnn")  # torch's default; cuDNN last (never reached)
-if os.environ.get("SDV2_SDPA_CAPTURE") == "cudnn":  # for measuring: cuDNN inside graphs whose shapes ran eagerly first
-    SDPA_CAPTURE_ORDER = SDPA_CUDA_ORDER
+TORCH_ORDER = ("flash", "efficient", "math", "cudnn")  # torch's default; cuDNN last (never reached)
+
+
+def capture_order(setting: Optional[str]) -> tuple:
+    """The order while capturing, from ``SDV2_SDPA_CAPTURE``: unset or ``cudnn`` = SDPA_CUDA_ORDER, ``flash`` =
+    torch's default."""
+    orders = {None: SDPA_CUDA_ORDER, "": SDPA_CUDA_ORDER, "cudnn": SDPA_CUDA_ORDER, "flash": TORCH_ORDER}
+    if setting not in orders:
+        raise ValueError(f"SDV2_SDPA_CAPTURE={setting!r}: expected cudnn (the default) or flash")
+    return orders[setting]
+
+
+SDPA_CAPTURE_ORDER = capture_order(os.environ.get("SDV2_SDPA_CAPTURE"))
 
 
 def sdpa_order(first: Optional[str] = None, base: tuple = SDPA_CUDA_ORDER) -> list[SDPBackend]:
@@ -115,7 +129,8 @@ def _sdpa(q, k, v, kv_lens=None, order=None, capture_order=None):
 
 
 def _sdpa_backend(first: Optional[str] = None):
-    capture_first = None if first == "cudnn" else first
+    # cuDNN first while capturing only where the capture order allows it (see SDPA_CAPTURE_ORDER)
+    capture_first = None if first == "cudnn" and SDPA_CAPTURE_ORDER[0] != "cudnn" else first
     return functools.partial(_sdpa, order=_priority(sdpa_order(first)),
                              capture_order=_priority(sdpa_order(capture_first, SDPA_CAPTURE_ORDER)))
 

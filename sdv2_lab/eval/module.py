@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..build import build_pipeline
-from ..settings import backbone_config, switch
+from ..settings import backbone_config, compile_kernels, switch
 from ..metrics import build_metrics
 from .datasets import VideoItem
 from ..flops import flops_per_output_frame, mfu, peak_bf16_tflops
@@ -62,7 +62,7 @@ def config_columns(cfg: DictConfig) -> dict:
             "kv_cache_dtype": str(cfg.kv_cache_dtype),
             "sink_frames": int(cfg.sink_frames), "adapt_sink_threshold": float(cfg.adapt_sink_threshold),
             "noise_scale": float(cfg.noise_scale), "fixed_noise": bool(cfg.fixed_noise),
-            "cuda_graph": switch(cfg, "cuda_graph"), "compile_kernels": bool(cfg.compile_kernels),
+            "cuda_graph": switch(cfg, "cuda_graph"), "compile_kernels": compile_kernels(cfg),
             "weights": cfg.weights.kind, "dataset": cfg.dataset.name}
 
 
