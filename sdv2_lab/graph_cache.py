@@ -80,3 +80,16 @@ class GraphCache(Generic[G]):
         """Drop every graph (their static buffers and memory pools go with them)."""
         self.graphs.clear()
         self.seen.clear()
+
+
+class CountsGraphs:
+    """For an owner of a ``graphs: GraphCache``: its capture and replay counts (what tests and benchmarks read)."""
+    graphs: GraphCache
+
+    @property
+    def captures(self) -> int:
+        return self.graphs.captures
+
+    @property
+    def replays(self) -> int:
+        return self.graphs.replays

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..graph_cache import Captured, GraphCache
+from ..graph_cache import Captured, CountsGraphs, GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,12 @@ class _UnitGraph:
     captured: Optional[Captured] = None
 
 
-class UnitGraphs:
+class UnitGraphs(CountsGraphs):
     max_graphs = 32   # units per job x (filling, full) x row sets; a few MB of scratch each at 1.3B
 
     def __init__(self, dit, cache, emulate: bool = False):
         self.dit, self.cache, self.emulate = dit, cache, emulate
         self.graphs: GraphCache[_UnitGraph] = GraphCache(self.max_graphs)
-
-    @property
-    def captures(self) -> int:
-        return self.graphs.captures
-
-    @property
-    def replays(self) -> int:
-        return self.graphs.replays
 
     def clear(self) -> None:
         """Drop every graph (the stage's blocks or its cache tensors changed)."""

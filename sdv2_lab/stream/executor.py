@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 import torch
 
 from ..backbones.kv_cache import StreamKVCache
-from ..graph_cache import Captured, GraphCache
+from ..graph_cache import Captured, CountsGraphs, GraphCache
 from ..registry import Registry
 from .scheduler import DiTJob
 from .schedule import FlowMatchSchedule, stream_batch_step
@@ -131,7 +131,7 @@ class DiTExecutor:
         return v
 
 
-class CUDAGraphExecutor(DiTExecutor):
+class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
     """Steady-state stream-batch jobs replayed from CUDA graphs (one per row set and shape, a few kept)."""
     name = "cuda_graph"
     max_graphs = 4
@@ -141,14 +141,6 @@ class CUDAGraphExecutor(DiTExecutor):
         super().__init__(dit, cache, schedule)
         self.emulate = emulate
         self.graphs: GraphCache[_Graph] = GraphCache(self.max_graphs)
-
-    @property
-    def captures(self) -> int:
-        return self.graphs.captures
-
-    @property
-    def replays(self) -> int:
-        return self.graphs.replays
 
     def release(self) -> None:
         self.graphs.clear()     # the graphs' static buffers and private memory pools

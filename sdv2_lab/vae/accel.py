@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from ..cuda_streams import named_stream
-from ..graph_cache import Captured, GraphCache
+from ..graph_cache import Captured, CountsGraphs, GraphCache
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class _Graph:
         self.static_in, self.captured = static_in, captured
 
 
-class CUDAGraphed(_Accelerated):
+class CUDAGraphed(CountsGraphs, _Accelerated):
     """``emulate`` (CPU tests): the graph bookkeeping and replays run, each replay as a call again."""
 
     def __init__(self, fn: Callable, name: str, max_graphs: int = 8, emulate: bool = False):
@@ -89,10 +89,6 @@ class CUDAGraphed(_Accelerated):
         self.graphs: GraphCache[_Graph] = GraphCache(max_graphs)   # (stream ids, shape, dtype, device) -> _Graph
         self.pool = self.stream = None
         self.pools_made = 0
-
-    @property
-    def captures(self) -> int:
-        return self.graphs.captures
 
     def _run(self, x, cache):
         if x.device.type != "cuda" and not self.emulate:
