@@ -5,8 +5,8 @@
 Kernels are launched eagerly here; their GPU time is what a CUDA-graph replay of the same step spends (a graph
 removes the launch gaps, not kernel time), so the table says where a graphed step's time goes.
 """
-import json
 import argparse
+import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile

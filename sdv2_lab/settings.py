@@ -79,12 +79,12 @@ def switch(cfg: DictConfig, key: str, default="auto") -> bool:
 def compile_kernels(cfg: DictConfig) -> bool:
     """``compile_kernels`` resolved: auto = on for CUDA where Triton (torch.compile's GPU code generator) is
     installed, off on a CPU (eager there is the reference-exact path the tests compare)."""
-    if switch(cfg, "compile_kernels", default=False):
-        if cfg.get("compile_kernels") in ("auto", None):
-            import importlib.util
-            return importlib.util.find_spec("triton") is not None
-        return True
-    return False
+    if not switch(cfg, "compile_kernels", default=False):
+        return False
+    if cfg.get("compile_kernels") not in ("auto", None):
+        return True   # asked for by name
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 def vae_accelerate(cfg: DictConfig) -> str:
