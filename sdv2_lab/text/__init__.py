@@ -11,15 +11,28 @@ from typing import Mapping
 import torch
 
 from ..registry import Registry
-from .encoder import TextEncoder
 from .hashed import HashedTextEncoder
 from .prompt_cache import PromptCache
-from .tokenizer import PromptTokenizer, clean_prompt, synthetic_tokenizer
-from .umt5 import UMT5_XXL, CheckpointMismatchError, UMT5Size, load_hf_umt5, load_wan_t5
 
 __all__ = ["TextEncoder", "PromptCache", "PromptTokenizer", "clean_prompt", "synthetic_tokenizer", "UMT5Size",
            "UMT5_XXL", "CheckpointMismatchError", "load_wan_t5", "load_hf_umt5", "build_text_encoder", "TEXT_ENCODERS",
            "HashedTextEncoder"]
+
+
+# The real encoder's modules import transformers (~2.5 s): loaded on first use, so that a run with the hashed
+# encoder (the default) never pays for it.
+_LAZY = {"TextEncoder": "encoder", "PromptTokenizer": "tokenizer", "clean_prompt": "tokenizer",
+         "synthetic_tokenizer": "tokenizer", "UMT5_XXL": "umt5", "CheckpointMismatchError": "umt5",
+         "UMT5Size": "umt5", "load_hf_umt5": "umt5", "load_wan_t5": "umt5"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 TEXT_ENCODERS: Registry = Registry("text encoder")
@@ -47,6 +60,8 @@ def build_umt5(cfg: Mapping, *, wan_folder: str | Path | None, dummy: bool, devi
     to ``wan_folder`` unless absolute). Dummy weights: random at ``cfg``'s size; the tokenizer is the Wan
     folder's when there is one, else a synthetic one.
     """
+    from .encoder import TextEncoder
+    from .umt5 import UMT5Size
     size = UMT5Size.from_mapping(cfg)
     common = dict(device=device, dtype=dtype, offload=bool(cfg.get("offload", False)),
                   text_len=int(cfg.get("text_len", 512)), cache_size=int(cfg.get("cache_size", 16)),
