@@ -269,7 +269,7 @@ def test_sdv2_run_and_an_eval_sweep_over_single_and_pipe(tmp_path):
     timings = json.loads((tmp_path / "run" / "timings.json").read_text())
     assert timings["output_frames"] == 21 and timings["pipe_ranks"] == 2
     sweep = subprocess.run([sdv2, "eval", "-m", "mode=single,pipe", *small,
-                            "logger=none", "metrics=none", "dataset.n=1", "eval.save_videos=0",
+                            "logger=none", "metrics=none", "dataset.n=1", "eval.save_videos=0", "eval.warmup=false",
                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=600,
                            env=env, cwd=ROOT)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
