@@ -124,6 +124,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.first_chunk_latents,
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
         warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),
+        kv_recache=bool(cfg.kv_recache), kv_recompute_frames=int(cfg.kv_recompute_frames),
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
         cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.streams),

@@ -7,6 +7,7 @@ from typing import Optional
 from ..backbones.kv_cache import CacheSpec, RowPositions, check_kv_dtype
 from ..units import check_resolution, chunk_frames
 from .input_guard import InputGuard
+from .kv_rebuild import replay_blocks
 from .noise_controller import NoiseControllerConfig
 from .scheduler import MODES
 
@@ -22,6 +23,10 @@ class PipelineConfig:
     warp_denoising_step: bool = False         # steps t read as grid indices: t -> timesteps[1000 - t] (floats)
     context_pass: bool = False                # all-steps chunks: one more pass at t = 0 over the finished x0
                                               # writes the KV cache from clean latents (Self-Forcing's recipe)
+    kv_recache: bool = False                  # a prompt switch rebuilds the stream's KV cache from its latest clean
+                                              # latents under the new prompt (LongLive; kv_rebuild.py)
+    kv_recompute_frames: int = 0              # > 0: before every later chunk, the KV cache is rebuilt from this many
+                                              # latest clean latent frames (Krea's per-block recompute)
     first_chunk_latents: Optional[int] = None # latent frames of a stream's first chunk (None: 1 + frames_per_block
                                               # in V2V, 1 in T2V, StreamDiffusionV2's)
     num_kv_cache: int = 6                     # latent frames held in the KV cache
@@ -61,6 +66,7 @@ class PipelineConfig:
         if self.context_pass and self.mode == "pipe":
             raise ValueError("context_pass (a clean pass after each chunk's steps) runs in mode=single-wo or single "
                              "(there on first chunks: the stream batch keeps each step's own history), not mode=pipe")
+        rebuild = self._check_kv_rebuild()
         if not isinstance(self.frames_per_block, int) or self.frames_per_block < 1:
             raise ValueError(f"frames_per_block must be a positive integer, got {self.frames_per_block!r}")
         if not isinstance(self.sink_frames, int) or self.sink_frames < 0:
@@ -89,8 +95,42 @@ class PipelineConfig:
             raise ValueError(f"position_refresh_frames={refresh} must be 0 (never) or in [num_kv_cache="
                              f"{self.num_kv_cache}, {self.rope_positions - grow}] (the RoPE table holds "
                              f"{self.rope_positions} positions and chunks reach {grow} frames past the refresh point)")
+        if rebuild:
+            self._check_rebuild_fits()
         self._dry_run()
         return self
+
+    def _check_kv_rebuild(self) -> bool:
+        """The rebuild mechanics' own settings (kv_rebuild.py); whether one runs."""
+        r = self.kv_recompute_frames
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"kv_recompute_frames must be 0 (off) or a positive number of latent frames, got {r!r}")
+        return self.kv_rebuild is not None
+
+    @property
+    def kv_rebuild(self) -> Optional[str]:
+        """Which KV rebuild runs ("recache", "recompute", both joined by "+"), or None. It runs where a stream's one
+        row holds its clean history (mode single-wo); a stream batch keeps a noisy history per row, which clean
+        frames cannot stand in for, so there the cache is kept as it is (``kv_rebuild_note`` says so once)."""
+        on = [name for name, v in (("recache", self.kv_recache), ("recompute", self.kv_recompute_frames)) if v]
+        return "+".join(on) if on and self.mode == "single-wo" else None
+
+    @property
+    def kv_rebuild_note(self) -> Optional[str]:
+        """One line for the log when the recipe asks for a KV rebuild that this mode does not run."""
+        asked = [k for k, v in (("kv_recache", self.kv_recache), ("kv_recompute_frames", self.kv_recompute_frames)) if v]
+        if not asked or self.kv_rebuild is not None:
+            return None
+        return (f"{' and '.join(asked)} (the recipe's KV rebuild from clean latents) runs in mode=single_wo; "
+                f"mode={self.mode} keeps the KV cache as it is")
+
+    def _check_rebuild_fits(self) -> None:
+        r = self.kv_recompute_frames   # the context precedes later chunks only (target_fps may grow them)
+        grow = max(self.frames_per_block, self.num_kv_cache - self.sink_frames - 1 if self.target_fps else 0)
+        if r and not self.sink_frames <= r <= self.num_kv_cache - grow:
+            raise ValueError(f"kv_recompute_frames={r} must be in [sink_frames={self.sink_frames}, num_kv_cache - "
+                             f"chunk = {self.num_kv_cache - grow}]: the rebuilt context and the next chunk of {grow} "
+                             f"latent frames share the {self.num_kv_cache}-frame cache")
 
     def timesteps(self, steps: list) -> list:
         """Timesteps the model sees for a step list: warped onto the shifted grid (floats) when asked, and the
@@ -140,7 +180,13 @@ class PipelineConfig:
         if self.target_fps:
             sizes += [max(self.frames_per_block, self.num_kv_cache - self.sink_frames - 1)] * self.num_kv_cache
         row, start = RowPositions(), 0
-        for f in sizes:
+        rebuild_at = self.num_kv_cache if self.kv_rebuild else -1
+        for i, f in enumerate(sizes):
+            if i == rebuild_at:   # a rebuild (kv_rebuild.py): the row restarts with the replayed frames
+                row, start = RowPositions(), 0
+                for b in replay_blocks(self.kv_recompute_frames or self.num_kv_cache, self.frames_per_block):
+                    row.advance(spec, start, b, where="dry run (kv rebuild)")
+                    start += b
             if f > self.num_kv_cache:
                 raise ValueError(f"chunks of {f} latent frames do not fit a KV cache of {self.num_kv_cache} frames")
             row.advance(spec, start, f, where="dry run")

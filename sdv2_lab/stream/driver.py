@@ -34,6 +34,7 @@ from ..vae.registry import decode_streams, encode_streams, release
 from .config import PipelineConfig
 from .executor import Executor
 from .input_guard import InputGuard
+from .kv_rebuild import CleanFrames, replay_blocks
 from .noise_controller import MotionNoiseController, mix_noise
 from .scheduler import Chunk, DiTJob, Scheduler, Stream
 from .timing import ChunkIn, ChunkOut, Clock, StageRun
@@ -58,6 +59,7 @@ class DeviceState:
     hidden: Optional[torch.Tensor] = None    # [n, F, C, h, w] chunks in flight (stream batch), row 0 refilled per call
     last_frame: Optional[torch.Tensor] = None    # the last input frame [1, 3, 1, H, W] (the motion reference)
     scales: deque = field(default_factory=deque)  # noise scale of each real chunk in flight, oldest first
+    clean: Optional[CleanFrames] = None      # finished latents kept for a KV rebuild (kv_recache / kv_recompute_frames)
 
 
 @dataclass
@@ -118,6 +120,8 @@ class StreamDriver:
                  dtype: torch.dtype = torch.bfloat16,
                  generator: Optional[torch.Generator] = None):
         cfg.validate()
+        if cfg.kv_rebuild_note:
+            log.info(cfg.kv_rebuild_note)
         self.executor, self.vae, self.text_encoder, self.cfg = executor, vae, text_encoder, cfg
         self.device, self.dtype = executor.device, dtype
         # A ``pipe`` stage runs only its own part of a chunk's path (sdv2_lab/parallel): the first stage encodes,
@@ -202,7 +206,7 @@ class StreamDriver:
                 t=_timesteps(s.steps, self.device), t_first=_timesteps(s.first_steps, self.device),
                 controller=MotionNoiseController(noise, self.device), checks=self.guard.new(self.device),
                 generator=self.generator if seed is None else torch.Generator(device=self.device).manual_seed(seed),
-                vae=vae, vae_state=vae.new_state(1) if vae is not None else None)
+                vae=vae, vae_state=vae.new_state(1) if vae is not None else None, clean=self._clean_frames())
             emb = self._embed(prompt)
             with self.lanes.on("dit", [self._current_event()]):
                 self.executor.reset_rows(s.rows)
@@ -254,6 +258,36 @@ class StreamDriver:
         with self.lanes.on("dit", [self._current_event()]):
             self.executor.set_prompt(s.rows, emb)
         s.prompt = prompt
+        if self.cfg.kv_rebuild and self.cfg.kv_recache:   # LongLive: the history rewritten under the new prompt
+            self._rebuild_kv(s, self.cfg.num_kv_cache)
+
+    def _clean_frames(self) -> Optional[CleanFrames]:
+        if not self.cfg.kv_rebuild:
+            return None
+        keep = max(self.cfg.num_kv_cache if self.cfg.kv_recache else 0, self.cfg.kv_recompute_frames)
+        return CleanFrames(head=self.cfg.sink_frames, keep=keep - self.cfg.sink_frames) if keep else None
+
+    def _rebuild_kv(self, s: Stream, frames: int) -> None:
+        """Reset the stream's KV rows and write them again from its latest ``frames`` clean latent frames at
+        t = 0, under its current prompt (``kv_rebuild.py``); its next chunk follows them."""
+        x = s.dev.clean.latest(frames)
+        if x is None:
+            return
+        blocks = replay_blocks(x.shape[1], s.frames_per_block)
+        with self.lanes.on("dit", [self._current_event()]):
+            self.executor.reset_rows(s.rows)
+            t = torch.zeros(1, 1, dtype=s.dev.t.dtype, device=self.device)
+            for job, block in zip(self.scheduler.replay_jobs(s, blocks), x.to(self.dtype).split(blocks, dim=1)):
+                self.executor.run(job, block, t, None)
+
+    def dit_jobs(self, chunks: list[Chunk]) -> list[DiTJob]:
+        """The scheduler's DiT jobs for encoded chunks, after the KV rebuild of every stream that recomputes its
+        context before each chunk (Krea; the rebuild moves the positions the jobs take)."""
+        if self.cfg.kv_rebuild and self.cfg.kv_recompute_frames:
+            for c in chunks:
+                if not c.first:
+                    self._rebuild_kv(c.stream, self.cfg.kv_recompute_frames)
+        return self.scheduler.dit_jobs(chunks)
 
     def _embed(self, prompt: str) -> Optional[torch.Tensor]:
         check_prompt(prompt)
@@ -359,7 +393,7 @@ class StreamDriver:
         """Encode the chunks (one VAE call), run their DiT jobs; yields, job by job, (stream, x0) of each chunk
         that finished (so a job's outputs are decoded before the next job runs)."""
         encoded = self.encode_chunks(chunks)                             # one VAE encode + motion-aware noise
-        for job in self.scheduler.dit_jobs([e.chunk for e in encoded]):  # first chunks alone; the rest in one job
+        for job in self.dit_jobs([e.chunk for e in encoded]):  # first chunks alone; the rest in one job
             mine = [next(e for e in encoded if e.chunk is c) for c in job.chunks]
             done = [(s, x0) for s, x0, emitted in zip(job.streams, self.denoise(job, mine), job.emit) if emitted]
             if done:
@@ -448,6 +482,9 @@ class StreamDriver:
                 if e.step is not None:
                     s.dev.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks: the reference)
             x0 = self._stream_batch(job, encoded) if job.stream_batch else self._all_steps(job, encoded)
+            for s, x, shown in zip(job.streams, x0, job.emit):
+                if shown and s.dev.clean is not None:   # kept for a KV rebuild
+                    s.dev.clean.add(x)
         for t in x0:
             self.lanes.handoff(t, "decode")
         self._dit_done = run.end.event

@@ -216,7 +216,7 @@ class StreamPipeline:
         if step is not None:
             e.step = torch.as_tensor(step, device=self.device)
         self._encoded = []
-        (job,) = self.driver.scheduler.dit_jobs([e.chunk])
+        (job,) = self.driver.dit_jobs([e.chunk])
         (x0,) = self.driver.denoise(job, [e])
         emitted = job.emit[0]
         self.driver.scheduler.finished(job)

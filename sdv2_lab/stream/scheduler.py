@@ -323,6 +323,20 @@ class Scheduler:
         return DiTJob([c.stream for c in chunks], chunks, rows=rows, starts=starts, passes=1, pops=pops,
                       stream_batch=True, first=False, emit=emit)
 
+    def replay_jobs(self, s: Stream, blocks: list[int]) -> list[DiTJob]:
+        """A KV rebuild (``kv_rebuild.py``) of a stream whose row was just reset: one pass at t = 0 per block of
+        clean latent frames (sizes ``blocks``) from position 0; the stream's positions restart there, so its next
+        chunk follows them. All-steps modes (one row per stream)."""
+        S = self.frame_tokens
+        s.row, s.passes_left, s.next_start = RowPositions(), self.passes_per_chunk(s.steps), 0
+        jobs = []
+        for f in blocks:
+            start, s.next_start = s.next_start, s.next_start + f * S
+            pop = s.row.advance(self.kv, start, f * S, where=f"stream {s.id} (kv rebuild)").evict
+            jobs.append(DiTJob([s], [], rows=[s.rows[0]], starts=[start], passes=1, pops=[[pop]],
+                               stream_batch=False, first=False, emit=[False]))
+        return jobs
+
     def finished(self, job: DiTJob) -> None:
         """Book the chunks a job emitted."""
         for s, e in zip(job.streams, job.emit):

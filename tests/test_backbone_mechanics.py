@@ -1,0 +1,132 @@
+"""The KV rebuild mechanics of the plugin recipes (sdv2_lab/stream/kv_rebuild.py), run in the real engine at the tiny
+size and checked against the mechanic stated directly with the DiT and a fresh cache:
+
+* LongLive's KV recache: after a prompt switch, the stream's cache holds its latest clean latents written again
+  under the new prompt (NVlabs/LongLive ``_recache_after_switch``: the cache reset, the last frames run at t = 0
+  with the new prompt under a block-causal mask, the next block after them);
+* Krea's per-block KV recompute: before every later block the cache holds only the last 3 clean latent frames,
+  written again at t = 0 (Scope's ``RecomputeKVCacheBlock``, ``kv_cache_num_frames`` 3)."""
+import pytest
+import torch
+
+from sdv2_lab.backbones.kv_cache import StreamKVCache
+from sdv2_lab.build import build_pipeline, compose_config
+from sdv2_lab.settings import pipeline_config
+from sdv2_lab.units import tokens_per_latent_frame
+
+H, W = 32, 48
+S = tokens_per_latent_frame(H, W)
+TINY = ["backbone=tiny", f"height={H}", f"width={W}", "warmup=false", "mode=single_wo", "t2v=true", "steps=1"]
+
+
+def traced_stream(overrides, chunks: int, switch_at=None):
+    """T2V chunks of one stream (noise draws zero), the prompt switched before chunk ``switch_at``; every DiT call
+    as (input, timesteps, starts, velocity), the calls' index where each chunk began, and each chunk's x0 as the
+    engine emitted it."""
+    pipe = build_pipeline(compose_config("config", TINY + overrides))
+    d = pipe.driver
+    d._randn = lambda s, shape: torch.zeros(shape, dtype=d.dtype)
+    calls, step = [], pipe.dit.step
+
+    def traced(x, t, cache, plan):
+        out = step(x, t, cache, plan)
+        calls.append((x.clone(), t.clone(), list(plan.starts), out.clone()))
+        return out
+
+    pipe.dit.step = traced
+    emitted, denoise = [], d.denoise
+
+    def kept(job, encoded):
+        out = denoise(job, encoded)
+        emitted.extend(x.clone() for x in out)
+        return out
+
+    d.denoise = kept
+    s = d.open("a red kite over the sea", seed=0)
+    marks = []
+    for k in range(chunks):
+        if k == switch_at:
+            marks.append(("switch", len(calls)))
+            d.set_prompt(s, "a city street at night")
+        marks.append((k, len(calls)))
+        d._run([d.scheduler.noise_chunk(s)])
+    return pipe, calls, dict(marks), emitted
+
+
+def fresh_stream_velocity(pipe, prompt: str, context: torch.Tensor, block_x, block_t, start: int):
+    """The mechanic stated directly: a fresh KV row with ``prompt``; ``context`` [1, K, C, h, w] written at t = 0
+    in blocks of 3 from position 0; then the DiT's velocity for ``block_x`` at ``block_t`` at ``start``."""
+    dit = pipe.dit
+    spec = pipe.driver.executor.cache.spec
+    cache = StreamKVCache(spec, rows=1, dtype=block_x.dtype, device=block_x.device)
+    dit.set_prompt(cache, pipe.text_encoder.encode(prompt).to(block_x.dtype), [0])
+    pos = 0
+    for block in context.split(3, dim=1):
+        plan = dit.plan(block, cache, [pos], [0], [False])
+        type(dit).step(dit, block, torch.zeros(1, block.shape[1], dtype=block_t.dtype), cache, plan)
+        cache.commit(plan)
+        pos += block.shape[1] * S
+    assert pos == start
+    plan = dit.plan(block_x, cache, [start], [0], [False])
+    return type(dit).step(dit, block_x, block_t, cache, plan)   # not the traced one
+
+
+def test_longlive_recache_rewrites_the_history_under_the_new_prompt():
+    """Switched after 6 blocks (18 latent frames, more than the 12-frame cache holds): the cache is rebuilt from
+    the stream's first 3 frames (its sink) and its latest 9, in blocks of 3 from position 0."""
+    pipe, calls, marks, emitted = traced_stream(["backbone/recipe=longlive"], chunks=7, switch_at=6)
+    cfg = pipe.driver.cfg
+    assert (cfg.kv_recache, cfg.kv_rebuild, cfg.num_kv_cache, cfg.sink_frames) == (True, "recache", 12, 3)
+    history = [emitted[0], *emitted[3:6]]                          # sink + the latest 9 frames, 3 per block
+    replay = calls[marks["switch"]:marks[6]]
+    assert [c[2] for c in replay] == [[0], [3 * S], [6 * S], [9 * S]]
+    for (x, t, _, _), want in zip(replay, history):
+        assert float(t.abs().max()) == 0.0
+        torch.testing.assert_close(x, want, rtol=0, atol=0)
+    # the next block follows them, and sees what a fresh stream under the new prompt with that history sees
+    x, t, starts, v = calls[marks[6]]
+    assert starts == [12 * S]
+    want = fresh_stream_velocity(pipe, "a city street at night", torch.cat(history, dim=1), x, t, 12 * S)
+    torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_the_recache_the_old_prompts_keys_stay():
+    """The same stream with kv_recache=false: no replay calls, the next block at its old position, and an output
+    that differs from the recache's (the mechanic changes what the model sees)."""
+    pipe, calls, marks, _ = traced_stream(["backbone/recipe=longlive", "kv_recache=false"], chunks=4, switch_at=3)
+    assert marks["switch"] == marks[3] and calls[marks[3]][2] == [9 * S]
+    _, rcalls, rmarks, _ = traced_stream(["backbone/recipe=longlive"], chunks=4, switch_at=3)
+    assert not torch.allclose(calls[marks[3]][3], rcalls[rmarks[3]][3], atol=1e-4)
+    for k in range(3):   # before the switch both streams are the same
+        torch.testing.assert_close(calls[marks[k]][3], rcalls[rmarks[k]][3], rtol=0, atol=0)
+
+
+def test_krea_recomputes_the_context_before_every_block():
+    pipe, calls, marks, emitted = traced_stream(["backbone/recipe=krea"], chunks=4)
+    cfg = pipe.driver.cfg
+    assert (cfg.kv_recompute_frames, cfg.kv_rebuild, cfg.num_kv_cache, cfg.sink_frames, cfg.context_pass) == \
+        (3, "recompute", 6, 0, False)
+    steps = [1000, 0]                                                 # its first step + T2V's final clean step
+    for k in range(1, 4):
+        block = calls[marks[k]:marks[k + 1] if k + 1 in marks else None]
+        assert len(block) == 1 + len(steps)                           # the recompute, then the block's steps
+        (cx, ct, cstart, _), first = block[0], block[1]
+        previous = emitted[k - 1]                                     # the last block's clean frames
+        assert cstart == [0] and float(ct.abs().max()) == 0.0
+        torch.testing.assert_close(cx, previous, rtol=0, atol=0)
+        x, t, starts, v = first
+        assert starts == [3 * S] and [float(c[1].flatten()[0]) for c in block[1:]] == steps
+        want = fresh_stream_velocity(pipe, "a red kite over the sea", previous, x, t, 3 * S)
+        torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_rebuild_runs_in_single_wo_only_and_its_context_must_fit():
+    single = pipeline_config(compose_config("config", ["backbone=longlive"])).validate()
+    assert single.kv_rebuild is None and "mode=single_wo" in single.kv_rebuild_note
+    wo = pipeline_config(compose_config("config", ["backbone=krea_14b", "mode=single_wo"])).validate()
+    assert wo.kv_rebuild == "recompute" and wo.kv_rebuild_note is None
+    with pytest.raises(ValueError, match=r"kv_recompute_frames=4 must be in \[sink_frames=0, num_kv_cache - chunk = 3\]"):
+        pipeline_config(compose_config("config", ["backbone=krea_14b", "mode=single_wo",
+                                                  "kv_recompute_frames=4"])).validate()
+    with pytest.raises(ValueError, match="kv_recompute_frames must be 0"):
+        pipeline_config(compose_config("config", ["backbone=tiny", "kv_recompute_frames=-1"])).validate()
