@@ -1,11 +1,13 @@
-# issue 23: the plugin backbones side by side at 480x832, each with its own recipe (steps, blocks, window, sink)
-# One device call, repo root, .whl carried:   bash experiments/gpu.sh backbones   -> $OUT/backbones*.json
-# bench_pipeline.py, Wan VAE, dummy weights, 129 frames after a warm-up stream; BB_CONFIGS picks the backbones
-# (backbone[:steps], comma separated), BB_MODES the modes (single = stream batch, single_wo = every step in turn).
-BUDGET=${BB_BUDGET:-540}
-for m in ${BB_MODES:-single single_wo}; do
-  step "backbones_$m" ${BB_LIMIT:-240} python3 experiments/bench_pipeline.py \
-    --configs "${BB_CONFIGS:-wan_1_3b,self_forcing,causal_forcing_pp_1step,longlive}" --extra "mode=$m" \
-    --json "$OUT/backbones_$m.json"
-done
+# issue 23: the plugin backbones side by side at 480x832, each with its own recipe; the KV rebuilds' cost
+# One device call, repo root, .whl carried:   bash experiments/gpu.sh backbones   -> $OUT/backbones*.json, kv_rebuild.json
+# bench_pipeline.py at the front ends' defaults (CUDA graphs, overlap, compiled kernels), Wan VAE, dummy weights,
+# 129 frames after a warm-up stream. single_wo (every step of a block in turn: these models' own loops, and where
+# LongLive's recache and Krea's recompute run) for BB_WO; single (the stream batch) for BB_SB.
+BUDGET=${BB_BUDGET:-570}
+step backbones_single_wo ${BB_WO_LIMIT:-300} python3 experiments/bench_pipeline.py --compile \
+  --configs "${BB_WO:-self_forcing,causvid,causal_forcing_pp_1step,longlive,krea_14b}" --extra "mode=single_wo" \
+  --json "$OUT/backbones_single_wo.json"
+step backbones_single ${BB_SB_LIMIT:-160} python3 experiments/bench_pipeline.py --compile \
+  --configs "${BB_SB:-wan_1_3b:1,self_forcing,longlive}" --extra "mode=single" --json "$OUT/backbones_single.json"
+step kv_rebuild ${BB_KV_LIMIT:-100} python3 experiments/bench_kv_rebuild.py --json "$OUT/kv_rebuild.json"
 echo "=== done [${SECONDS}s]"
