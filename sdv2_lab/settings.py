@@ -120,7 +120,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
         num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames,
-        adapt_sink_threshold=cfg.adapt_sink_threshold,
+        adapt_sink_threshold=cfg.adapt_sink_threshold, sink_ema=float(cfg.sink_ema),
         frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.first_chunk_latents,
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
         warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdv2_lab.backbones.kv_cache import StreamKVCache
+from sdv2_lab.backbones.wan_dit import apply_rope
 from sdv2_lab.build import build_pipeline, compose_config
 from sdv2_lab.settings import pipeline_config
 from sdv2_lab.units import tokens_per_latent_frame
@@ -130,3 +131,51 @@ def test_the_rebuild_runs_in_single_wo_only_and_its_context_must_fit():
                                                   "kv_recompute_frames=4"])).validate()
     with pytest.raises(ValueError, match="kv_recompute_frames must be 0"):
         pipeline_config(compose_config("config", ["backbone=tiny", "kv_recompute_frames=-1"])).validate()
+
+
+# ---------------------------------------------------------------------------------------------- the EMA sink
+def test_move_keys_equals_unroping_and_roping_at_the_new_position():
+    """The EMA sink moves post-RoPE keys in time: the same as undoing the rotation at the old positions and
+    applying it at the new ones (the DiT's own phasors), in float64 arithmetic up to fp32 phasors."""
+    pipe = build_pipeline(compose_config("config", TINY))
+    dit = pipe.dit
+    h, w = H // 16, W // 16
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3 * h * w, dit.cfg.num_heads, dit.cfg.head_dim, generator=g)
+    old, new = torch.tensor([40, 7]), torch.tensor([0, 1])
+    roped = apply_rope(k, dit.rope(old, 3, h, w, k.device))
+    want = apply_rope(k, dit.rope(new, 3, h, w, k.device))
+    frames = (new - old)[:, None] + torch.zeros(1, 3, dtype=torch.long)
+    torch.testing.assert_close(dit.move_keys(roped, frames), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_ema_sink_folds_each_evicted_chunk_into_the_sink():
+    """Reward Forcing's recipe at the tiny size (a 12-frame window, a 3-frame EMA sink, blocks of 3): on each
+    chunk that evicts, the sink's keys become 0.999 sink + 0.001 (the evicted chunk's keys moved to the sink's
+    positions), its values the same without the move; before the first eviction the stream is the fixed-sink one."""
+    pipe = build_pipeline(compose_config("config", TINY + ["backbone/recipe=reward_forcing"]))
+    d, cache = pipe.driver, pipe.driver.executor.cache
+    assert cache.spec.sink_ema == 0.999 and (cache.spec.num_frames, cache.spec.sink_frames) == (12, 3)
+    d._randn = lambda s, shape: torch.zeros(shape, dtype=d.dtype)
+    s = d.open("a red kite over the sea", seed=0)
+    sink, sd = slice(0, 3 * S), 3 * S
+    folds = 0
+    for k in range(7):
+        row = s.rows[0]
+        full = cache.local_end[row] >= cache.spec.size
+        before_k, before_v = cache.k[:, row].clone(), cache.v[:, row].clone()
+        pos = cache.pos[:, row].clone()
+        target = [cache.queue_contents(li, row)[0] for li in range(cache.k.shape[0])] if full else None
+        d._run([d.scheduler.noise_chunk(s)])
+        if not full:
+            continue
+        folds += 1
+        for li in range(cache.k.shape[0]):
+            slot = slice(target[li] - sd, target[li])
+            moved = pipe.dit.move_keys(before_k[li, slot][None], (pos[li, :3] - pos[li, slot.start // S:slot.stop // S])[None])[0]
+            want_k = (0.999 * before_k[li, sink].double() + 0.001 * moved.double()).to(cache.k.dtype)
+            want_v = (0.999 * before_v[li, sink].double() + 0.001 * before_v[li, slot].double()).to(cache.v.dtype)
+            torch.testing.assert_close(cache.k[li, row, sink], want_k, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(cache.v[li, row, sink], want_v, rtol=1e-5, atol=1e-6)
+    assert folds == 3                          # chunks 4, 5, 6 evicted (the window holds 4 chunks of 3)
+    assert pos[0, :3].tolist() == [0, 1, 2]    # the sink stays at its positions

@@ -173,7 +173,8 @@ def _tiny_sd():
     return {k: v.clone() for k, v in load_backbone(cfg, "dummy", dtype=torch.float32, seed=5).state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["self_forcing", "causvid", "causal_forcing", "longlive", "krea_14b"])
+@pytest.mark.parametrize("name", ["self_forcing", "causvid", "causal_forcing", "longlive", "krea_14b",
+                                  "reward_forcing"])
 def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
     """weights=real with the entry's own rules (container keys, LoRA, sizes from the file): the DiT built equals
     the plain weights (plus the LoRA's product, for LongLive)."""
@@ -185,6 +186,8 @@ def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
     path, extra = tmp_path / "model.pt", []
     if name == "causvid":
         torch.save({"model": wrapped}, path)
+    elif name == "reward_forcing":   # its 'generator' first, over a decoy EMA copy
+        torch.save({"generator": wrapped, "generator_ema": {k: v + 1 for k, v in wrapped.items()}}, path)
     elif name == "krea_14b":
         path = tmp_path / "krea.safetensors"
         save_file({k: v.contiguous() for k, v in wrapped.items()}, str(path))

@@ -41,7 +41,7 @@ reference's is bf16), so a decision never hangs on one bf16 ulp (it can differ f
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -82,12 +82,20 @@ class CacheSpec:
     sink_frames: int = 0       # leading frames kept as attention sinks (num_sink_tokens counts frames)
     refresh_threshold: float = -1.0  # adaptive sink refresh when mean similarity < threshold; -1 = off
     queue_capacity: int = 0    # eviction-queue slots per (layer, row); 0 = num_frames + 64
+    sink_ema: float = 0.0      # > 0: an EMA sink (Reward Forcing): evicted frames folded into the sink with this
+                               # weight on the sink, sink = a * sink + (1 - a) * evicted; 0 = off
 
     def __post_init__(self):
         if self.num_frames < 1 or self.frame_tokens < 1:
             raise ValueError(f"KV cache needs num_frames >= 1 and frame_tokens >= 1, got {self}")
         if not 0 <= self.sink_frames < self.num_frames:
             raise ValueError(f"sink_frames must be in [0, num_frames={self.num_frames}), got {self.sink_frames}")
+        if not 0 <= self.sink_ema < 1:
+            raise ValueError(f"sink_ema must be in [0, 1) (0 = off), got {self.sink_ema}")
+        if self.sink_ema and (self.sink_frames < 1 or self.refresh_threshold > -1):
+            raise ValueError(f"an EMA sink (sink_ema={self.sink_ema}) needs sink_frames >= 1 and no adaptive refresh "
+                             f"(adapt_sink_threshold=-1), got sink_frames={self.sink_frames}, threshold "
+                             f"{self.refresh_threshold}")
 
     @property
     def size(self) -> int:
@@ -124,6 +132,8 @@ class StepPlan:
     evict_flag: torch.Tensor               # [B] int64 on device, 1 = the row evicts
     pop_flag: torch.Tensor                 # [B] int64 on device, 1 = the evicting row rotates its ring
     register_val: torch.Tensor             # [B] int64 on device, 0 = nothing to register
+    fresh_flag: Optional[torch.Tensor] = None   # [B] int64 on device, 1 = the row writes past its last call's end
+                                           # (a new chunk, not another pass over the same one)
     new_rolling: list[Optional[int]] = field(default_factory=list)
 
     # The masks are made where they are used: every device fact of a plan is a view of its one buffer, so a
@@ -151,6 +161,7 @@ class StepPlan:
                        row_index=part(self.row_index), start_frames=part(self.start_frames),
                        append_start=part(self.append_start), evict_flag=part(self.evict_flag),
                        pop_flag=part(self.pop_flag), register_val=part(self.register_val),
+                       fresh_flag=None if self.fresh_flag is None else part(self.fresh_flag),
                        new_rolling=part(self.new_rolling))
 
 
@@ -220,12 +231,19 @@ class StreamKVCache:
     """Self-attention KV rows for layers ``[first_layer, first_layer + L)``, plus per-row cross-attention K/V."""
 
     def __init__(self, spec: CacheSpec, rows: int, dtype: torch.dtype, device: torch.device | str,
-                 layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model"):
+                 layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model",
+                 move_keys: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
         """``rows``: how many KV histories the pool holds. ``layers``: the (first, end) layer range this pool
         serves (a ``pipe`` stage holds only its own layers); default all of ``spec.num_layers``. ``dtype``: the
-        model's (what attention reads); ``kv_dtype``: how keys and values are stored (``KV_DTYPES``)."""
+        model's (what attention reads); ``kv_dtype``: how keys and values are stored (``KV_DTYPES``).
+        ``move_keys(k [B, F*S, H, dh], frames [B, F])``: the model's post-RoPE keys moved that many latent frames
+        in time (an EMA sink folds evicted keys into the sink at the sink's positions)."""
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         self.kv_dtype = check_kv_dtype(kv_dtype)
+        if spec.sink_ema and (move_keys is None or kv_dtype != "model"):
+            raise ValueError("an EMA sink needs the model's move_keys (its RoPE) and kv_cache_dtype=model, got "
+                             f"move_keys={move_keys}, kv_cache_dtype={kv_dtype}")
+        self.move_keys = move_keys
         self.first_layer, self.end_layer = layers if layers is not None else (0, spec.num_layers)
         if not 0 <= self.first_layer < self.end_layer <= spec.num_layers:
             raise ValueError(f"layer range {layers} outside [0, {spec.num_layers})")
@@ -244,6 +262,9 @@ class StreamKVCache:
         self.queue = torch.zeros(n_layers, rows, spec.capacity, dtype=torch.long, device=self.device)
         self.q_head = torch.zeros(n_layers, rows, dtype=torch.long, device=self.device)
         self.q_len = torch.zeros(n_layers, rows, dtype=torch.long, device=self.device)
+        # EMA sink: the temporal position (latent frame) of what each physical frame slot holds
+        self.pos = torch.zeros(n_layers, rows, spec.num_frames, dtype=torch.long, device=self.device) \
+            if spec.sink_ema else None
         # Host mirrors (deterministic in the positions), per row.
         self.global_end = [0] * rows
         self.local_end = [0] * rows
@@ -264,6 +285,9 @@ class StreamKVCache:
 
     def _scaled(self) -> list[torch.Tensor]:
         return [t for t in (self.k_scale, self.v_scale) if t is not None]
+
+    def _positions(self) -> list[torch.Tensor]:
+        return [] if self.pos is None else [self.pos]
 
     def _read(self, li: int, plan: StepPlan, which: str, tokens: Optional[int] = None) -> torch.Tensor:
         """The call's rows of one layer's keys or values in the model's dtype (dequantised when stored so)."""
@@ -289,7 +313,7 @@ class StreamKVCache:
     def reset_rows(self, rows: Sequence[int]) -> None:
         """Forget what these rows held (a new stream must not see an old one's keys); keeps the allocation."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
-        for t in (self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled()):
+        for t in (self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled(), *self._positions()):
             t.index_fill_(1, idx, 0)
         for r in rows:
             self.global_end[r] = self.local_end[r] = 0
@@ -305,6 +329,7 @@ class StreamKVCache:
         self.k = self.v = empty
         self.queue = self.q_head = self.q_len = torch.empty(0, dtype=torch.long, device=self.device)
         self.k_scale = self.v_scale = None
+        self.pos = None if self.pos is None else torch.empty(0, dtype=torch.long, device=self.device)
         self.cross_k = self.cross_v = None
         self._static_plans.clear()
 
@@ -314,7 +339,7 @@ class StreamKVCache:
         if not dst:
             return
         idx = torch.as_tensor(dst, dtype=torch.long, device=self.device)
-        tensors = [self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled()]
+        tensors = [self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled(), *self._positions()]
         tensors += [t for t in (self.cross_k, self.cross_v) if t is not None]
         for t in tensors:
             # repeat (a copy): with one layer, a contiguous() view of the source row would alias the destination
@@ -328,10 +353,10 @@ class StreamKVCache:
         if batch_size > self.num_rows:
             old = (self.k, self.v, self.queue, self.q_head, self.q_len, self.cross_k, self.cross_v,
                    self.global_end, self.local_end, self.rolling)
-            old_scales = self._scaled()
+            old_scales = self._scaled() + self._positions()
             self._alloc(batch_size)
             r = old[0].shape[1]
-            for new, o in zip((self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled()),
+            for new, o in zip((self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled(), *self._positions()),
                               (*old[:5], *old_scales)):
                 new[:, :r] = o
             self.global_end[:r], self.local_end[:r], self.rolling[:r] = old[7], old[8], old[9]
@@ -372,7 +397,7 @@ class StreamKVCache:
         return [int(self.queue[i, row, (head + j) % cap]) for j in range(n)]
 
     # ------------------------------------------------------------------ layers (a pipe stage hands some over)
-    LAYER_STATE = ("k", "v", "k_scale", "v_scale", "queue", "q_head", "q_len", "cross_k", "cross_v")
+    LAYER_STATE = ("k", "v", "k_scale", "v_scale", "queue", "q_head", "q_len", "pos", "cross_k", "cross_v")
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """Everything this pool holds for one layer, every row: keys, values, the eviction queues (head, length,
@@ -434,7 +459,8 @@ class StreamKVCache:
         frames = [int(c) // spec.frame_tokens for c in starts]
         pops = [int(e and p) for e, p in zip(evict, pop)]
         # One small host->device copy per call, from pinned memory so it does not block the host.
-        packed = torch.tensor([rows, frames, append_start, register, [int(x) for x in evict], pops, new_local],
+        fresh = [int(int(c) + m > self.global_end[r]) for r, c in zip(rows, starts)]
+        packed = torch.tensor([rows, frames, append_start, register, [int(x) for x in evict], pops, new_local, fresh],
                               dtype=torch.long)
         if self.device.type == "cuda":
             packed = packed.pin_memory()
@@ -450,7 +476,7 @@ class StreamKVCache:
                         kv_lens=out[6] if any(x != max_len for x in new_local) else None,
                         refresh_check=spec.sink_frames > 0 and spec.refresh_threshold > -1 and m <= spec.frame_tokens,
                         row_index=out[0], start_frames=out[1], append_start=out[2], register_val=out[3],
-                        evict_flag=out[4], pop_flag=out[5], new_rolling=new_rolling)
+                        evict_flag=out[4], pop_flag=out[5], fresh_flag=out[7], new_rolling=new_rolling)
 
     def update(self, layer: int, plan: StepPlan, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this layer's new (post-RoPE) keys and values; return the keys/values to attend over.
@@ -497,6 +523,8 @@ class StreamKVCache:
         # start before the cache at a slot registered for one-frame chunks; the reference slices out of range)
         start = torch.where(plan.evict_mask, (target - m).clamp(0, spec.size - m), plan.append_start)
         flat = (rows[:, None] * spec.size + start[:, None] + torch.arange(m, device=self.device)[None, :]).reshape(-1)
+        if spec.sink_ema:
+            self._fold_into_sink(li, plan, rows, start, flat)
         for name, new in (("k", k_new), ("v", v_new)):
             new = new.reshape(-1, *new.shape[2:])
             store, scale = getattr(self, name)[li].view(-1, *new.shape[1:]), getattr(self, f"{name}_scale")
@@ -507,6 +535,38 @@ class StreamKVCache:
                 store.index_copy_(0, flat, q)
                 scale[li].view(-1, new.shape[1]).index_copy_(0, flat, s)
         return self._read(li, plan, "k", plan.max_len), self._read(li, plan, "v", plan.max_len), plan.kv_lens
+
+    def _fold_into_sink(self, li: int, plan: StepPlan, rows: torch.Tensor, start: torch.Tensor,
+                        flat: torch.Tensor) -> None:
+        """Reward Forcing's EMA sink, before a call writes its tokens: where a row's write evicts an older chunk,
+        that chunk's frame j is folded into sink frame j (``sink = a * sink + (1 - a) * evicted``), its keys first
+        moved in time to the sink frame's position (keys are stored after RoPE; values have no position). The
+        chunk must have the sink's size, as in Reward Forcing's loop (blocks of 3 frames, a 3-frame sink). Then
+        the positions of the slots written are recorded."""
+        spec, m, a = self.spec, plan.num_tokens, self.spec.sink_ema
+        S, sinks = spec.frame_tokens, spec.sink_frames
+        f = m // S
+        slots = start[:, None] // S + torch.arange(f, device=self.device)[None, :]     # [B, f] physical frames
+        pos = self.pos[li]
+        new_pos = plan.start_frames[:, None] + torch.arange(f, device=self.device)[None, :]
+        if any(plan.evict):
+            if m != spec.sink_tokens:
+                raise ValueError(f"an EMA sink folds an evicted chunk into the sink frame by frame: chunks of {f} latent "
+                                 f"frames need a sink of {f} frames, the cache has {sinks}")
+            old_pos = pos[rows[:, None], slots]                                           # [B, f]
+            fold = plan.evict_mask & (plan.fresh_flag != 0)   # another pass over its own chunk evicts nothing
+            sink_flat = (rows[:, None] * spec.size + torch.arange(spec.sink_tokens, device=self.device)).reshape(-1)
+            sink_pos = pos[rows, :sinks]                                                  # [B, sinks]
+            b = rows.shape[0]
+            for name in ("k", "v"):
+                store = getattr(self, name)[li].view(-1, spec.num_heads, spec.head_dim)
+                evicted = store.index_select(0, flat).view(b, m, spec.num_heads, spec.head_dim)
+                if name == "k":
+                    evicted = self.move_keys(evicted, sink_pos - old_pos)
+                sink = store.index_select(0, sink_flat).view(b, spec.sink_tokens, spec.num_heads, spec.head_dim)
+                folded = (a * sink.float() + (1 - a) * evicted.float()).to(store.dtype)
+                store.index_copy_(0, sink_flat, torch.where(fold[:, None, None, None], folded, sink).flatten(0, 1))
+        pos[rows[:, None], slots] = new_pos
 
     def commit(self, plan: StepPlan) -> None:
         """Advance the host mirrors after all layers ran this plan."""

@@ -306,10 +306,10 @@ class CausalWanDiT(nn.Module):
         self.cfg.attention = name
 
     def cache_spec(self, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
-                   refresh_threshold: float = -1.0) -> CacheSpec:
+                   refresh_threshold: float = -1.0, sink_ema: float = 0.0) -> CacheSpec:
         return CacheSpec(num_layers=self.cfg.num_layers, num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim,
                          frame_tokens=self.frame_tokens(height, width), num_frames=num_kv_frames,
-                         sink_frames=sink_frames, refresh_threshold=refresh_threshold)
+                         sink_frames=sink_frames, refresh_threshold=refresh_threshold, sink_ema=sink_ema)
 
     def frame_tokens(self, height: int, width: int) -> int:
         """Tokens per latent frame for a pixel resolution (VAE stride 8, this model's patch)."""
@@ -319,12 +319,15 @@ class CausalWanDiT(nn.Module):
 
     def new_cache(self, rows: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
                   refresh_threshold: float = -1.0, dtype=None, device=None,
-                  layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model") -> StreamKVCache:
+                  layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model",
+                  sink_ema: float = 0.0) -> StreamKVCache:
         """A KV cache of ``rows`` histories (a stream's stream-batch slots, or several streams' rows) for the
-        layers ``layers`` (default all), stored as ``kv_dtype`` (``kv_cache.KV_DTYPES``)."""
+        layers ``layers`` (default all), stored as ``kv_dtype`` (``kv_cache.KV_DTYPES``); ``sink_ema`` > 0: an EMA
+        sink (the cache moves evicted keys to the sink's positions with ``move_keys``)."""
         p = self.held_parameter()
-        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold)
-        return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers, kv_dtype=kv_dtype)
+        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold, sink_ema)
+        return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers, kv_dtype=kv_dtype,
+                             move_keys=self.move_keys)
 
     # ------------------------------------------------------------------ prompt
     @torch.no_grad()
@@ -376,6 +379,20 @@ class CausalWanDiT(nn.Module):
         tem = temporal[pos][:, :, None, :].expand(b, f, h * w, temporal.shape[-1])
         spa = spatial[None, None].expand(b, f, h * w, spatial.shape[-1])
         return torch.cat([tem, spa], dim=-1).reshape(b, f * h * w, 1, -1)
+
+    def move_keys(self, k: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys ``k`` [B, F*S, H, dh] moved ``frames`` [B, F] latent frames in time (negative: earlier):
+        each temporal channel pair rotated on by that many positions' angle, the spatial pairs unchanged. RoPE is
+        one rotation per pair, so this equals the keys un-roped and roped again at the new positions."""
+        ct = self._rope_split[0]
+        steps = rope_angles(2, self.cfg.head_dim - 4 * (self.cfg.head_dim // 6),
+                            self.cfg.rope_theta)[1].to(k.device)                        # [ct] angle per position
+        angle = frames.double()[..., None] * steps                                    # [B, F, ct]
+        b, f = frames.shape
+        tem = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
+        tem = tem[:, :, None].expand(b, f, k.shape[1] // f, ct)
+        spa = torch.ones(*tem.shape[:3], k.shape[-1] // 2 - ct, dtype=torch.complex64, device=k.device)
+        return apply_rope(k, torch.cat([tem, spa], dim=-1).reshape(b, k.shape[1], 1, -1))
 
     def embed(self, x: torch.Tensor, t: torch.Tensor):
         """x [B, F, C, h, w] latents, t [B, F] -> tokens [B, F*S, D], e [B, F, D], e0 [B, F, 6, D]."""

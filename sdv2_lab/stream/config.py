@@ -33,6 +33,7 @@ class PipelineConfig:
     kv_cache_dtype: str = "model"             # KV storage: model (its dtype) | int8 | fp8 (kv_cache.KV_DTYPES)
     sink_frames: int = 3                      # num_sink_tokens (counts latent frames)
     adapt_sink_threshold: float = 0.2         # -1 disables adaptive sink refresh
+    sink_ema: float = 0.0                     # > 0: an EMA sink (Reward Forcing): evicted frames folded into the sink
     frames_per_block: int = 1                 # latent frames per chunk (num_frame_per_block)
     noise: NoiseControllerConfig = field(default_factory=NoiseControllerConfig)
     t2v: bool = False                         # text-to-video: pure noise in, no input video
@@ -79,6 +80,8 @@ class PipelineConfig:
             raise ValueError(f"num_kv_cache={self.num_kv_cache!r} must exceed sink_frames={self.sink_frames} and the "
                              f"first chunk's {first} latent frames")
         check_kv_dtype(self.kv_cache_dtype)
+        if self.sink_ema:
+            self._check_ema_sink()
         if not -1 <= self.adapt_sink_threshold <= 1:
             raise ValueError(f"adapt_sink_threshold must be in [-1, 1] (-1 = off), got {self.adapt_sink_threshold}")
         if not 0 < self.noise.noise_scale <= 1:
@@ -99,6 +102,17 @@ class PipelineConfig:
             self._check_rebuild_fits()
         self._dry_run()
         return self
+
+    def _check_ema_sink(self) -> None:
+        """An EMA sink folds an evicted chunk into the sink frame by frame, as Reward Forcing does (blocks of 3, a
+        3-frame sink): chunks of the sink's size, a fixed sink, keys in the model's dtype."""
+        grows = self.target_fps is not None
+        if not 0 < self.sink_ema < 1 or self.sink_frames != self.frames_per_block or grows \
+                or self.adapt_sink_threshold > -1 or self.kv_cache_dtype != "model":
+            raise ValueError(f"sink_ema={self.sink_ema} (an EMA sink) needs 0 < sink_ema < 1, sink_frames = "
+                             f"frames_per_block (got {self.sink_frames} and {self.frames_per_block}), "
+                             f"adapt_sink_threshold=-1 (got {self.adapt_sink_threshold}), "
+                             f"kv_cache_dtype=model (got {self.kv_cache_dtype}) and no target_fps (got {self.target_fps})")
 
     def _check_kv_rebuild(self) -> bool:
         """The rebuild mechanics' own settings (kv_rebuild.py); whether one runs."""
@@ -175,7 +189,7 @@ class PipelineConfig:
     def _dry_run(self) -> None:
         """Positions and cache decisions of one row over 3 cache lengths of chunks, on the host (S = 1 token)."""
         spec = CacheSpec(num_layers=1, num_heads=1, head_dim=2, frame_tokens=1, num_frames=self.num_kv_cache,
-                         sink_frames=self.sink_frames)
+                         sink_frames=self.sink_frames)   # positions only: the sink's kind does not move them
         sizes = [self.first_latent_frames] + [self.frames_per_block] * (3 * self.num_kv_cache)
         if self.target_fps:
             sizes += [max(self.frames_per_block, self.num_kv_cache - self.sink_frames - 1)] * self.num_kv_cache
