@@ -179,3 +179,28 @@ def test_the_ema_sink_folds_each_evicted_chunk_into_the_sink():
             torch.testing.assert_close(cache.v[li, row, sink], want_v, rtol=1e-5, atol=1e-6)
     assert folds == 3                          # chunks 4, 5, 6 evicted (the window holds 4 chunks of 3)
     assert pos[0, :3].tolist() == [0, 1, 2]    # the sink stays at its positions
+
+
+@pytest.mark.parametrize("recipe", ["longlive", "krea", "reward_forcing"])
+def test_the_mechanics_stream_video_to_video_with_a_prompt_switch(recipe):
+    """V2V through the front door (push, set_prompt, flush) in single-wo with each mechanic on: every input frame
+    comes out, finite, and the rebuild ran where the recipe has one."""
+    from sdv2_lab.io.synthetic import synthetic_clip
+    pipe = build_pipeline(compose_config("config", [o for o in TINY if o not in ("t2v=true", "steps=1")] +
+                                         [f"backbone/recipe={recipe}", "steps=1"]))
+    replays = []
+    run = pipe.driver.executor.run
+    pipe.driver.executor.run = lambda job, *a: (replays.append(job) if not job.chunks and not job.stream_batch
+                                                else None) or run(job, *a)
+    cfg = pipe.driver.cfg
+    frames = cfg.first_chunk_frames + cfg.chunk_frames * 5
+    clip = synthetic_clip(frames, H, W, velocity=(0.7, 2.3))[0]
+    pipe.start("a red kite over the sea")
+    half = cfg.first_chunk_frames + cfg.chunk_frames * 3
+    out = [pipe.push(clip[:, :half])]
+    pipe.set_prompt("a city street at night")
+    out += [pipe.push(clip[:, half:]), pipe.flush()]
+    out = torch.cat([o for o in out if len(o)])
+    assert out.shape == (frames, H, W, 3) and torch.isfinite(out).all()
+    want = {"longlive": 4, "krea": 5, "reward_forcing": 0}[recipe]   # the 12-frame window once; one per later chunk
+    assert len(replays) == want
