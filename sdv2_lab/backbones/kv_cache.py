@@ -549,10 +549,10 @@ class StreamKVCache:
         slots = start[:, None] // S + torch.arange(f, device=self.device)[None, :]     # [B, f] physical frames
         pos = self.pos[li]
         new_pos = plan.start_frames[:, None] + torch.arange(f, device=self.device)[None, :]
-        if any(plan.evict):
-            if m != spec.sink_tokens:
-                raise ValueError(f"an EMA sink folds an evicted chunk into the sink frame by frame: chunks of {f} latent "
-                                 f"frames need a sink of {f} frames, the cache has {sinks}")
+        if m != spec.sink_tokens and any(plan.evict):
+            raise ValueError(f"an EMA sink folds an evicted chunk into the sink frame by frame: chunks of {f} latent "
+                             f"frames need a sink of {f} frames, the cache has {sinks}")
+        if m == spec.sink_tokens:   # every call of the sink's size, evicting or not: a CUDA graph holds one code path
             old_pos = pos[rows[:, None], slots]                                           # [B, f]
             fold = plan.evict_mask & (plan.fresh_flag != 0)   # another pass over its own chunk evicts nothing
             sink_flat = (rows[:, None] * spec.size + torch.arange(spec.sink_tokens, device=self.device)).reshape(-1)

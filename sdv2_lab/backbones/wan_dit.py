@@ -385,8 +385,10 @@ class CausalWanDiT(nn.Module):
         each temporal channel pair rotated on by that many positions' angle, the spatial pairs unchanged. RoPE is
         one rotation per pair, so this equals the keys un-roped and roped again at the new positions."""
         ct = self._rope_split[0]
-        steps = rope_angles(2, self.cfg.head_dim - 4 * (self.cfg.head_dim // 6),
-                            self.cfg.rope_theta)[1].to(k.device)                        # [ct] angle per position
+        steps = self._rope_cache.get(("step", k.device))   # made on the first (eager) call: none in a graph capture
+        if steps is None:
+            steps = rope_angles(2, self.cfg.head_dim - 4 * (self.cfg.head_dim // 6), self.cfg.rope_theta)[1]
+            steps = self._rope_cache.setdefault(("step", k.device), steps.to(k.device))   # [ct] angle per position
         angle = frames.double()[..., None] * steps                                    # [B, F, ct]
         b, f = frames.shape
         tem = torch.polar(torch.ones_like(angle), angle).to(torch.complex64)
