@@ -68,6 +68,7 @@ def main():
     p.add_argument("--warm", type=int, default=8, help="chunks before timing (the cache full, kernels tuned)")
     p.add_argument("--chunks", type=int, default=6)
     p.add_argument("--switches", type=int, default=4)
+    p.add_argument("--order", default="off,on", help="off,on or on,off: which setting runs first (warm-up effects)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -77,7 +78,7 @@ def main():
     for item in a.backbones.split(","):
         backbone, _, recipe = item.partition(":")
         off = ["kv_recache=false"] if recipe == "longlive" else ["kv_recompute_frames=0", "sink_frames=3"]
-        for extra in (off, []):
+        for extra in [off if o == "off" else [] for o in a.order.split(",")]:
             r = run(backbone, recipe, a, extra)
             rows.append(r)
             print(f"| {backbone} | {recipe} | {r['extra'] or 'recipe'} | {r['rebuild']} | {r['chunk_ms_median']:.1f} | "
