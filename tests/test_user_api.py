@@ -47,8 +47,9 @@ def ours(code: str, *changes: tuple[str, str]) -> str:
 
 @pytest.fixture
 def in_root(tiny_root, tmp_path, monkeypatch):
-    """A copy of the tiny checkpoint root as the working directory, with examples/original.mp4."""
-    root = copy_layout(tiny_root, tmp_path / "root")
+    """A copy of the tiny checkpoint root as the working directory, with examples/original.mp4. Its files are hard
+    links: nothing here writes into the checkpoint's files (outputs/ and examples/ are folders of the copy's own)."""
+    root = copy_layout(tiny_root, tmp_path / "root", link=True)
     write_synthetic_clip(root / "examples" / "original.mp4", frames=FRAMES, height=H, width=W)
     monkeypatch.chdir(root)
     return root
