@@ -111,8 +111,12 @@ def describe_paths(cfg: DictConfig) -> str:
     vae = cfg.vae.name + "".join(f", {x}" for x, on in (("fused", p["vae_fused"]),
                                                         (p["vae_accelerate"].replace("_", " "),
                                                          p["vae_accelerate"] != "none")) if on)
+    pc = pipeline_config(cfg)
+    kv = {"recache": ", KV recache on a prompt switch", "recompute": ", KV recomputed before every chunk",
+          "recache+recompute": ", KV recache and per-chunk recompute", None: ""}[pc.kv_rebuild]
+    sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
-            f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}, stages "
+            f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}{kv}{sink}, stages "
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
 
 

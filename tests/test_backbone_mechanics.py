@@ -206,3 +206,13 @@ def test_the_mechanics_stream_video_to_video_with_a_prompt_switch(recipe):
     assert out.shape == (frames, H, W, 3) and torch.isfinite(out).all()
     want = {"longlive": 4, "krea": 5, "reward_forcing": 0}[recipe]   # the 12-frame window once; one per later chunk
     assert len(replays) == want
+
+
+def test_the_run_line_says_which_mechanics_run():
+    from sdv2_lab.settings import describe_paths
+    assert "KV recache on a prompt switch" in describe_paths(compose_config("config", ["backbone=longlive",
+                                                                                       "mode=single_wo"]))
+    assert "KV" not in describe_paths(compose_config("config", ["backbone=longlive"]))   # a stream batch keeps it
+    assert "KV recomputed before every chunk" in describe_paths(compose_config("config", ["backbone=krea_14b",
+                                                                                          "mode=single_wo"]))
+    assert "EMA sink (0.999)" in describe_paths(compose_config("config", ["backbone=reward_forcing"]))
