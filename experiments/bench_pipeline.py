@@ -18,6 +18,7 @@ import torch
 
 from bench_dit import bench_one
 from sdv2_lab.build import backbone_config, build_pipeline, compose_config
+from sdv2_lab.settings import compile_kernels
 from sdv2_lab.io.synthetic import synthetic_clip
 from sdv2_lab.stream.clips import stream_clips
 import bench_dit
@@ -37,7 +38,9 @@ def main():
     p.add_argument("--streams", default="1", help="streams at once, e.g. 1,2,4,8")
     p.add_argument("--overlap", default="on", choices=["on", "off", "both"])
     p.add_argument("--graph", default="on", choices=["on", "off"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT's elementwise chains")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT's elementwise chains (default: auto, as the front ends: on for CUDA "
+                        "with Triton)")
     p.add_argument("--vae", default="wan")
     p.add_argument("--dit-alone", action="store_true", help="also time the DiT step alone (same process)")
     p.add_argument("--extra", default="", help="more Hydra overrides, comma separated")
@@ -57,7 +60,8 @@ def main():
                 ov = [f"backbone={backbone}", *([f"steps={asked}"] if asked else []), f"device={a.device}",
                       f"height={a.height}", f"width={a.width}", f"vae={a.vae}",
                       f"cuda_graph={'true' if a.graph == 'on' else 'false'}",
-                      f"compile_kernels={'true' if a.compile else 'false'}", f"streams={streams}",
+                      f"compile_kernels={'auto' if a.compile is None else str(a.compile).lower()}",
+                      f"streams={streams}",
                       f"overlap={'true' if overlap else 'false'}"]
                 ov += [x for x in a.extra.split(",") if x]
                 cfg = compose_config("config", ov)
@@ -95,7 +99,7 @@ def main():
                     alone = bench_one(backbone_config(cfg), int(steps), a.height, a.width, torch.device(a.device),
                                       torch.bfloat16 if cuda else torch.float32, 3, 12, cfg.num_kv_cache,
                                       cfg.sink_frames, cfg.adapt_sink_threshold, a.graph == "on" and cuda,
-                                      a.compile, streams, kv_dtype=str(cfg.kv_cache_dtype))
+                                      compile_kernels(cfg), streams, kv_dtype=str(cfg.kv_cache_dtype))
                     row["dit_alone_fps"] = alone["dit_fps"]
                 rows.append(row)
                 print(f"| {backbone} | {steps} | {row['vae']} | {streams} | {'on' if overlap else 'off'} | "

@@ -485,7 +485,7 @@ class StreamKVCache:
         """
         spec, m = self.spec, plan.num_tokens
         li = self.local(layer)
-        rows, b = plan.row_index, k_new.shape[0]
+        rows = plan.row_index
         cap = spec.capacity
         buf = self.queue[li]
         head, length = self.q_head[li].index_select(0, rows), self.q_len[li].index_select(0, rows)
