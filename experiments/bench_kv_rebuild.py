@@ -51,10 +51,7 @@ def run(backbone: str, recipe: str, a, extra: list[str]) -> dict:
                chunk_ms_median=statistics.median(chunks), switch_ms_median=statistics.median(switches),
                weights="dummy" if d.weights_are_dummy else "real")
     d.close(s)
-    pipe.close()
-    del pipe
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    pipe.close()   # models, cache and graphs given back (and the CUDA cache emptied) before the next row
     return row
 
 

@@ -55,10 +55,6 @@ class CleanFrames:
             while self.recent_len - self.recent[0].shape[1] >= self.keep:   # whole parts no longer needed
                 self.recent_len -= self.recent.popleft().shape[1]
 
-    @property
-    def frames(self) -> int:
-        return self.head_len + min(self.recent_len, self.keep)
-
     def latest(self, frames: int) -> Optional[torch.Tensor]:
         """The head frames, then the latest ``frames - head`` frames: [1, K, C, h, w], or None when none is kept."""
         parts = list(self.head_parts)
