@@ -48,6 +48,9 @@ def run(cfg: DictConfig, *, name: str = "sdv2 run",
     without the models (settings, weight files, input, output path) is checked first. ``mode=pipe`` on several
     stages: this same function runs on every rank (one process per stage, launched here), each building its
     stage and streaming the same input in lockstep; the last rank writes the video and prints the timings."""
+    from .preflight import check_config
+    check_config(cfg)   # before torch and the models are imported: a mistake is one line at once
+
     import torch
     from tqdm import tqdm
 
@@ -57,10 +60,8 @@ def run(cfg: DictConfig, *, name: str = "sdv2 run",
     from .io.video import VideoWriter
     from .parallel.launch import launches, on_ranks
     from .parallel.placement import writes_output
-    from .preflight import check_config
     from .stream.clips import stream_clip
 
-    check_config(cfg)
     writer = writes_output()
     prompt = read_prompt(cfg)
     out_dir = Path(cfg.output.dir)

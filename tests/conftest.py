@@ -3,11 +3,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# `pytest -n 2` (the README's command): two workers on a 2-core machine, each computing on one thread (and the
+# subprocesses the tests start too: they inherit it); two threads each would oversubscribe the cores (703 s vs 531 s)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("PYTEST_XDIST_WORKER")
+                      else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)
