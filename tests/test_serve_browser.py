@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from interrupts import sigint_as_a_terminal_sends_it
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,8 @@ def server(tmp_path_factory):
            "height=32", "width=48", f"hydra.run.dir={tmp / 'run'}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=sigint_as_a_terminal_sends_it)
     base = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     try:

@@ -32,6 +32,7 @@ from sdv2_lab.serve import wire  # noqa: E402
 from sdv2_lab.serve.background import serve_in_thread  # noqa: E402
 from sdv2_lab.serve.hub import Hub  # noqa: E402
 from sdv2_lab.serve.settings import ServeSettings  # noqa: E402
+from interrupts import sigint_as_a_terminal_sends_it  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -354,7 +355,8 @@ def test_sdv2_serve_over_tls_and_ctrl_c_is_a_clean_stop(tmp_path):
     cmd = [sys.executable, "-m", "sdv2_lab.cli", "serve", f"serve.port={port}", "height=32", "width=48",
            f"serve.ssl_certfile={cert}", f"serve.ssl_keyfile={key}", f"hydra.run.dir={tmp_path / 'run'}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=sigint_as_a_terminal_sends_it)
     trust = ssl.create_default_context(cafile=str(cert))
     try:
         t0 = time.monotonic()

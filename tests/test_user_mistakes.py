@@ -18,6 +18,7 @@ import pytest
 
 from sdv2_lab.io.synthetic import write_synthetic_clip
 from sdv2_lab.io.video import probe_video
+from interrupts import sigint_as_a_terminal_sends_it
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -163,7 +164,8 @@ def test_a_video_cut_short_names_the_file_and_frame_and_keeps_what_was_made(work
 # ---------------------------------------------------------------------------------------------- Ctrl-C
 def interrupt(cmd, cwd, ready, timeout=600):
     """Start ``cmd``, send SIGINT once ``ready(stdout, stderr)`` holds, return (exit code, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_a_terminal_sends_it)
     out, err = [], []
     pumps = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
              for s, b in ((proc.stdout, out), (proc.stderr, err))]
