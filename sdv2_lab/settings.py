@@ -115,6 +115,7 @@ def describe_paths(cfg: DictConfig) -> str:
     kv = {"recache": ", KV recache on a prompt switch", "recompute": ", KV recomputed before every chunk",
           "recache+recompute": ", KV recache and per-chunk recompute", None: ""}[pc.kv_rebuild]
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
+    sink += f", KV attention bias {pc.kv_attention_bias}" if pc.kv_attention_bias < 1 else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
             f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}{kv}{sink}, stages "
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
@@ -125,6 +126,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),
         num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames,
         adapt_sink_threshold=cfg.adapt_sink_threshold, sink_ema=float(cfg.sink_ema),
+        kv_attention_bias=float(cfg.kv_attention_bias),
         frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.first_chunk_latents,
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
         warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),

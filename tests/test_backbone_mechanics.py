@@ -216,3 +216,82 @@ def test_the_run_line_says_which_mechanics_run():
     assert "KV recomputed before every chunk" in describe_paths(compose_config("config", ["backbone=krea_14b",
                                                                                           "mode=single_wo"]))
     assert "EMA sink (0.999)" in describe_paths(compose_config("config", ["backbone=reward_forcing"]))
+
+
+# ------------------------------------------------------------------ Krea's KV attention bias
+def reference_attention(q, k, v, kv_lens, key_bias):
+    """softmax(q k^T / sqrt(d) + bias) v in float64, keys at or past each row's length left out."""
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))           # [B, H, L, D]
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + key_bias.double()[:, None, None, :]
+    valid = torch.arange(k.shape[2])[None, :] < kv_lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_attention_with_a_key_bias_equals_float64(backend):
+    from sdv2_lab.backbones.attention import get_attention
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, n, 2, 16, generator=g) for n in (5, 12, 12))
+    bias = torch.where(torch.rand(2, 12, generator=g) < 0.5, -1.2, 0.0)
+    lens = torch.tensor([12, 7])
+    want = reference_attention(q, k, v, lens, bias)
+    got = get_attention(backend).attend(q, k, v, lens, key_bias=bias)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    plain = get_attention(backend).attend(q, k, v, lens)            # and the bias changes what comes out
+    assert not torch.allclose(plain, got, atol=1e-3)
+
+
+def test_the_key_bias_falls_on_the_past_frames_only():
+    """log(b) on every key but the cache's first frame and the tokens the call itself wrote (found here by what
+    changed in the cache): appending calls while the cache fills, then calls that evict."""
+    import math
+    from sdv2_lab.backbones.kv_cache import CacheSpec
+    spec = CacheSpec(num_layers=1, num_heads=1, head_dim=4, frame_tokens=2, num_frames=6, sink_frames=0,
+                     key_bias=0.3)
+    cache = StreamKVCache(spec, 2, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    m = 3 * spec.frame_tokens                                            # blocks of 3 latent frames
+    for call in range(5):
+        before = cache.k[0].clone()
+        plan = cache.plan([call * m, call * m], m, static=True)
+        k = torch.randn(2, m, 1, 4, generator=g)
+        _, _, _, bias = cache.update(0, plan, k, torch.randn(2, m, 1, 4, generator=g))
+        cache.commit(plan)
+        for r in range(2):
+            stored = cache.k[0][r, :, 0]
+            own = torch.zeros(spec.size, dtype=torch.bool)
+            for i in range(m):                                           # where this call's keys went
+                hit = (stored == k[r, i, 0]).all(-1) & ~(before[r, :, 0] == k[r, i, 0]).all(-1)
+                assert int(hit.sum()) == 1
+                own |= hit
+            want = torch.full((spec.size,), math.log(0.3))
+            want[own] = 0.0
+            want[:spec.frame_tokens] = 0.0
+            torch.testing.assert_close(bias[r], want)
+        assert bias.shape == (2, spec.size)
+    off = StreamKVCache(CacheSpec(num_layers=1, num_heads=1, head_dim=4, frame_tokens=2, num_frames=6), 1,
+                        torch.float32, "cpu")
+    plan = off.plan([0], m)
+    assert off.update(0, plan, torch.zeros(1, m, 1, 4), torch.zeros(1, m, 1, 4))[3] is None   # 1 = off: no bias
+
+
+def test_krea_streams_with_its_kv_attention_bias():
+    """The recipe's 0.3 reaches attention: the same stream with the bias off (1.0) differs from the second block on
+    (the first attends to itself only), and the two backends that take a bias give the same stream."""
+    from sdv2_lab.settings import describe_paths
+    pipe, calls, marks, _ = traced_stream(["backbone/recipe=krea"], chunks=3)
+    assert pipe.driver.executor.cache.spec.key_bias == pytest.approx(0.3)
+    assert "KV attention bias 0.3" in describe_paths(compose_config("config", TINY + ["backbone/recipe=krea"]))
+    _, off, off_marks, _ = traced_stream(["backbone/recipe=krea", "kv_attention_bias=1.0"], chunks=3)
+    torch.testing.assert_close(calls[marks[0]][3], off[off_marks[0]][3], rtol=0, atol=0)
+    assert not torch.allclose(calls[marks[1] + 1][3], off[off_marks[1] + 1][3], atol=1e-4)
+    _, flex, flex_marks, _ = traced_stream(["backbone/recipe=krea", "attention=flex"], chunks=3)
+    for a, b in zip(calls, flex):
+        torch.testing.assert_close(a[3], b[3], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5])
+def test_a_kv_attention_bias_outside_0_1_is_refused(value):
+    with pytest.raises(ValueError, match=r"kv_attention_bias must be in \(0, 1\] \(1 = off"):
+        pipeline_config(compose_config("config", TINY + [f"kv_attention_bias={value}"])).validate()

@@ -50,7 +50,7 @@ def test_scales_travel_with_values_through_sinks_and_evictions(kind):
             plan = cache.plan([2 * i], 2)
             outs.append(cache.update(0, plan, k, v))
             cache.commit(plan)
-        (kr, vr, _), (kq, vq, _) = outs
+        (kr, vr, _, _), (kq, vq, _, _) = outs
         for a, b in ((kr, kq), (vr, vq)):
             tol = 0.07 * a.abs() + a.abs().amax(-1, keepdim=True) * 1e-2
             assert bool(((a - b).abs() <= tol).all()), (i, float((a - b).abs().max()))

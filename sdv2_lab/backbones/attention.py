@@ -2,7 +2,8 @@
 
 Every backend takes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` (the flash-attn layout, which is also the
 layout of the KV cache) and an optional per-row key length ``kv_lens [B]`` (int tensor on the device; keys at
-or beyond it are ignored). No causal mask: a streaming chunk sees itself and the whole valid cache, positions
+or beyond it are ignored), and an optional additive key bias ``key_bias [B, Lk]`` (float32, added to every
+query's score of that key: Krea's KV attention bias; the SDPA and flex backends take it). No causal mask: a streaming chunk sees itself and the whole valid cache, positions
 live in the RoPE phases (reference.md §1.7). Returns ``[B, Lq, H, D]`` in q's dtype.
 
 A backend is registered with ``@register_attention(name)``; ``get_attention(name)`` fails with the list of
@@ -21,7 +22,7 @@ from torch.nn.attention import SDPBackend
 
 from ..registry import Registry
 
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+AttendFn = Callable[..., torch.Tensor]   # (q, k, v, kv_lens=None, key_bias=None) -> [B, Lq, H, D]
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,22 @@ def with_sdpa_priority(priority: list[int], fn):
         torch._C._set_sdp_priority_order(previous)
 
 
-def _sdpa(q, k, v, kv_lens=None, order=None, capture_order=None):
+def no_key_bias(name: str, key_bias) -> None:
+    if key_bias is not None:
+        raise ValueError(f"attention={name} takes no key bias: kv_attention_bias < 1 (Krea's) needs attention=sdpa "
+                         f"or flex")
+
+
+def _sdpa(q, k, v, kv_lens=None, key_bias=None, order=None, capture_order=None):
     out_dtype = q.dtype
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         # CPU half-precision SDPA is slow and less accurate; the reference also upcasts here.
         q, k, v = q.float(), k.float(), v.float()
     mask = None if kv_lens is None else _key_mask(kv_lens, k.shape[2])
+    if key_bias is not None:   # an additive mask: the bias, and -inf past each row's length
+        bias = key_bias.to(q.dtype)[:, None, None, :]
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     if q.device.type == "cuda":
         priority = capture_order if torch.cuda.is_current_stream_capturing() else order
         out = with_sdpa_priority(priority, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
@@ -168,8 +178,14 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _add_key_bias(bias: torch.Tensor):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+    return score_mod
+
+
 @register_attention("flex", available=_flex_available, description="torch FlexAttention (compiled on GPU)")
-def flex_attention_backend(q, k, v, kv_lens=None):
+def flex_attention_backend(q, k, v, kv_lens=None, key_bias=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     out_dtype = q.dtype
@@ -188,7 +204,8 @@ def flex_attention_backend(q, k, v, kv_lens=None):
 
         block_mask = create_block_mask(valid, B=q.shape[0], H=None, Q_LEN=q.shape[2], KV_LEN=k.shape[2],
                                        device=q.device)
-    out = fn(q, k, v, block_mask=block_mask)
+    out = fn(q, k, v, score_mod=None if key_bias is None else _add_key_bias(key_bias.to(q.dtype)),
+             block_mask=block_mask)
     return out.transpose(1, 2).to(out_dtype)
 
 
@@ -214,7 +231,8 @@ def _flash_available() -> Optional[str]:
 
 
 @register_attention("flash_attn", available=_flash_available, description="FlashAttention 3 or 2 kvcache kernel")
-def flash_attention_backend(q, k, v, kv_lens=None):
+def flash_attention_backend(q, k, v, kv_lens=None, key_bias=None):
+    no_key_bias("flash_attn", key_bias)
     fa = _flash_module()
     if kv_lens is None:
         kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
@@ -244,7 +262,8 @@ def _fa4_available() -> Optional[str]:
 
 
 @register_attention("fa4", available=_fa4_available, description="FlashAttention-4 (flash-attn-4, CuTe DSL)")
-def fa4_attention(q, k, v, kv_lens=None):
+def fa4_attention(q, k, v, kv_lens=None, key_bias=None):
+    no_key_bias("fa4", key_bias)
     cute, _ = _fa4_module()
     if kv_lens is None:
         out = cute.flash_attn_func(q, k, v)

@@ -40,6 +40,7 @@ reference's is bf16), so a decision never hangs on one bf16 ulp (it can differ f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
@@ -84,6 +85,8 @@ class CacheSpec:
     queue_capacity: int = 0    # eviction-queue slots per (layer, row); 0 = num_frames + 64
     sink_ema: float = 0.0      # > 0: an EMA sink (Reward Forcing): evicted frames folded into the sink with this
                                # weight on the sink, sink = a * sink + (1 - a) * evicted; 0 = off
+    key_bias: float = 1.0      # < 1: Krea's KV attention bias: attention to the cache's past frames (neither its
+                               # first frame nor the call's own tokens) is scaled by this (log(b) added to scores)
 
     def __post_init__(self):
         if self.num_frames < 1 or self.frame_tokens < 1:
@@ -92,6 +95,8 @@ class CacheSpec:
             raise ValueError(f"sink_frames must be in [0, num_frames={self.num_frames}), got {self.sink_frames}")
         if not 0 <= self.sink_ema < 1:
             raise ValueError(f"sink_ema must be in [0, 1) (0 = off), got {self.sink_ema}")
+        if not 0 < self.key_bias <= 1:
+            raise ValueError(f"kv_attention_bias must be in (0, 1] (1 = off), got {self.key_bias}")
         if self.sink_ema and (self.sink_frames < 1 or self.refresh_threshold > -1):
             raise ValueError(f"an EMA sink (sink_ema={self.sink_ema}) needs sink_frames >= 1 and no adaptive refresh "
                              f"(adapt_sink_threshold=-1), got sink_frames={self.sink_frames}, threshold "
@@ -481,7 +486,8 @@ class StreamKVCache:
     def update(self, layer: int, plan: StepPlan, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this layer's new (post-RoPE) keys and values; return the keys/values to attend over.
 
-        k_new, v_new: [B, m, H, dh]. Returns (k [B, Lmax, H, dh], v [B, Lmax, H, dh], kv_lens or None).
+        k_new, v_new: [B, m, H, dh]. Returns (k [B, Lmax, H, dh], v [B, Lmax, H, dh], kv_lens or None,
+        key_bias [B, Lmax] float32 or None): with ``spec.key_bias`` < 1, added to every query's scores of those keys.
         """
         spec, m = self.spec, plan.num_tokens
         li = self.local(layer)
@@ -534,7 +540,17 @@ class StreamKVCache:
                 q, s = quantize_kv(new, self.kv_dtype)
                 store.index_copy_(0, flat, q)
                 scale[li].view(-1, new.shape[1]).index_copy_(0, flat, s)
-        return self._read(li, plan, "k", plan.max_len), self._read(li, plan, "v", plan.max_len), plan.kv_lens
+        bias = self._key_bias(start, m, plan.max_len) if spec.key_bias < 1 else None
+        return self._read(li, plan, "k", plan.max_len), self._read(li, plan, "v", plan.max_len), plan.kv_lens, bias
+
+    def _key_bias(self, start: torch.Tensor, m: int, length: int) -> torch.Tensor:
+        """Krea's KV attention bias over the keys read [B, length]: log(b) on the cache's past frames, 0 on its
+        first frame (slot 0: the anchor; with Krea's per-chunk rebuild the oldest kept frame) and on the tokens this
+        call wrote ([start, start + m) of each row); on the device, from the call's write positions."""
+        j = torch.arange(length, device=self.device)[None, :]
+        own = (j >= start[:, None]) & (j < start[:, None] + m)
+        past = (j >= self.spec.frame_tokens) & ~own
+        return torch.where(past, math.log(self.spec.key_bias), 0.0).to(torch.float32)
 
     def _fold_into_sink(self, li: int, plan: StepPlan, rows: torch.Tensor, start: torch.Tensor,
                         flat: torch.Tensor) -> None:

@@ -165,8 +165,10 @@ class SelfAttention(nn.Module):
         k = self.norm_k(k).view(b, n, self.num_heads, -1)
         v = v.view(b, n, self.num_heads, -1)
         q, k = self.kernels.rope(q, rope), self.kernels.rope(k, rope)
-        k_all, v_all, kv_lens = cache.update(layer, plan, k, v)
-        return self.o(attend(q, k_all, v_all, kv_lens).flatten(2))
+        k_all, v_all, kv_lens, key_bias = cache.update(layer, plan, k, v)
+        if key_bias is None:
+            return self.o(attend(q, k_all, v_all, kv_lens).flatten(2))
+        return self.o(attend(q, k_all, v_all, kv_lens, key_bias=key_bias).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -306,10 +308,11 @@ class CausalWanDiT(nn.Module):
         self.cfg.attention = name
 
     def cache_spec(self, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
-                   refresh_threshold: float = -1.0, sink_ema: float = 0.0) -> CacheSpec:
+                   refresh_threshold: float = -1.0, sink_ema: float = 0.0, key_bias: float = 1.0) -> CacheSpec:
         return CacheSpec(num_layers=self.cfg.num_layers, num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim,
                          frame_tokens=self.frame_tokens(height, width), num_frames=num_kv_frames,
-                         sink_frames=sink_frames, refresh_threshold=refresh_threshold, sink_ema=sink_ema)
+                         sink_frames=sink_frames, refresh_threshold=refresh_threshold, sink_ema=sink_ema,
+                         key_bias=key_bias)
 
     def frame_tokens(self, height: int, width: int) -> int:
         """Tokens per latent frame for a pixel resolution (VAE stride 8, this model's patch)."""
@@ -320,12 +323,17 @@ class CausalWanDiT(nn.Module):
     def new_cache(self, rows: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
                   refresh_threshold: float = -1.0, dtype=None, device=None,
                   layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model",
-                  sink_ema: float = 0.0) -> StreamKVCache:
+                  sink_ema: float = 0.0, key_bias: float = 1.0) -> StreamKVCache:
         """A KV cache of ``rows`` histories (a stream's stream-batch slots, or several streams' rows) for the
         layers ``layers`` (default all), stored as ``kv_dtype`` (``kv_cache.KV_DTYPES``); ``sink_ema`` > 0: an EMA
-        sink (the cache moves evicted keys to the sink's positions with ``move_keys``)."""
+        sink (the cache moves evicted keys to the sink's positions with ``move_keys``); ``key_bias`` < 1: Krea's KV
+        attention bias (``CacheSpec.key_bias``)."""
         p = self.held_parameter()
-        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold, sink_ema)
+        name = self.attention_backend.name
+        if key_bias < 1 and not (name in ("sdpa", "flex") or name.startswith("sdpa_")):
+            raise ValueError(f"kv_attention_bias={key_bias} (Krea's KV attention bias) needs attention=sdpa or flex, "
+                             f"not {name}")
+        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold, sink_ema, key_bias)
         return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers, kv_dtype=kv_dtype,
                              move_keys=self.move_keys)
 

@@ -203,7 +203,8 @@ def pipe_stage(place: Placement, dit, vae, pcfg, cfg: DictConfig, device: torch.
     rows = pcfg.max_streams * len(pcfg.step_list)
     cache = dit.new_cache(rows, pcfg.height, pcfg.width, pcfg.num_kv_cache, pcfg.sink_frames,
                           pcfg.adapt_sink_threshold, dtype=dtype, device=device, layers=place.layers,
-                          kv_dtype=pcfg.kv_cache_dtype, sink_ema=pcfg.sink_ema)
+                          kv_dtype=pcfg.kv_cache_dtype, sink_ema=pcfg.sink_ema,
+                          key_bias=pcfg.kv_attention_bias)
     stage = PipeStage(dit, cache, FlowMatchSchedule(pcfg.timestep_shift), ctx=place.ctx, ranges=place.ranges,
                       options=options(cfg))
     if place.ctx is not None:

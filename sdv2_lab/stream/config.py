@@ -34,6 +34,7 @@ class PipelineConfig:
     sink_frames: int = 3                      # num_sink_tokens (counts latent frames)
     adapt_sink_threshold: float = 0.2         # -1 disables adaptive sink refresh
     sink_ema: float = 0.0                     # > 0: an EMA sink (Reward Forcing): evicted frames folded into the sink
+    kv_attention_bias: float = 1.0            # < 1: Krea's KV attention bias (past cache frames scaled by it in attention)
     frames_per_block: int = 1                 # latent frames per chunk (num_frame_per_block)
     noise: NoiseControllerConfig = field(default_factory=NoiseControllerConfig)
     t2v: bool = False                         # text-to-video: pure noise in, no input video
@@ -82,6 +83,10 @@ class PipelineConfig:
         check_kv_dtype(self.kv_cache_dtype)
         if self.sink_ema:
             self._check_ema_sink()
+        if isinstance(self.kv_attention_bias, bool) or not isinstance(self.kv_attention_bias, (int, float)) \
+                or not 0 < self.kv_attention_bias <= 1:
+            raise ValueError(f"kv_attention_bias must be in (0, 1] (1 = off; Krea's recipe: 0.3), got "
+                             f"{self.kv_attention_bias!r}")
         if not -1 <= self.adapt_sink_threshold <= 1:
             raise ValueError(f"adapt_sink_threshold must be in [-1, 1] (-1 = off), got {self.adapt_sink_threshold}")
         if not 0 < self.noise.noise_scale <= 1:
