@@ -295,3 +295,20 @@ def test_krea_streams_with_its_kv_attention_bias():
 def test_a_kv_attention_bias_outside_0_1_is_refused(value):
     with pytest.raises(ValueError, match=r"kv_attention_bias must be in \(0, 1\] \(1 = off"):
         pipeline_config(compose_config("config", TINY + [f"kv_attention_bias={value}"])).validate()
+
+
+def test_backends_without_a_key_bias_refuse_it_in_one_line():
+    """flash_attn and fa4 have no additive bias: the build refuses the setting with them, and a call that gets one
+    anyway (the backend switched later) says which backends take it."""
+    from dataclasses import replace
+    from sdv2_lab.backbones.attention import flash_attention_backend, fa4_attention, get_attention
+    pipe = build_pipeline(compose_config("config", TINY))
+    dit = pipe.dit
+    dit.attention_backend = replace(get_attention("sdpa"), name="flash_attn")
+    with pytest.raises(ValueError, match="kv_attention_bias=0.3 .* needs attention=sdpa or flex, not flash_attn"):
+        dit.new_cache(1, H, W, 6, key_bias=0.3)
+    dit.new_cache(1, H, W, 6)                                          # without the bias it builds
+    q = torch.zeros(1, 2, 1, 4)
+    for fn, name in ((flash_attention_backend, "flash_attn"), (fa4_attention, "fa4")):
+        with pytest.raises(ValueError, match=f"attention={name} takes no key bias"):
+            fn(q, q, q, None, key_bias=torch.zeros(1, 2))
