@@ -49,7 +49,7 @@ def run(cfg: DictConfig, *, name: str = "sdv2 run",
     stages: this same function runs on every rank (one process per stage, launched here), each building its
     stage and streaming the same input in lockstep; the last rank writes the video and prints the timings."""
     from .preflight import check_config
-    check_config(cfg)   # before torch and the models are imported: a mistake is one line at once
+    check_config(cfg)   # before the models' modules are imported: a mistake is one line, at once
 
     import torch
     from tqdm import tqdm

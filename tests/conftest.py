@@ -11,8 +11,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("PYTEST_XDIST_WORKER")
-                      else max(1, min(2, os.cpu_count() or 1)))
+if not os.environ.get("PYTEST_XDIST_WORKER"):   # a worker's torch took OMP_NUM_THREADS above
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

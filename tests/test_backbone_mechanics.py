@@ -304,7 +304,7 @@ def test_backends_without_a_key_bias_refuse_it_in_one_line():
     from sdv2_lab.backbones.attention import flash_attention_backend, fa4_attention, get_attention
     pipe = build_pipeline(compose_config("config", TINY))
     dit = pipe.dit
-    dit.attention_backend = replace(get_attention("sdpa"), name="flash_attn")
+    dit.attention_backend = replace(get_attention("sdpa"), name="flash_attn", takes_key_bias=False)
     with pytest.raises(ValueError, match="kv_attention_bias=0.3 .* needs attention=sdpa or flex, not flash_attn"):
         dit.new_cache(1, H, W, 6, key_bias=0.3)
     dit.new_cache(1, H, W, 6)                                          # without the bias it builds

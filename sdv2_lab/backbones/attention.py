@@ -3,8 +3,9 @@
 Every backend takes ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` (the flash-attn layout, which is also the
 layout of the KV cache) and an optional per-row key length ``kv_lens [B]`` (int tensor on the device; keys at
 or beyond it are ignored), and an optional additive key bias ``key_bias [B, Lk]`` (float32, added to every
-query's score of that key: Krea's KV attention bias; the SDPA and flex backends take it). No causal mask: a streaming chunk sees itself and the whole valid cache, positions
-live in the RoPE phases (reference.md §1.7). Returns ``[B, Lq, H, D]`` in q's dtype.
+query's score of that key: Krea's KV attention bias; backends registered with ``takes_key_bias``). No causal mask:
+a streaming chunk sees itself and the whole valid cache, positions live in the RoPE phases (reference.md §1.7).
+Returns ``[B, Lq, H, D]`` in q's dtype.
 
 A backend is registered with ``@register_attention(name)``; ``get_attention(name)`` fails with the list of
 backends that work on this machine.
@@ -31,14 +32,16 @@ class AttentionBackend:
     attend: AttendFn
     available: Callable[[], Optional[str]]  # None when usable, else the reason it is not
     description: str = ""
+    takes_key_bias: bool = False            # whether ``attend`` takes ``key_bias`` (Krea's KV attention bias)
 
 
 ATTENTION: Registry[AttentionBackend] = Registry("attention backend")
 
 
-def register_attention(name: str, available: Callable[[], Optional[str]] = lambda: None, description: str = ""):
+def register_attention(name: str, available: Callable[[], Optional[str]] = lambda: None, description: str = "",
+                       takes_key_bias: bool = False):
     def wrap(fn: AttendFn) -> AttendFn:
-        ATTENTION.register(name)(AttentionBackend(name, fn, available, description))
+        ATTENTION.register(name)(AttentionBackend(name, fn, available, description, takes_key_bias))
         return fn
     return wrap
 
@@ -114,7 +117,8 @@ def with_sdpa_priority(priority: list[int], fn):
         torch._C._set_sdp_priority_order(previous)
 
 
-def no_key_bias(name: str, key_bias) -> None:
+def refuse_key_bias(name: str, key_bias) -> None:
+    """A backend without a key bias, given one (switched to after the cache was built)."""
     if key_bias is not None:
         raise ValueError(f"attention={name} takes no key bias: kv_attention_bias < 1 (Krea's) needs attention=sdpa "
                          f"or flex")
@@ -146,8 +150,8 @@ def _sdpa_backend(first: Optional[str] = None):
 
 
 sdpa_attention = register_attention(
-    "sdpa", description=f"torch scaled_dot_product_attention; on CUDA kernels tried in the order {SDPA_CUDA_ORDER}")(
-    _sdpa_backend())
+    "sdpa", description=f"torch scaled_dot_product_attention; on CUDA kernels tried in the order {SDPA_CUDA_ORDER}",
+    takes_key_bias=True)(_sdpa_backend())
 
 
 def _cuda_available() -> Optional[str]:
@@ -155,7 +159,7 @@ def _cuda_available() -> Optional[str]:
 
 
 for _name in ("cudnn", "flash", "efficient"):  # one SDPA kernel first, for sweeps and benchmarks
-    register_attention(f"sdpa_{_name}", available=_cuda_available,
+    register_attention(f"sdpa_{_name}", available=_cuda_available, takes_key_bias=True,
                        description=f"torch SDPA with the {_name} kernel first (CUDA)")(_sdpa_backend(_name))
 
 
@@ -184,7 +188,8 @@ def _add_key_bias(bias: torch.Tensor):
     return score_mod
 
 
-@register_attention("flex", available=_flex_available, description="torch FlexAttention (compiled on GPU)")
+@register_attention("flex", available=_flex_available, description="torch FlexAttention (compiled on GPU)",
+                    takes_key_bias=True)
 def flex_attention_backend(q, k, v, kv_lens=None, key_bias=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -232,7 +237,7 @@ def _flash_available() -> Optional[str]:
 
 @register_attention("flash_attn", available=_flash_available, description="FlashAttention 3 or 2 kvcache kernel")
 def flash_attention_backend(q, k, v, kv_lens=None, key_bias=None):
-    no_key_bias("flash_attn", key_bias)
+    refuse_key_bias("flash_attn", key_bias)
     fa = _flash_module()
     if kv_lens is None:
         kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)
@@ -263,7 +268,7 @@ def _fa4_available() -> Optional[str]:
 
 @register_attention("fa4", available=_fa4_available, description="FlashAttention-4 (flash-attn-4, CuTe DSL)")
 def fa4_attention(q, k, v, kv_lens=None, key_bias=None):
-    no_key_bias("fa4", key_bias)
+    refuse_key_bias("fa4", key_bias)
     cute, _ = _fa4_module()
     if kv_lens is None:
         out = cute.flash_attn_func(q, k, v)

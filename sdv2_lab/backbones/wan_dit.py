@@ -329,10 +329,9 @@ class CausalWanDiT(nn.Module):
         sink (the cache moves evicted keys to the sink's positions with ``move_keys``); ``key_bias`` < 1: Krea's KV
         attention bias (``CacheSpec.key_bias``)."""
         p = self.held_parameter()
-        name = self.attention_backend.name
-        if key_bias < 1 and not (name in ("sdpa", "flex") or name.startswith("sdpa_")):
+        if key_bias < 1 and not self.attention_backend.takes_key_bias:
             raise ValueError(f"kv_attention_bias={key_bias} (Krea's KV attention bias) needs attention=sdpa or flex, "
-                             f"not {name}")
+                             f"not {self.attention_backend.name}")
         spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold, sink_ema, key_bias)
         return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers, kv_dtype=kv_dtype,
                              move_keys=self.move_keys)
