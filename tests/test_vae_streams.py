@@ -262,3 +262,57 @@ def test_driver_makes_one_vae_call_per_stage_for_all_streams(monkeypatch):
         torch.testing.assert_close(got, want[n], rtol=1e-5, atol=1e-5)
     assert ("encode_streams", 3) in calls and ("decode_streams", 3) in calls   # all three in one call
     assert ("encode_streams", 2) in calls                                       # after B left
+
+
+@pytest.mark.parametrize("kind", sorted(VAES))
+def test_a_new_stream_replays_the_vae_graphs_of_an_ended_one(kind):
+    """The driver keeps an ended stream's VAE state and restarts it in place for the next stream: the next stream
+    captures no VAE graph (its steady chunks replay the graphs captured for the ended one; emulated on CPU, where
+    a replay re-runs the call with the objects of its capture, so a replay over stale history would show), and
+    its frames equal the same stream on a fresh engine with a fresh eager VAE (1e-5). ``release`` drops them."""
+    from sdv2_lab.backbones.checkpoints import load_backbone
+    from sdv2_lab.backbones.wan_dit import WanDiTConfig
+    from sdv2_lab.io.synthetic import synthetic_clip
+    from sdv2_lab.stream.config import PipelineConfig
+    from sdv2_lab.stream.driver import frames_of
+    from sdv2_lab.stream.pipeline import StreamPipeline
+    from sdv2_lab.text.hashed import HashedTextEncoder
+    from sdv2_lab.vae.accel import CUDAGraphed
+    from dit_oracle import TINY
+    h, w = 32, 48
+
+    def engine(vae):
+        torch.manual_seed(0)
+        dit = load_backbone(WanDiTConfig(name="tiny", **TINY), "dummy", dtype=torch.float32, seed=0)
+        cfg = PipelineConfig(height=h, width=w, denoising_steps=[700, 500])
+        return StreamPipeline(dit, vae, HashedTextEncoder(), cfg, device="cpu", dtype=torch.float32).driver
+
+    def run(d, clip, seed):
+        s = d.open("neon", seed=seed)
+        out = frames_of(d.push(s, clip) + d.flush(s), h, w, "cpu")
+        d.close(s)
+        return s, out
+
+    first, second = (synthetic_clip(1 + 4 * 6, h, w, seed=i, velocity=(0.5 + i, 1.7))[0] for i in (1, 2))
+    graphed, steps = VAES[kind](), {}
+    for part in (graphed, getattr(graphed, "wan", None)):   # TAEHV's Wan encoder has steps of its own
+        if part is not None:
+            wrapped = {name: CUDAGraphed(fn, name, emulate=True) for name, fn in part._steps.items()}
+            part._steps.update(wrapped)
+            steps.update({f"{type(part).__name__}.{n}": st for n, st in wrapped.items()})
+    d = engine(graphed)
+    a, _ = run(d, first, seed=5)
+    captured = {n: st.captures for n, st in steps.items()}
+    replayed = {n: st.replays for n, st in steps.items()}
+    steps = {n: st for n, st in steps.items() if st.captures}   # the steps this VAE runs (TAEHV: not Wan's decode)
+    assert len(steps) >= 2
+    captured = {n: captured[n] for n in steps}
+    b, got = run(d, second, seed=6)
+    assert b.dev.vae_state is a.dev.vae_state                     # the same tensors, restarted
+    assert {n: st.captures for n, st in steps.items()} == captured  # nothing captured again
+    assert all(st.replays - replayed[n] >= 5 for n, st in steps.items())   # 6 chunks: every steady call replayed
+    _, want = run(engine(VAES[kind]()), second, seed=6)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    d.release()
+    assert all(not st.graphs.graphs for st in steps.values())

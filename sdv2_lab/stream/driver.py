@@ -138,6 +138,9 @@ class StreamDriver:
         self.lanes = Lanes(self.device, cfg.overlap)
         self.guard = InputGuard(cfg.input_guard, cfg.input_limit)   # bad numbers in (input_guard.py)
         self.clock = Clock(self.device)
+        # id(vae) -> (vae, VAE states of ended streams): the next stream restarts one in place, so the VAE graphs
+        # captured for it replay (a new state is a new graph key: an eager chunk, then a capture, ~0.4 s at 480p)
+        self._spare_vae_states: dict[int, tuple[Any, list]] = {}
         self.listeners: list[Callable] = []
         self._dit_done: Optional[torch.cuda.Event] = None     # the last DiT job's end (decode waits for it)
         self._last_in_flight: tuple = (None, None)             # (stream ids, latents) of the last stream-batch job
@@ -206,7 +209,7 @@ class StreamDriver:
                 t=_timesteps(s.steps, self.device), t_first=_timesteps(s.first_steps, self.device),
                 controller=MotionNoiseController(noise, self.device), checks=self.guard.new(self.device),
                 generator=self.generator if seed is None else torch.Generator(device=self.device).manual_seed(seed),
-                vae=vae, vae_state=vae.new_state(1) if vae is not None else None, clean=self._clean_frames())
+                vae=vae, vae_state=self._vae_state(vae) if vae is not None else None, clean=self._clean_frames())
             emb = self._embed(prompt)
             with self.lanes.on("dit", [self._current_event()]):
                 self.executor.reset_rows(s.rows)
@@ -237,8 +240,30 @@ class StreamDriver:
     def close(self, s: Stream) -> None:
         """End a stream at once (its rows are free for the next one); call ``flush`` first to drain it."""
         if not s.closed and s.dev is not None and s.dev.vae is not None:
-            release(s.dev.vae, s.dev.vae_state)
+            self._retire_vae_state(s.dev.vae, s.dev.vae_state)
         self.scheduler.close(s)
+
+    def _vae_state(self, vae):
+        """A new stream's VAE state: an ended stream's restarted in place when there is one, else a new one. Each
+        part is zeroed on the lane that uses it, after the ended stream's last use there (lanes run in order)."""
+        spare = self._spare_vae_states.get(id(vae), (None, []))[1]
+        if not spare:
+            return vae.new_state(1)
+        state = spare.pop()
+        with self.lanes.on("encode"):
+            state.restart(encoder=True, decoder=False)
+        with self.lanes.on("decode"):
+            state.restart(encoder=False, decoder=True)
+        return state
+
+    def _retire_vae_state(self, vae, state) -> None:
+        """Keep an ended stream's VAE state (and so its graphs) for the next stream, up to one per stream slot;
+        a VAE whose state cannot restart, or one more than that, is released (its graphs dropped)."""
+        spare = self._spare_vae_states.setdefault(id(vae), (vae, []))[1]
+        if callable(getattr(state, "restart", None)) and len(spare) < self.scheduler.max_streams:
+            spare.append(state)
+        else:
+            release(vae, state)
 
     def release(self) -> None:
         """The end of this engine: every stream closed, every device tensor it holds given back (KV cache, CUDA
@@ -248,6 +273,10 @@ class StreamDriver:
             s.buffer.clear()
             self.scheduler.close(s)
         self.listeners.clear()
+        for vae, states in self._spare_vae_states.values():
+            for state in states:
+                release(vae, state)
+        self._spare_vae_states.clear()
         self._last_in_flight, self._dit_done = (None, None), None
         self.executor.release()
 

@@ -49,6 +49,13 @@ class StreamCache:
     def tensors(self) -> list[torch.Tensor]:
         return list(self.history.values())
 
+    def restart(self) -> None:
+        """Make this cache a new stream's, in place: every history zeroed (the zero padding at a stream's start),
+        its tensors and uid kept, so that the CUDA graphs captured for it replay for the new stream."""
+        for h in self.history.values():
+            h.zero_()
+        self.first = True
+
 
 class Batch:
     """The caches of the streams one call runs over; stream i is batch row i (a single cache may hold any

@@ -199,6 +199,17 @@ class TAEHVState:
     latents_in: int = 0
     size: Optional[tuple[int, int]] = None
 
+    def restart(self, encoder: bool = True, decoder: bool = True) -> None:
+        """Make this (its encoder's and/or decoder's part) a new stream's state in place, as ``WanVAEState.restart``."""
+        if self.wan is not None:
+            self.wan.restart(encoder, decoder)
+        if encoder:
+            self.enc.restart()
+            self.frames_in = 0
+        if decoder:
+            self.dec.restart()
+            self.latents_in = 0
+
 
 LATENT_SPACES = ("raw", "normalized")
 

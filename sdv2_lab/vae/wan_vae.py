@@ -63,6 +63,17 @@ class WanVAEState:
     latents_in: int = 0
     size: Optional[tuple[int, int]] = None  # (H, W) of the stream, fixed after its first call
 
+    def restart(self, encoder: bool = True, decoder: bool = True) -> None:
+        """Make this (its encoder's and/or decoder's part) a new stream's state in place, as ``new_state()`` would
+        (the size kept): the tensors and uids stay, so the CUDA graphs captured for the ended stream replay for
+        the new one. The parts apart so that each can be zeroed on the lane that uses it."""
+        if encoder:
+            self.enc.restart()
+            self.frames_in = 0
+        if decoder:
+            self.dec.restart()
+            self.latents_in = 0
+
 
 class CausalConv3d(nn.Conv3d):
     """A Conv3d padded in time on the left only. ``lookback`` (= 2 x the time padding) previous input
