@@ -88,17 +88,23 @@ def staged_loop(a, clip_path: Path) -> dict:
         graphs0 = (getattr(executor, "captures", None), getattr(executor, "replays", None))
         decoded_chunks, noise_scale = [], stream.noise_scale
         starts, outs = [], []                                 # host clock: chunk k's encode call, output times
+        calls = {"encode": [], "denoise": [], "decode": []}   # host ms inside each call (decode: the wait too)
         t_start = time.perf_counter()
         for video_chunk in stream.chunk_video(video):
             starts.append(time.perf_counter())
             encoded_chunk = stream.encode_chunk(video, video_chunk, previous_noise_scale=noise_scale,
                                                 initial_noise_scale=stream.noise_scale)
             noise_scale = encoded_chunk.noise_scale
+            t1 = time.perf_counter()
             denoised_chunk = stream.denoise_chunk(encoded_chunk)
+            t2 = time.perf_counter()
+            calls["encode"].append(1e3 * (t1 - starts[-1]))
+            calls["denoise"].append(1e3 * (t2 - t1))
             if denoised_chunk is None:
                 continue
             decoded_chunks.append(stream.decode_chunk(denoised_chunk))
             outs.append((time.perf_counter(), decoded_chunks[-1].shape[0]))
+            calls["decode"].append(1e3 * (outs[-1][0] - t2))
         for frames in stream.flush():
             decoded_chunks.append(frames)
             outs.append((time.perf_counter(), frames.shape[0]))
@@ -113,6 +119,7 @@ def staged_loop(a, clip_path: Path) -> dict:
                         "latency_p95_ms": percentile(lat, 95), "output_frames": n,
                         # where the time goes, chunk by chunk, and whether this stream captured graphs anew
                         "latencies_ms": [round(v, 1) for v in lat],
+                        "call_ms_p50": {k: percentile(v[1:], 50) for k, v in calls.items()},
                         "graph_captures": None if graphs0[0] is None else executor.captures - graphs0[0],
                         "graph_replays": None if graphs0[1] is None else executor.replays - graphs0[1]})
         assert np.concatenate(decoded_chunks).shape[0] == n

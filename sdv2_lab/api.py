@@ -216,22 +216,20 @@ class _InputVideo:
 
 
 class _HostFrames:
-    """Device frames -> a numpy array, through a pinned staging buffer: one asynchronous copy, one wait."""
-
-    def __init__(self):
-        self.staging: Optional[torch.Tensor] = None
+    """Device frames -> a numpy array: one asynchronous copy into pinned memory, one wait for these frames only.
+    Each call gets its own pinned block from torch's caching host allocator (reused once the array that holds
+    it is freed), so the array is handed out as it is, without a second host copy."""
 
     def __call__(self, frames: torch.Tensor) -> np.ndarray:
         if frames.device.type != "cuda":
             return frames.to(torch.float32).contiguous().numpy().copy()
         frames = frames.to(torch.float32).contiguous()
-        if self.staging is None or self.staging.shape != frames.shape:
-            self.staging = torch.empty(frames.shape, dtype=torch.float32, pin_memory=True)
-        self.staging.copy_(frames, non_blocking=True)
+        host = torch.empty(frames.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(frames, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         done.synchronize()
-        return self.staging.numpy().copy()
+        return host.numpy()   # the array keeps ``host`` alive
 
 
 class StreamDiffusionV2Pipeline:
