@@ -114,6 +114,7 @@ def describe_paths(cfg: DictConfig) -> str:
     pc = pipeline_config(cfg)
     kv = {"recache": ", KV recache on a prompt switch", "recompute": ", KV recomputed before every chunk",
           "recache+recompute": ", KV recache and per-chunk recompute", None: ""}[pc.kv_rebuild]
+    kv += " (its oldest frame re-encoded from pixels)" if pc.kv_rebuild and pc.kv_recompute_reencode else ""
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
     sink += f", KV attention bias {pc.kv_attention_bias}" if pc.kv_attention_bias < 1 else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
@@ -131,6 +132,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
         warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),
         kv_recache=bool(cfg.kv_recache), kv_recompute_frames=int(cfg.kv_recompute_frames),
+        kv_recompute_reencode=bool(cfg.kv_recompute_reencode),
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,
         cuda_graph=switch(cfg, "cuda_graph"), overlap=switch(cfg, "overlap"), max_streams=int(cfg.streams),

@@ -45,12 +45,13 @@ def traced_stream(overrides, chunks: int, switch_at=None):
     d.denoise = kept
     s = d.open("a red kite over the sea", seed=0)
     marks = []
+    pipe.test_outputs = []   # each chunk's decoded frames [T, H, W, 3] in [0, 1]
     for k in range(chunks):
         if k == switch_at:
             marks.append(("switch", len(calls)))
             d.set_prompt(s, "a city street at night")
         marks.append((k, len(calls)))
-        d._run([d.scheduler.noise_chunk(s)])
+        pipe.test_outputs += [o.frames.clone() for o in d._run([d.scheduler.noise_chunk(s)])]
     return pipe, calls, dict(marks), emitted
 
 
@@ -102,19 +103,31 @@ def test_without_the_recache_the_old_prompts_keys_stay():
         torch.testing.assert_close(calls[marks[k]][3], rcalls[rmarks[k]][3], rtol=0, atol=0)
 
 
-def test_krea_recomputes_the_context_before_every_block():
-    pipe, calls, marks, emitted = traced_stream(["backbone/recipe=krea"], chunks=4)
+@pytest.mark.parametrize("reencode", [True, False])
+def test_krea_recomputes_the_context_before_every_block(reencode):
+    """Before block k the cache is the last block's 3 clean frames at t = 0 from position 0. With the recipe's
+    re-encode (Scope's ``get_context_frames``), from block 2 on the oldest of them is its last decoded video frame
+    (frame 3 of the last block's output) encoded alone by a fresh VAE stream; at block 1 it is the stream's own
+    first latent, as it left the DiT."""
+    pipe, calls, marks, emitted = traced_stream(["backbone/recipe=krea", f"kv_recompute_reencode={reencode}"],
+                                                chunks=4)
     cfg = pipe.driver.cfg
     assert (cfg.kv_recompute_frames, cfg.kv_rebuild, cfg.num_kv_cache, cfg.sink_frames, cfg.context_pass) == \
         (3, "recompute", 6, 0, False)
     steps = [1000, 0]                                                 # its first step + T2V's final clean step
+    vae = pipe.driver.vae
     for k in range(1, 4):
         block = calls[marks[k]:marks[k + 1] if k + 1 in marks else None]
         assert len(block) == 1 + len(steps)                           # the recompute, then the block's steps
         (cx, ct, cstart, _), first = block[0], block[1]
-        previous = emitted[k - 1]                                     # the last block's clean frames
+        previous = emitted[k - 1].clone()                             # the last block's clean frames
+        if reencode and k >= 2:
+            frame = pipe.test_outputs[k - 1][3].permute(2, 0, 1) * 2 - 1   # [3, H, W] in [-1, 1]
+            image_latent = vae.encode(vae.new_state(), frame[None, :, None].to(previous.dtype))
+            assert not torch.allclose(image_latent, previous[:, :1], atol=1e-3)   # the re-encode changes it
+            previous[:, :1] = image_latent
         assert cstart == [0] and float(ct.abs().max()) == 0.0
-        torch.testing.assert_close(cx, previous, rtol=0, atol=0)
+        torch.testing.assert_close(cx, previous, rtol=1e-5, atol=1e-5)
         x, t, starts, v = first
         assert starts == [3 * S] and [float(c[1].flatten()[0]) for c in block[1:]] == steps
         want = fresh_stream_velocity(pipe, "a red kite over the sea", previous, x, t, 3 * S)
@@ -131,6 +144,8 @@ def test_the_rebuild_runs_in_single_wo_only_and_its_context_must_fit():
                                                   "kv_recompute_frames=4"])).validate()
     with pytest.raises(ValueError, match="kv_recompute_frames must be 0"):
         pipeline_config(compose_config("config", ["backbone=tiny", "kv_recompute_frames=-1"])).validate()
+    with pytest.raises(ValueError, match="kv_recompute_reencode=true .* needs kv_recompute_frames > 0"):
+        pipeline_config(compose_config("config", ["backbone=tiny", "kv_recompute_reencode=true"])).validate()
 
 
 # ---------------------------------------------------------------------------------------------- the EMA sink

@@ -27,6 +27,8 @@ class PipelineConfig:
                                               # latents under the new prompt (LongLive; kv_rebuild.py)
     kv_recompute_frames: int = 0              # > 0: before every later chunk, the KV cache is rebuilt from this many
                                               # latest clean latent frames (Krea's per-block recompute)
+    kv_recompute_reencode: bool = False       # the recompute's oldest frame re-encoded alone from its decoded pixels,
+                                              # a first-frame (image) latent, as Krea does (kv_rebuild.py)
     first_chunk_latents: Optional[int] = None # latent frames of a stream's first chunk (None: 1 + frames_per_block
                                               # in V2V, 1 in T2V, StreamDiffusionV2's)
     num_kv_cache: int = 6                     # latent frames held in the KV cache
@@ -124,6 +126,9 @@ class PipelineConfig:
         r = self.kv_recompute_frames
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"kv_recompute_frames must be 0 (off) or a positive number of latent frames, got {r!r}")
+        if self.kv_recompute_reencode and not r:
+            raise ValueError("kv_recompute_reencode=true re-encodes the oldest frame of the per-chunk KV recompute: "
+                             "it needs kv_recompute_frames > 0")
         return self.kv_rebuild is not None
 
     @property

@@ -141,6 +141,8 @@ class StreamDriver:
         # id(vae) -> (vae, VAE states of ended streams): the next stream restarts one in place, so the VAE graphs
         # captured for it replay (a new state is a new graph key: an eager chunk, then a capture, ~0.4 s at 480p)
         self._spare_vae_states: dict[int, tuple[Any, list]] = {}
+        self._reencode_states: dict[int, Any] = {}   # id(vae) -> the state Krea's re-encode restarts each time
+        self._reencode_skipped: set[int] = set()     # streams told that their context was not re-encoded
         self.listeners: list[Callable] = []
         self._dit_done: Optional[torch.cuda.Event] = None     # the last DiT job's end (decode waits for it)
         self._last_in_flight: tuple = (None, None)             # (stream ids, latents) of the last stream-batch job
@@ -277,6 +279,7 @@ class StreamDriver:
             for state in states:
                 release(vae, state)
         self._spare_vae_states.clear()
+        self._reencode_states.clear()
         self._last_in_flight, self._dit_done = (None, None), None
         self.executor.release()
 
@@ -294,7 +297,8 @@ class StreamDriver:
         if not self.cfg.kv_rebuild:
             return None
         keep = max(self.cfg.num_kv_cache if self.cfg.kv_recache else 0, self.cfg.kv_recompute_frames)
-        return CleanFrames(head=self.cfg.sink_frames, keep=keep - self.cfg.sink_frames) if keep else None
+        return CleanFrames(head=self.cfg.sink_frames, keep=keep - self.cfg.sink_frames,
+                           pixels=self.cfg.kv_recompute_reencode) if keep else None
 
     def _rebuild_kv(self, s: Stream, frames: int) -> None:
         """Reset the stream's KV rows and write them again from its latest ``frames`` clean latent frames at
@@ -302,12 +306,39 @@ class StreamDriver:
         x = s.dev.clean.latest(frames)
         if x is None:
             return
+        if self.cfg.kv_recompute_reencode:
+            x = self._reencode_oldest(s, x, frames)
         blocks = replay_blocks(x.shape[1], s.frames_per_block)
         with self.lanes.on("dit", [self._current_event()]):
             self.executor.reset_rows(s.rows)
             t = torch.zeros(1, 1, dtype=s.dev.t.dtype, device=self.device)
             for job, block in zip(self.scheduler.replay_jobs(s, blocks), x.to(self.dtype).split(blocks, dim=1)):
                 self.executor.run(job, block, t, None)
+
+    def _reencode_oldest(self, s: Stream, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """Krea's context: its oldest latent replaced by that latent's last decoded frame encoded alone, as a
+        stream's first frame (a fresh VAE state: an image latent), unless it is the stream's own first latent
+        (which is one already). The DiT lane waits for that frame's decode."""
+        clean = s.dev.clean
+        oldest = clean.first_index(frames)
+        if oldest == 0:
+            return x
+        frame = clean.last_frames.get(oldest)
+        if frame is None:   # its chunk was not decoded before this one's DiT (the staged API's whole-video calls)
+            if s.id not in self._reencode_skipped:
+                self._reencode_skipped.add(s.id)
+                log.warning("stream %d: kv_recompute_reencode needs each chunk decoded before the next one is "
+                            "denoised; the context's oldest latent is replayed as it left the DiT", s.id)
+            return x
+        vae = s.dev.vae
+        with self.lanes.on("dit", [self._current_event(), clean.last_frames_ready]):
+            state = self._reencode_states.get(id(vae))
+            if state is None:
+                state = self._reencode_states[id(vae)] = vae.new_state(1)
+            else:
+                state.restart()   # same lane as its last use
+            z = vae.encode(state, frame[None, :, None].to(self.dtype))
+            return torch.cat([z.to(x.dtype), x[:, 1:]], dim=1)
 
     def dit_jobs(self, chunks: list[Chunk]) -> list[DiTJob]:
         """The scheduler's DiT jobs for encoded chunks, after the KV rebuild of every stream that recomputes its
@@ -599,8 +630,11 @@ class StreamDriver:
         for group in _groups(list(zip(streams, x0s)), key=key):
             z = torch.cat([x0 for _, x0 in group]) if len(group) > 1 else group[0][1]
             out = decode_streams(group[0][0].dev.vae, [s.dev.vae_state for s, _ in group], z)
-            for (s, _), f in zip(group, out):
+            for (s, x0), f in zip(group, out):
                 frames[s.id] = to_unit(f).permute(0, 2, 3, 1)
+                if s.dev.clean is not None and s.dev.clean.pixels:   # Krea's re-encode reads them (kv_rebuild.py)
+                    s.dev.clean.add_decoded(f, x0.shape[1])
+                    s.dev.clean.last_frames_ready = self._current_event()
         return frames
 
     def _adapt_chunk_size(self, s: Stream, out: ChunkOut) -> None:

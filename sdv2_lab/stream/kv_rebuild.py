@@ -13,9 +13,13 @@ frames does in one call). The stream's positions restart there: its next chunk f
 is relative, so moving the frames to small positions changes nothing they attend to. The first ``sink_frames``
 latent frames of the stream are kept apart and lead every rebuilt cache (LongLive's global sink).
 
-Differences from those loops, stated: LongLive keeps the sink's old-prompt keys (``global_sink``) where this
-replays the sink frames under the new prompt too; Krea re-encodes the oldest context frame from its decoded
-pixels as a first-frame latent, where this replays the latent as it left the DiT. All-steps modes only
+``kv_recompute_reencode`` (Krea, Scope's ``get_context_frames``): the rebuilt context's oldest frame is not the
+latent as it left the DiT but the last decoded video frame of that latent encoded alone, as a stream's first
+frame is (an image latent: the kind of latent the model saw first in every training clip), once the stream's own
+first latent has left the context. So the stream keeps each latent's last decoded frame too (``add_decoded``).
+
+A difference from those loops, stated: LongLive keeps the sink's old-prompt keys (``global_sink``) where this
+replays the sink frames under the new prompt too. All-steps modes only
 (``single-wo``): in a stream batch each row holds its own step's noisy history, which clean frames cannot stand in for.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from ..units import FRAMES_PER_LATENT
+
 
 def replay_blocks(frames: int, frames_per_block: int) -> list[int]:
     """Latent frames of each replay call: blocks of the chunk size from the front, the last one shorter."""
@@ -35,15 +41,22 @@ def replay_blocks(frames: int, frames_per_block: int) -> list[int]:
 @dataclass
 class CleanFrames:
     """One stream's finished latents, kept for a rebuild: its first ``head`` frames (the sink) and the latest
-    ``keep`` frames after them. Tensors are the x0 views the DiT returned ([1, F, C, h, w] per chunk)."""
+    ``keep`` frames after them. Tensors are the x0 views the DiT returned ([1, F, C, h, w] per chunk). With
+    ``pixels``, also the last decoded frame of each of the latest ``keep`` latents (what Krea re-encodes)."""
     head: int
     keep: int
+    pixels: bool = False
     head_parts: list = field(default_factory=list)
     recent: deque = field(default_factory=deque)
     head_len: int = 0
     recent_len: int = 0
+    added: int = 0                                   # latent frames added: the stream's index of the next one
+    decoded: int = 0                                 # latent frames whose video frames came back
+    last_frames: dict = field(default_factory=dict)  # latent index -> its last video frame [3, H, W] in [-1, 1]
+    last_frames_ready: object = None                 # an event after the newest of them (None: no wait needed)
 
     def add(self, x0: torch.Tensor) -> None:
+        self.added += x0.shape[1]
         if self.head_len < self.head:
             take = min(self.head - self.head_len, x0.shape[1])
             self.head_parts.append(x0[:, :take])
@@ -54,6 +67,23 @@ class CleanFrames:
             self.recent_len += x0.shape[1]
             while self.recent_len - self.recent[0].shape[1] >= self.keep:   # whole parts no longer needed
                 self.recent_len -= self.recent.popleft().shape[1]
+
+    def add_decoded(self, video: torch.Tensor, latents: int) -> None:
+        """The video frames [T, 3, H, W] in [-1, 1] that ``latents`` latent frames decoded to: each latent's last
+        frame is kept (copied: the caller's frames go on to the user), the latest ``keep`` of them."""
+        if not self.pixels:
+            return
+        last = [video.shape[0] - 1 - FRAMES_PER_LATENT * (latents - 1 - i) for i in range(latents)]
+        frames = video[last]   # advanced indexing: a copy
+        for i in range(latents):
+            self.last_frames[self.decoded + i] = frames[i]
+        self.decoded += latents
+        for index in [i for i in self.last_frames if i < self.decoded - self.keep]:
+            del self.last_frames[index]
+
+    def first_index(self, frames: int) -> int:
+        """The stream's index of the first latent frame that ``latest(frames)`` returns."""
+        return 0 if self.head_len else self.added - min(frames, self.recent_len)
 
     def latest(self, frames: int) -> Optional[torch.Tensor]:
         """The head frames, then the latest ``frames - head`` frames: [1, K, C, h, w], or None when none is kept."""
