@@ -367,8 +367,10 @@ def quantize_dit_torchao(model: nn.Module, granularity: str = "row", *, include:
     left = [n for n, m in hot.items() if not isinstance(m.weight, ao.Float8Tensor)]
     if left:  # torchao skips shapes it cannot multiply without saying so
         raise RuntimeError(f"torchao left {len(left)} linears unquantized: {left[:3]}")
-    if compiled:
-        for lin in swapped:
+    for lin in swapped:
+        if lin.bias is not None:
+            lin.bias.requires_grad_(False)  # inference weights (as ours): no autograd graph around _scaled_mm
+        if compiled:
             lin.forward = types.MethodType(_torchao_forward, lin)
     model.dit_precision, model.fp8_kernel = "fp8", "torchao"
     return model
