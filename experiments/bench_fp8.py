@@ -1,16 +1,20 @@
-"""FP8 (e4m3) vs bf16 DiT: step speed at 1.3B and 14B and the velocity error over a 40-chunk stream.
+"""FP8 (e4m3) vs bf16 DiT, ours (fp8.py) vs torchao's float8: step speed at 1.3B and 14B, the velocity error
+over a 40-chunk stream.
 
-    python experiments/bench_fp8.py --json fp8.json          # GPU: wan_1_3b and wan_14b at 480x832
+    python experiments/bench_fp8.py --json fp8.json          # GPU: wan_14b and wan_1_3b at 480x832
     python experiments/bench_fp8.py --device cpu --sizes tiny --height 64 --width 96 --chunks 8 --iters 2
 
-Per model size, the same dummy weights and the same inputs go through each variant (bf16, and FP8 with
-per-row or per-tensor scales, fast or exact accumulation; 1.3B also keeps an fp32 model as the reference):
+Per model size, the same dummy weights and the same inputs go through each variant (bf16; FP8 ours with
+per-row or per-tensor scales, fast or exact accumulation; FP8 torchao, ``fp8_kernel=torchao``, per row or
+per tensor, its quantize + GEMM compiled or eager; 1.3B also keeps an fp32 model as the reference):
 * a 40-chunk stream (a 2-latent-frame first chunk, then 1-frame chunks; KV cache N=6, 3 sinks, refresh 0.2,
   one row = 1 denoising step, t=700): relative L2 of each chunk's velocity against bf16 (and fp32);
-* then, with the cache full, the step time: eager calls timed with CUDA events, and replays of the
-  project's CUDA graph (``cuda_graph.CUDAGraphStep``, if it runs; the eager 1.3B step is host-bound);
+* the steady-state step time through the pipeline's executors (``stream/executor.py``: plan, DiT, x0 and
+  re-noising, a full cache), eager and replayed from its CUDA graph (the eager 1.3B step is host-bound), timed
+  with CUDA events; the graph's capture is also the proof that the step makes no host sync (a sync fails a
+  capture); an eager step's sync warnings (``torch.cuda.set_sync_debug_mode``) are counted against bf16's;
 * before that, the FP8 GEMM itself on the model's shapes against float64 and its speed against bf16.
-Only ``load_backbone``, ``model.new_cache``, ``model.set_prompt`` and ``model(x, t, cache, starts)`` are used.
+On a CPU the torchao rows say why they did not run (torchao 0.18 quantizes float8 on CUDA only).
 WEIGHTS ARE DUMMY (random): the speed is real; the error measures FP8 rounding on random weights and
 activations, not on trained ones (real activations have outliers that per-tensor scales handle worse).
 """
@@ -20,27 +24,52 @@ import argparse
 import copy
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
-import yaml
 
 from sdv2_lab.backbones import fp8
 from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
+from sdv2_lab.stream.executor import build_executor
+from sdv2_lab.stream.scheduler import Scheduler
+from sdv2_lab.stream.timing import Clock
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
 T0 = time.monotonic()
-# (name, quantize_dit kwargs or None for bf16)
-COMPILED_QUANT = True  # set to False (and said so in the rows) if torch.compile fails on this machine
-VARIANTS = {"bf16": None, "fp8_row": dict(granularity="row"), "fp8_row_exact": dict(granularity="row", fast_accum=False),
-            "fp8_tensor": dict(granularity="tensor")}
+# name -> None for bf16, or the FP8 kernel (fp8.FP8_KERNELS) and its quantize function's kwargs
+# per FP8 kernel: set to False (and said so in the rows) if torch.compile fails with it on this machine
+COMPILED_QUANT = {"ours": True, "torchao": True}
+VARIANTS = {"bf16": None,
+            "fp8_row": dict(kernel="ours", granularity="row"),
+            "fp8_row_exact": dict(kernel="ours", granularity="row", fast_accum=False),
+            "fp8_tensor": dict(kernel="ours", granularity="tensor"),
+            "fp8_ao_row": dict(kernel="torchao", granularity="row"),
+            "fp8_ao_tensor": dict(kernel="torchao", granularity="tensor"),
+            "fp8_ao_row_eager": dict(kernel="torchao", granularity="row", compiled=False)}
+
+
+def quantize(model, kw, compiled=None):
+    """``model`` quantized in place by the variant's kernel; compiled=False: eager activation quantization."""
+    kw = dict(kw)
+    kernel = kw.pop("kernel")
+    if compiled is not None:
+        kw["compiled"] = compiled
+    return fp8.FP8_KERNELS[kernel](model, **kw)
+
+
+def linear_holder(lin):
+    """A module holding a copy of ``lin`` as ``lin`` (torchao's quantize works on modules, in place)."""
+    holder = torch.nn.Module()
+    holder.lin = copy.deepcopy(lin)
+    return holder
 
 
 def backbone(name: str, attention: str) -> WanDiTConfig:
-    """conf/backbone/<name>.yaml read without Hydra (the GPU image has none)."""
-    data = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    return WanDiTConfig(attention=attention, **{k: v for k, v in data.items() if not k.startswith("_")})
+    """conf/backbone/<name>.yaml with attention backend ``attention``, as every entry point reads it (Hydra's
+    composition: the backbone files have defaults lists; the GPU box gets hydra-core from gpu_wheels.sh)."""
+    from sdv2_lab import build
+    return build.backbone_config(build.compose_config("config", [f"backbone={name}", f"attention={attention}"]))
 
 
 def elapsed():
@@ -68,6 +97,17 @@ def gemm_check(cfg: WanDiTConfig, tokens: int, device) -> list[dict]:
         ref = x.double() @ lin.weight.double().t() + lin.bias.double()
         row = dict(model=cfg.name, layer=what, M=tokens, K=k, N=n)
         for name, kw in list(VARIANTS.items())[1:]:
+            if kw["kernel"] == "torchao":
+                try:
+                    m = quantize(linear_holder(lin), dict(kw, include="lin"),
+                                 None if COMPILED_QUANT["torchao"] else False).lin
+                except Exception as exc:  # noqa: BLE001 - e.g. a CPU: said in the row
+                    row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    continue
+                row[f"{name}_vs_f64"] = round(rel(m(x), ref), 5)
+                if device.type == "cuda":
+                    row[f"{name}_us"] = round(1e3 * bench_ms(lambda: m(x)), 1)
+                continue
             m = fp8.Fp8Linear.from_weight(lin.weight, lin.bias, kw["granularity"], gemm=fp8._pick_gemm("auto", device),
                                           fast_accum=kw.get("fast_accum", True), compiled=device.type == "cuda")
             out = m(x)
@@ -136,27 +176,6 @@ class Stream:
     def step(self, runner=None):
         return self.run(self.next_inputs(), runner)
 
-    def time_steps(self, iters, runner=None, warmup=2):
-        """Median ms of the model call alone (inputs are made before the first event)."""
-        for _ in range(warmup):
-            self.step(runner)
-        times = []
-        for _ in range(iters):
-            inputs = self.next_inputs()
-            if self.device.type == "cuda":
-                e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-                e0.record()
-                self.run(inputs, runner)
-                e1.record()
-                times.append((e0, e1))
-            else:
-                t0 = time.perf_counter()
-                self.run(inputs, runner)
-                times.append(1e3 * (time.perf_counter() - t0))
-        sync(self.device)
-        ms = sorted(a.elapsed_time(b) for a, b in times) if self.device.type == "cuda" else sorted(times)
-        return ms[len(ms) // 2]
-
 
 def gpu_busy_ms(stream, iters):
     """Summed device time of one step's kernels (CUPTI): the floor a CUDA-graph replay of the step approaches,
@@ -175,14 +194,71 @@ def gpu_busy_ms(stream, iters):
     return sum(e.time_range.elapsed_us() for e in device_events) / 1e3 / iters
 
 
-def graph_runner(stream):
-    """The project's CUDA-graph step, if it fits the KV cache in this tree (both are being refactored): a
-    graph must read the plan from a buffer that stays put, or its replays would index freed memory."""
-    import inspect
-    from sdv2_lab.backbones.cuda_graph import CUDAGraphStep
-    if "out=" not in inspect.getsource(CUDAGraphStep):
-        raise RuntimeError("skipped: cuda_graph.CUDAGraphStep passes no fixed plan buffer to this tree's KV cache")
-    return CUDAGraphStep(stream.model, stream.cache)
+def executor_step_ms(model, a, device, graph: bool) -> dict:
+    """Median ms of a steady-state 1-step stream-batch job (a full KV cache) through the pipeline's executor,
+    eager or replayed from its CUDA graph: plan, DiT, velocity -> x0, re-noising, as in bench_dit.py."""
+    dtype = model.patch_embedding.weight.dtype
+    clock = Clock(device)
+    cache = model.new_cache(1, a.height, a.width, a.num_kv, a.sink, a.threshold)
+    executor = build_executor("cuda_graph" if graph else "eager", model, cache)
+    scheduler = Scheduler("single", [700], cache.spec, max_streams=1)
+    lat = (16, a.height // 8, a.width // 8)
+    t = torch.tensor([700], device=device)
+    g = torch.Generator(device=device).manual_seed(99)
+    timings = []
+    with torch.no_grad():
+        s = scheduler.open("p")
+        executor.set_prompt(s.rows, torch.randn(1, 512, model.cfg.text_dim, device=device, generator=g).to(dtype))
+        (job,) = scheduler.dit_jobs([scheduler.noise_chunk(s)])
+        executor.run(job, torch.randn(1, 2, *lat, device=device, generator=g).to(dtype), t[:, None], None)
+        ring = torch.randn(1, 1, *lat, device=device, generator=g).to(dtype)
+        noise = torch.randn_like(ring)
+        total = a.num_kv + 3 + a.iters  # the cache fills (its own graph), then the full-cache graph's replays
+        for i in range(total):
+            (job,) = scheduler.dit_jobs([scheduler.noise_chunk(s)])
+            t0 = clock.now()
+            ring = executor.run(job, ring, t, noise).next_x
+            t1 = clock.now()
+            if i >= total - a.iters:
+                timings.append((t0, t1))
+    ms = sorted(1e3 * (clock.seconds(t1) - clock.seconds(t0)) for t0, t1 in timings)
+    out = dict(ms=round(ms[len(ms) // 2], 2))
+    if graph:
+        out.update(captures=executor.captures, replays=executor.replays)
+    executor.release()
+    return out
+
+
+def eager_sync_warnings(model, a, device) -> int:
+    """Host syncs (``torch.cuda.set_sync_debug_mode`` warnings) in one eager DiT step, the plan included."""
+    stream = Stream(model, a, device)
+    stream.step()  # first call: lazy initialisation, compiles
+    inputs = stream.next_inputs()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            stream.run(inputs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers; a tensor subclass (torchao's Float8Tensor) by its inner
+    tensors; views of one storage (q/k/v of the fused weight) count once."""
+    storages = {}
+
+    def add(t):
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+    return sum(storages.values())
 
 
 def run_variant(base, name, kw, a, device, refs, consume):
@@ -192,32 +268,31 @@ def run_variant(base, name, kw, a, device, refs, consume):
         model = model.to(a.dtype)
     model.fuse_qkv()  # .to() and deepcopy keep q/k/v weights but not always their fusion
     if kw is not None:
-        fp8.quantize_dit(model, **kw)
-        if not COMPILED_QUANT:  # torch.compile failed here once: eager activation quantization
-            for m in model.modules():
-                if isinstance(m, fp8.Fp8Linear):
-                    m._quantize = fp8._activation_quantizer(m.granularity, compiled=False)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # q/k/v views count once
-                for t in list(model.parameters()) + list(model.buffers())}
-    weight_gib = sum(storages.values()) / 2 ** 30
+        quantize(model, kw, None if COMPILED_QUANT[kw["kernel"]] else False)  # False: torch.compile failed
+    row = dict(model=model.cfg.name, variant=name, weights_gib=round(weight_bytes(model) / 2 ** 30, 2))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     s = Stream(model, a, device)
     outs = [s.step().float() for _ in range(a.chunks)]
-    row = dict(model=model.cfg.name, variant=name, weights_gib=round(weight_gib, 2))
     for ref_name, ref in refs.items():
         errs = [rel(o, r) for o, r in zip(outs, ref)]
         row[f"err_vs_{ref_name}"] = dict(median=round(sorted(errs)[len(errs) // 2], 5), max=round(max(errs), 5),
                                          first=round(errs[0], 5), last=round(errs[-1], 5),
                                          per_chunk=[round(e, 5) for e in errs])
-    row["eager_ms"] = round(s.time_steps(a.iters), 2)
+    row["eager_ms"] = executor_step_ms(model, a, device, graph=False)["ms"]
     if device.type == "cuda":
         try:
             row["gpu_busy_ms"] = round(gpu_busy_ms(s, 5), 2)
         except Exception as exc:  # noqa: BLE001
             row["gpu_busy_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         try:
-            row["graph_ms"] = round(s.time_steps(a.iters, graph_runner(s), warmup=3), 2)
+            row["eager_sync_warnings"] = eager_sync_warnings(model, a, device)
+        except Exception as exc:  # noqa: BLE001
+            row["sync_check_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        try:
+            graphed = executor_step_ms(model, a, device, graph=True)
+            row["graph_ms"] = graphed["ms"]
+            row["graph_captures"], row["graph_replays"] = graphed["captures"], graphed["replays"]
         except Exception as exc:  # noqa: BLE001 - report and go on
             row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -228,15 +303,17 @@ def run_variant(base, name, kw, a, device, refs, consume):
 
 
 def main():
-    global COMPILED_QUANT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="wan_14b,wan_1_3b", help="in this order (14B first: it matters most)")
-    p.add_argument("--variants", default="bf16,fp8_row,fp8_tensor,fp8_row_exact", help=f"of {list(VARIANTS)}")
-    p.add_argument("--variants-14b", default="bf16,fp8_row", help="for wan_14b (each 14B variant is a 28 GB model)")
+    p.add_argument("--variants", default="bf16,fp8_row,fp8_tensor,fp8_ao_row,fp8_ao_tensor,fp8_row_exact",
+                   help=f"of {list(VARIANTS)}")
+    p.add_argument("--variants-14b", default="bf16,fp8_row,fp8_ao_row",
+                   help="for wan_14b (each 14B variant is a 28 GB model)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--attention", default="sdpa")
+    p.add_argument("--dtype", default="auto", help="the model's: auto = bfloat16 on cuda, float32 on cpu")
     p.add_argument("--chunks", type=int, default=40)
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--num-kv", type=int, default=6)
@@ -248,7 +325,8 @@ def main():
     a = p.parse_args()
     device = torch.device(a.device)
     torch.backends.cudnn.allow_tf32 = False  # the fp32 reference's patch-embedding conv in true fp32
-    a.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a.dtype = auto if a.dtype == "auto" else getattr(torch, a.dtype)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = dict(gpu=gpu, torch=torch.__version__, height=a.height, width=a.width, num_kv=a.num_kv, sink=a.sink,
                   threshold=a.threshold, chunks=a.chunks, weights="dummy", gemm=[], dit=[])
@@ -290,8 +368,10 @@ def main():
                 row, outs, model = run_variant(base, v, VARIANTS[v], a, device, refs, consume)
             except Exception as exc:  # noqa: BLE001
                 row, outs, model = dict(model=name, variant=v, error=f"{type(exc).__name__}: {str(exc)[:500]}"), None, None
-                if VARIANTS[v] is not None and COMPILED_QUANT and device.type == "cuda":
-                    COMPILED_QUANT = False  # retry once with eager activation quantization
+                kernel = VARIANTS[v]["kernel"] if VARIANTS[v] is not None else None
+                if kernel is not None and COMPILED_QUANT[kernel] and device.type == "cuda" \
+                        and VARIANTS[v].get("compiled", True):
+                    COMPILED_QUANT[kernel] = False  # retry once (and from now on) with this kernel eager
                     print(f"# {v} failed ({row['error'][:200]}); retrying with eager activation quantization", flush=True)
                     try:
                         row, outs, model = run_variant(base, v, VARIANTS[v], a, device, refs, consume)

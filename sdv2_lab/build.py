@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .backbones.checkpoints import load_backbone
-from .backbones.fp8 import apply_dit_precision
+from .backbones.fp8 import dit_precision_step
 from .parallel.placement import pipe_stage, placement_of
 from .configs import CONF_DIR, compose_config  # noqa: F401  (defined in configs.py; imported from here too)
 from .settings import (backbone_config, describe_paths, dit_config, dit_load_options, dit_weights,  # noqa: F401
@@ -84,7 +84,7 @@ def build_pipeline(cfg: DictConfig, *, announce: Optional[Callable[[str], None]]
 
 # what the DiT and the text encoder are made from: a switch that changes none of these keeps them
 DIT_KEYS = ("backbone", "attention", "weights.kind", "weights.checkpoint", "weights.wan_folder", "text_encoder",
-            "device", "dtype", "dit_precision", "compile_kernels")
+            "device", "dtype", "dit_precision", "fp8_kernel", "fp8_granularity", "compile_kernels")
 VAE_KEYS = ("vae", "weights.kind", "weights.wan_folder", "weights.taehv", "device", "dtype")
 
 
@@ -136,10 +136,11 @@ def _build_pipeline(cfg: DictConfig) -> StreamPipeline:
     place = placement_of(cfg)
     device = place.ctx.device if place.ctx is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    to_precision = dit_precision_step(cfg.dit_precision, cfg.fp8_kernel, cfg.fp8_granularity)  # checked before loading
     torch.manual_seed(cfg.seed)
     dit = load_backbone(dit_config(cfg), dit_weights(cfg), device=device, dtype=dtype, seed=cfg.seed,
                         parts=place.parts, **dit_load_options(cfg))
-    dit = apply_dit_precision(dit, cfg.dit_precision)  # after loading: names stay loadable
+    dit = to_precision(dit)  # after loading: names stay loadable
     if compile_kernels(cfg):
         dit.use_compiled_kernels(True)
     vae = build_vae(cfg, device, dtype) if place.holds_vae else None

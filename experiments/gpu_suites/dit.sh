@@ -1,5 +1,5 @@
 # issue 10's DiT half: FP8 vs bf16 (GEMM check, step speed, 40-chunk error at 14B and 1.3B), attention backends
-# No wheels needed: torch's _scaled_mm, PyYAML.
+# Wheels: bash experiments/gpu_wheels.sh (hydra-core: bench_fp8 composes the backbone configs), carry [".whl"]
 #   bash experiments/gpu.sh dit        (repo root; writes $OUT/*.json, *.txt; at most ~145 s)
 BUDGET=${DIT_BUDGET:-160}
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" \
