@@ -16,6 +16,7 @@ from sdv2_lab.backbones import fp8
 from sdv2_lab.backbones.checkpoints import load_backbone
 from sdv2_lab.backbones.fp8 import EPS, Fp8Linear, dit_precision_step, quantize_dit, quantize_dit_torchao
 from sdv2_lab.backbones.wan_dit import WanDiTConfig
+from test_fp8 import stream  # the same stream of velocities as the kernel of ours is checked over
 
 import torchao.quantization as ao  # a CI requirement (.ci/install): no skip, an ImportError fails this file
 from torchao.quantization import Float8Tensor
@@ -49,22 +50,6 @@ def linear_module(lin: nn.Linear) -> nn.Module:
     m.lin = nn.Linear(lin.in_features, lin.out_features, dtype=lin.weight.dtype)
     m.lin.load_state_dict(lin.state_dict())
     return m
-
-
-def stream(model, chunks=8, seed=1):
-    """Velocities of a stream: a 2-frame first chunk, then 1-frame chunks (KV cache 6, 3 sinks)."""
-    dtype = model.patch_embedding.weight.dtype
-    cache = model.new_cache(1, H, W, 6, 3, 0.2)
-    g = torch.Generator().manual_seed(seed)
-    model.set_prompt(cache, torch.randn(1, 512, 4096, generator=g).to(dtype))
-    s = cache.spec.frame_tokens
-    outs = []
-    with torch.no_grad():
-        for j in range(chunks):
-            f = 2 if j == 0 else 1
-            x = torch.randn(1, f, 16, H // 8, W // 8, generator=g).to(dtype)
-            outs.append(model(x, torch.full((1, f), 700.0, dtype=dtype), cache, [0 if j == 0 else (j + 1) * s]))
-    return outs
 
 
 def float8_names(model):

@@ -143,6 +143,17 @@ def _caches_in(obj, depth: int = 0) -> Iterable[StreamCache]:
             yield from _caches_in(v, depth + 1)
 
 
+def restart_parts(state, encoder: bool, decoder: bool) -> None:
+    """A VAE state's ``enc`` / ``dec`` caches and their counters (``frames_in`` / ``latents_in``) made a new
+    stream's in place (``StreamCache.restart``): what every state's ``restart`` does for its own parts."""
+    if encoder:
+        state.enc.restart()
+        state.frames_in = 0
+    if decoder:
+        state.dec.restart()
+        state.latents_in = 0
+
+
 def check_same_phase(states: Sequence, counter: str) -> bool:
     """True when every state is at its stream's first call, False when every one is past it; else an error."""
     firsts = {getattr(s, counter) == 0 for s in states}

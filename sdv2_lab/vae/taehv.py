@@ -41,7 +41,7 @@ import torch.nn as nn
 from .checkpoints import materialize, read_state_dict
 from ..units import to_unit
 from .registry import check_latents, check_video, register_vae
-from .state import Batch, StreamCache, check_same_phase, one_size, release_graphs
+from .state import Batch, StreamCache, check_same_phase, one_size, release_graphs, restart_parts
 from .wan_vae import ARCH_KEYS, LATENT_MEAN, LATENT_STD, OPTION_KEYS, WanVAE, WanVAEState
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,7 @@ class TAEHVState:
         """Make this (its encoder's and/or decoder's part) a new stream's state in place, as ``WanVAEState.restart``."""
         if self.wan is not None:
             self.wan.restart(encoder, decoder)
-        if encoder:
-            self.enc.restart()
-            self.frames_in = 0
-        if decoder:
-            self.dec.restart()
-            self.latents_in = 0
+        restart_parts(self, encoder, decoder)
 
 
 LATENT_SPACES = ("raw", "normalized")

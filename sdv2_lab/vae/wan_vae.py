@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .checkpoints import materialize, read_wan_vae, resolve_wan_vae
 from .registry import check_latents, check_video
-from .state import Batch, StreamCache, check_same_phase, one_size, release_graphs
+from .state import Batch, StreamCache, check_same_phase, one_size, release_graphs, restart_parts
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,7 @@ class WanVAEState:
         """Make this (its encoder's and/or decoder's part) a new stream's state in place, as ``new_state()`` would
         (the size kept): the tensors and uids stay, so the CUDA graphs captured for the ended stream replay for
         the new one. The parts apart so that each can be zeroed on the lane that uses it."""
-        if encoder:
-            self.enc.restart()
-            self.frames_in = 0
-        if decoder:
-            self.dec.restart()
-            self.latents_in = 0
+        restart_parts(self, encoder, decoder)
 
 
 class CausalConv3d(nn.Conv3d):
