@@ -112,7 +112,7 @@ def describe_paths(cfg: DictConfig) -> str:
                                                         (p["vae_accelerate"].replace("_", " "),
                                                          p["vae_accelerate"] != "none")) if on)
     pc = pipeline_config(cfg)
-    kv = {"recache": ", KV recache on a prompt switch", "recompute": ", KV recomputed before every chunk",
+    kv = {"recache": f", KV recache on a prompt switch{' (global sink)' if pc.kv_recache_global_sink else ''}", "recompute": ", KV recomputed before every chunk",
           "recache+recompute": ", KV recache and per-chunk recompute", None: ""}[pc.kv_rebuild]
     kv += " (its oldest frame re-encoded from pixels)" if pc.kv_rebuild and pc.kv_recompute_reencode else ""
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
@@ -131,7 +131,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.first_chunk_latents,
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
         warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),
-        kv_recache=bool(cfg.kv_recache), kv_recompute_frames=int(cfg.kv_recompute_frames),
+        kv_recache=bool(cfg.kv_recache), kv_recache_global_sink=bool(cfg.kv_recache_global_sink),
+        kv_recompute_frames=int(cfg.kv_recompute_frames),
         kv_recompute_reencode=bool(cfg.kv_recompute_reencode),
         noise=NoiseControllerConfig(noise_scale=cfg.noise_scale, fixed=cfg.fixed_noise), t2v=cfg.t2v,
         position_refresh_frames=cfg.position_refresh_frames, target_fps=cfg.target_fps,

@@ -6,6 +6,8 @@ size and checked against the mechanic stated directly with the DiT and a fresh c
   with the new prompt under a block-causal mask, the next block after them);
 * Krea's per-block KV recompute: before every later block the cache holds only the last 3 clean latent frames,
   written again at t = 0 (Scope's ``RecomputeKVCacheBlock``, ``kv_cache_num_frames`` 3)."""
+from typing import Optional
+
 import pytest
 import torch
 
@@ -55,30 +57,42 @@ def traced_stream(overrides, chunks: int, switch_at=None):
     return pipe, calls, dict(marks), emitted
 
 
-def fresh_stream_velocity(pipe, prompt: str, context: torch.Tensor, block_x, block_t, start: int):
+def fresh_stream_velocity(pipe, prompt: str, context: torch.Tensor, block_x, block_t, start: int,
+                          sink_prompt: Optional[str] = None):
     """The mechanic stated directly: a fresh KV row with ``prompt``; ``context`` [1, K, C, h, w] written at t = 0
-    in blocks of 3 from position 0; then the DiT's velocity for ``block_x`` at ``block_t`` at ``start``."""
+    in blocks of 3 from position 0 (the sink's blocks under ``sink_prompt`` when given); then the DiT's velocity
+    for ``block_x`` at ``block_t`` at ``start``."""
     dit = pipe.dit
     spec = pipe.driver.executor.cache.spec
     cache = StreamKVCache(spec, rows=1, dtype=block_x.dtype, device=block_x.device)
-    dit.set_prompt(cache, pipe.text_encoder.encode(prompt).to(block_x.dtype), [0])
+    embed = lambda p: pipe.text_encoder.encode(p).to(block_x.dtype)   # noqa: E731
+    dit.set_prompt(cache, embed(sink_prompt or prompt), [0])
     pos = 0
     for block in context.split(3, dim=1):
+        if pos == spec.sink_tokens and sink_prompt:
+            dit.set_prompt(cache, embed(prompt), [0])
         plan = dit.plan(block, cache, [pos], [0], [False])
         type(dit).step(dit, block, torch.zeros(1, block.shape[1], dtype=block_t.dtype), cache, plan)
         cache.commit(plan)
         pos += block.shape[1] * S
     assert pos == start
+    if sink_prompt:
+        dit.set_prompt(cache, embed(prompt), [0])
     plan = dit.plan(block_x, cache, [start], [0], [False])
     return type(dit).step(dit, block_x, block_t, cache, plan)   # not the traced one
 
 
-def test_longlive_recache_rewrites_the_history_under_the_new_prompt():
+@pytest.mark.parametrize("global_sink", [True, False])
+def test_longlive_recache_rewrites_the_history_under_the_new_prompt(global_sink):
     """Switched after 6 blocks (18 latent frames, more than the 12-frame cache holds): the cache is rebuilt from
-    the stream's first 3 frames (its sink) and its latest 9, in blocks of 3 from position 0."""
-    pipe, calls, marks, emitted = traced_stream(["backbone/recipe=longlive"], chunks=7, switch_at=6)
+    the stream's first 3 frames (its sink) and its latest 9, in blocks of 3 from position 0. With the global sink
+    (LongLive's recipe) the sink keeps its keys from before the switch: the latest 9 are written under the new
+    prompt attending to the sink as the old prompt wrote it (LongLive never writes the sink region in a recache)."""
+    pipe, calls, marks, emitted = traced_stream(["backbone/recipe=longlive", f"kv_recache_global_sink={global_sink}"],
+                                                chunks=7, switch_at=6)
     cfg = pipe.driver.cfg
     assert (cfg.kv_recache, cfg.kv_rebuild, cfg.num_kv_cache, cfg.sink_frames) == (True, "recache", 12, 3)
+    assert cfg.kv_recache_global_sink is global_sink
     history = [emitted[0], *emitted[3:6]]                          # sink + the latest 9 frames, 3 per block
     replay = calls[marks["switch"]:marks[6]]
     assert [c[2] for c in replay] == [[0], [3 * S], [6 * S], [9 * S]]
@@ -88,8 +102,24 @@ def test_longlive_recache_rewrites_the_history_under_the_new_prompt():
     # the next block follows them, and sees what a fresh stream under the new prompt with that history sees
     x, t, starts, v = calls[marks[6]]
     assert starts == [12 * S]
-    want = fresh_stream_velocity(pipe, "a city street at night", torch.cat(history, dim=1), x, t, 12 * S)
+    old = "a red kite over the sea" if global_sink else None
+    want = fresh_stream_velocity(pipe, "a city street at night", torch.cat(history, dim=1), x, t, 12 * S,
+                                 sink_prompt=old)
     torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-5)
+    other = fresh_stream_velocity(pipe, "a city street at night", torch.cat(history, dim=1), x, t, 12 * S,
+                                  sink_prompt=None if global_sink else "a red kite over the sea")
+    assert not torch.allclose(v, other, atol=1e-4)                 # the two sinks differ in what follows
+
+
+def test_the_global_sink_needs_a_fixed_sink_of_whole_blocks():
+    with pytest.raises(ValueError, match="kv_recache_global_sink=true .* multiple of frames_per_block"):
+        pipeline_config(compose_config("config", TINY + ["backbone/recipe=longlive", "sink_frames=2"])).validate()
+    with pytest.raises(ValueError, match="adapt_sink_threshold=-1"):
+        pipeline_config(compose_config("config", TINY + ["backbone/recipe=longlive",
+                                                         "adapt_sink_threshold=0.2"])).validate()
+    # a modifier of the recache: without it, nothing to check
+    pipeline_config(compose_config("config", TINY + ["backbone/recipe=longlive", "kv_recache=false",
+                                                     "sink_frames=2"])).validate()
 
 
 def test_without_the_recache_the_old_prompts_keys_stay():

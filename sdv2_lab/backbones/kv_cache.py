@@ -324,6 +324,19 @@ class StreamKVCache:
             self.global_end[r] = self.local_end[r] = 0
             self.rolling[r] = []
 
+    def sink_kv(self, rows: Sequence[int]) -> list[torch.Tensor]:
+        """A copy of these rows' sink frames (keys, values and their scales): what a recache that keeps the sink
+        puts back (``restore_sink_kv``)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        n = self.spec.sink_tokens
+        return [t[:, :, :n].index_select(1, idx) for t in (self.k, self.v, *self._scaled())]
+
+    def restore_sink_kv(self, rows: Sequence[int], saved: list[torch.Tensor]) -> None:
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        n = self.spec.sink_tokens
+        for t, kept in zip((self.k, self.v, *self._scaled()), saved):
+            t[:, idx, :n] = kept
+
     def reset(self) -> None:
         self.reset_rows(range(self.num_rows))
         self.cross_k = self.cross_v = None

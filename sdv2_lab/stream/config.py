@@ -25,6 +25,8 @@ class PipelineConfig:
                                               # writes the KV cache from clean latents (Self-Forcing's recipe)
     kv_recache: bool = False                  # a prompt switch rebuilds the stream's KV cache from its latest clean
                                               # latents under the new prompt (LongLive; kv_rebuild.py)
+    kv_recache_global_sink: bool = False      # ... keeping the sink's keys and values from before the switch, which
+                                              # the rewritten frames attend to (LongLive's global_sink)
     kv_recompute_frames: int = 0              # > 0: before every later chunk, the KV cache is rebuilt from this many
                                               # latest clean latent frames (Krea's per-block recompute)
     kv_recompute_reencode: bool = False       # the recompute's oldest frame re-encoded alone from its decoded pixels,
@@ -126,6 +128,14 @@ class PipelineConfig:
         r = self.kv_recompute_frames
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"kv_recompute_frames must be 0 (off) or a positive number of latent frames, got {r!r}")
+        if self.kv_recache and self.kv_recache_global_sink and not (
+                self.sink_frames and self.sink_frames % self.frames_per_block == 0
+                and self.adapt_sink_threshold <= -1 and not self.sink_ema):
+            raise ValueError("kv_recache_global_sink=true keeps the sink's keys through a recache: it needs "
+                             f"sink_frames >= 1 and a multiple of "
+                             f"frames_per_block (got {self.sink_frames} and {self.frames_per_block}, so the sink is "
+                             f"whole replay blocks), a fixed sink: adapt_sink_threshold=-1 (got "
+                             f"{self.adapt_sink_threshold}) and sink_ema=0 (got {self.sink_ema})")
         if self.kv_recompute_reencode and not r:
             raise ValueError("kv_recompute_reencode=true re-encodes the oldest frame of the per-chunk KV recompute: "
                              "it needs kv_recompute_frames > 0")

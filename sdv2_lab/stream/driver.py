@@ -291,7 +291,7 @@ class StreamDriver:
             self.executor.set_prompt(s.rows, emb)
         s.prompt = prompt
         if self.cfg.kv_rebuild and self.cfg.kv_recache:   # LongLive: the history rewritten under the new prompt
-            self._rebuild_kv(s, self.cfg.num_kv_cache)
+            self._rebuild_kv(s, self.cfg.num_kv_cache, keep_sink=self.cfg.kv_recache_global_sink)
 
     def _clean_frames(self) -> Optional[CleanFrames]:
         if not self.cfg.kv_rebuild:
@@ -300,9 +300,11 @@ class StreamDriver:
         return CleanFrames(head=self.cfg.sink_frames, keep=keep - self.cfg.sink_frames,
                            pixels=self.cfg.kv_recompute_reencode) if keep else None
 
-    def _rebuild_kv(self, s: Stream, frames: int) -> None:
+    def _rebuild_kv(self, s: Stream, frames: int, keep_sink: bool = False) -> None:
         """Reset the stream's KV rows and write them again from its latest ``frames`` clean latent frames at
-        t = 0, under its current prompt (``kv_rebuild.py``); its next chunk follows them."""
+        t = 0, under its current prompt (``kv_rebuild.py``); its next chunk follows them. ``keep_sink``: the sink
+        frames' keys and values are put back as they were once their blocks are replayed, so the later blocks
+        attend to the sink from before (LongLive's global sink)."""
         x = s.dev.clean.latest(frames)
         if x is None:
             return
@@ -310,10 +312,15 @@ class StreamDriver:
             x = self._reencode_oldest(s, x, frames)
         blocks = replay_blocks(x.shape[1], s.frames_per_block)
         with self.lanes.on("dit", [self._current_event()]):
+            sink = self.executor.sink_kv(s.rows) if keep_sink else None
             self.executor.reset_rows(s.rows)
             t = torch.zeros(1, 1, dtype=s.dev.t.dtype, device=self.device)
+            replayed = 0
             for job, block in zip(self.scheduler.replay_jobs(s, blocks), x.to(self.dtype).split(blocks, dim=1)):
                 self.executor.run(job, block, t, None)
+                replayed += block.shape[1]
+                if sink is not None and replayed == self.cfg.sink_frames:   # validate: the sink is whole blocks
+                    self.executor.restore_sink_kv(s.rows, sink)
 
     def _reencode_oldest(self, s: Stream, x: torch.Tensor, frames: int) -> torch.Tensor:
         """Krea's context: its oldest latent replaced by that latent's last decoded frame encoded alone, as a

@@ -63,6 +63,10 @@ class Executor(Protocol):
 
     def reset_rows(self, rows: list[int]) -> None: ...
 
+    def sink_kv(self, rows: list[int]) -> list[torch.Tensor]: ...
+
+    def restore_sink_kv(self, rows: list[int], saved: list[torch.Tensor]) -> None: ...
+
     def copy_rows(self, src: int, dst: list[int]) -> None: ...
 
     def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult: ...
@@ -89,6 +93,12 @@ class DiTExecutor:
 
     def reset_rows(self, rows: list[int]) -> None:
         self.cache.reset_rows(rows)
+
+    def sink_kv(self, rows: list[int]) -> list[torch.Tensor]:
+        return self.cache.sink_kv(rows)
+
+    def restore_sink_kv(self, rows: list[int], saved: list[torch.Tensor]) -> None:
+        self.cache.restore_sink_kv(rows, saved)
 
     def release(self) -> None:
         """Give back device memory (the KV cache's tensors, graphs and their pools); unusable afterwards."""

@@ -18,8 +18,9 @@ latent as it left the DiT but the last decoded video frame of that latent encode
 frame is (an image latent: the kind of latent the model saw first in every training clip), once the stream's own
 first latent has left the context. So the stream keeps each latent's last decoded frame too (``add_decoded``).
 
-A difference from those loops, stated: LongLive keeps the sink's old-prompt keys (``global_sink``) where this
-replays the sink frames under the new prompt too. All-steps modes only
+``kv_recache_global_sink`` (LongLive's ``global_sink``): the sink's keys and values from before the switch are put
+back once its blocks are replayed, so the later frames attend to the sink as the old prompt wrote it (LongLive's
+recompute never writes the sink region). All-steps modes only
 (``single-wo``): in a stream batch each row holds its own step's noisy history, which clean frames cannot stand in for.
 """
 from __future__ import annotations
