@@ -79,6 +79,15 @@ def apply_rope(x: torch.Tensor, phasor: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * phasor).flatten(-2).type_as(x)
 
 
+def apply_rope_pairs(x: torch.Tensor, phasor_pairs: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` in real arithmetic, which torch.compile fuses into one kernel (it does not generate code for
+    complex tensors); phasor_pairs [B, L, 1, dh/2, 2] is ``view_as_real`` of the phasors."""
+    xp = x.float().unflatten(-1, (-1, 2))
+    re, im = xp[..., 0], xp[..., 1]
+    c, s = phasor_pairs[..., 0], phasor_pairs[..., 1]
+    return torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(-2).type_as(x)
+
+
 def norm_modulate(x, eps, scale, shift, f: int):
     """LayerNorm (no affine), then per-latent-frame ``* (1 + scale) + shift``; x [B, F*S, D], scale [B, F, 1, D]."""
     return (layer_norm(x, eps).unflatten(1, (f, -1)) * (1 + scale) + shift).flatten(1, 2)
@@ -108,7 +117,8 @@ class Kernels:
                 setattr(dynamo_config, name, 64)
         opts = dict(dynamic=False, fullgraph=True)
         k.rms_norm = torch.compile(rms_norm, **opts)
-        k.rope = torch.compile(apply_rope, **opts)
+        rope_pairs = torch.compile(apply_rope_pairs, **opts)
+        k.rope = lambda x, phasor: rope_pairs(x, torch.view_as_real(phasor))
         k.norm_modulate = torch.compile(norm_modulate, **opts)
         k.gated_residual = torch.compile(gated_residual, **opts)
         return k
