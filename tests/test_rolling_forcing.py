@@ -11,6 +11,7 @@ wan/modules/causal_model.py):
   pass at t = 0 over it alone writes it as clean frames, attending to the latest 21 clean frames, itself included;
 * warm-up windows hold only the real blocks; the flush's n - 1 windows no new one.
 """
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -259,7 +260,10 @@ def test_the_official_container_gives_the_plain_layouts_outputs(tmp_path):
     sd = {k: v.clone() for k, v in load_backbone(dit_config(compose_config("config", ["backbone=tiny"])), "dummy",
                                                  dtype=torch.float32, seed=5).state_dict().items()}
     official, plain = tmp_path / "rolling_forcing_dmd.pt", tmp_path / "plain.pt"
-    torch.save({"generator_ema": {f"model._fsdp_wrapped_module.{k}": v for k, v in sd.items()},
+    fsdp = {"model._fsdp_wrapped_module." + re.sub(r"^(blocks\.\d+\.)", r"\1_fsdp_wrapped_module.", k): v
+            for k, v in sd.items()}   # FSDP around the model and each block (tests/test_backbone_containers.py)
+    assert "model._fsdp_wrapped_module.blocks.0._fsdp_wrapped_module.ffn.0.weight" in fsdp
+    torch.save({"generator_ema": fsdp,
                 "generator": {f"model.{k}": v + 1 for k, v in sd.items()}}, official)
     torch.save({f"model.{k}": v for k, v in sd.items()}, plain)
     outs = []

@@ -132,7 +132,8 @@ class StreamDriver:
         self.latent_device = self.device if self.encodes else torch.device("meta")
         self.schedule = executor.schedule
         self.generator = generator              # the default noise source of streams opened without a seed
-        self.scheduler = (rolling.RollingScheduler if cfg.rolling_window else Scheduler)(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
+        scheduler = rolling.RollingScheduler if cfg.rolling_window else Scheduler   # Rolling Forcing's window rule
+        self.scheduler = scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
                                    cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows,
                                    first_step_list=cfg.first_step_list if cfg.first_chunk_steps else None,
                                    first_latents=cfg.first_latent_frames, context_pass=cfg.context_pass)
