@@ -125,10 +125,11 @@ class RollingKVCache(StreamKVCache):
     def copy_rows(self, src: int, dst) -> None:
         raise RuntimeError("a rolling-window stream owns one KV row: there is nothing to copy")
 
-    def _ring_tokens(self, first: int, end: int) -> list[int]:
-        """Row tokens of clean frames [first, end) (counters), in temporal order."""
-        S = self.spec.frame_tokens
-        return [(self.anchor + c % self.ring) * S + j for c in range(first, end) for j in range(S)]
+    def _ring_tokens(self, first: int, end: int) -> torch.Tensor:
+        """Row tokens of clean frames [first, end) (counters), in temporal order: made on the device from host ints."""
+        S, dev = self.spec.frame_tokens, self.device
+        slots = torch.arange(first, end, device=dev) % self.ring + self.anchor
+        return (slots[:, None] * S + torch.arange(S, device=dev)).flatten()
 
     def plan_window(self, row: int, start_frame: int, frames: int, rebase: int = 0) -> RollingPlan:
         """A window of ``frames`` latent frames from ``start_frame``: anchor + working frames + the window."""
@@ -141,9 +142,8 @@ class RollingKVCache(StreamKVCache):
         if working < 0:
             raise ValueError(f"a window of {frames} latent frames and an anchor of {A} do not fit an attention span of "
                              f"{self.ring} frames (num_kv_cache)")
-        read = self._ring_tokens(written - working, written)
         shift = [start_frame - working - A] * A if written else []   # the anchor was written at position 0
-        plan = self._plan(row, start_frame, frames, read, None, shift, rebase)
+        plan = self._plan(row, start_frame, frames, self._ring_tokens(written - working, written), None, shift, rebase)
         plan.rebase_frames = rebase
         return plan
 
@@ -153,6 +153,8 @@ class RollingKVCache(StreamKVCache):
         if written - self.offset[row] != start_frame:
             raise ValueError(f"row {row}: the leaving block is at frame {start_frame}, its clean frames end at "
                              f"{written - self.offset[row]}")
+        if frames > self.ring:
+            raise ValueError(f"a block of {frames} latent frames is longer than the clean ring ({self.ring} frames)")
         end = written + frames
         plan = self._plan(row, start_frame, frames, self._ring_tokens(max(0, end - self.ring), end),
                           self._ring_tokens(written, end), [], 0)
@@ -160,19 +162,14 @@ class RollingKVCache(StreamKVCache):
         return plan
 
     def _plan(self, row, start_frame, frames, read, write, shift, rebase) -> RollingPlan:
-        S = self.spec.frame_tokens
-        if write is not None and len(write) > self.ring * S:
-            raise ValueError(f"a block of {frames} latent frames is longer than the clean ring ({self.ring} frames)")
-        head = [row, start_frame, rebase]
-        packed = torch.tensor(head + shift + read + (write or []), dtype=torch.long)
+        packed = torch.tensor([row, start_frame, rebase, *shift], dtype=torch.long)   # one small copy per call
         if self.device.type == "cuda":
             packed = packed.pin_memory()
         dev = packed.to(self.device, non_blocking=True)
-        a, b = len(head) + len(shift), len(head) + len(shift) + len(read)
-        return RollingPlan(rows=[row], starts=[start_frame * S], num_tokens=frames * S, row_range=(row, row + 1),
-                           row_index=dev[0:1], start_frames=dev[1:2], read_index=dev[a:b],
-                           write_index=dev[b:] if write is not None else None,
-                           anchor_shift=dev[len(head):a][None] if shift else None,
+        return RollingPlan(rows=[row], starts=[start_frame * self.spec.frame_tokens],
+                           num_tokens=frames * self.spec.frame_tokens, row_range=(row, row + 1), row_index=dev[0:1],
+                           start_frames=dev[1:2], read_index=read, write_index=write,
+                           anchor_shift=dev[3:][None] if shift else None,
                            rebase=-dev[2:3][None].expand(1, self.ring) if rebase else None)
 
     def update(self, layer: int, plan: RollingPlan, k_new: torch.Tensor, v_new: torch.Tensor):
