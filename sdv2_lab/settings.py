@@ -51,8 +51,9 @@ def backbone_config(cfg: DictConfig) -> WanDiTConfig:
 
 def denoising_steps(cfg: DictConfig) -> list[int]:
     n, table = cfg.steps, list(cfg.denoising_step_list)
-    if not isinstance(n, int) or not 1 <= n <= min(4, len(table)):
-        raise ValueError(f"steps={n!r}: expected an integer from 1 to {min(4, len(table))}")
+    most = len(table) if cfg.get("rolling_window") else min(4, len(table))   # 4: the stream batch's --step
+    if not isinstance(n, int) or not 1 <= n <= most:
+        raise ValueError(f"steps={n!r}: expected an integer from 1 to {most}")
     return table[:n]
 
 
@@ -117,6 +118,7 @@ def describe_paths(cfg: DictConfig) -> str:
     kv += " (its oldest frame re-encoded from pixels)" if pc.kv_rebuild and pc.kv_recompute_reencode else ""
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
     sink += f", KV attention bias {pc.kv_attention_bias}" if pc.kv_attention_bias < 1 else ""
+    sink += f", rolling window of {len(pc.denoising_steps)} blocks" if pc.rolling_window else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
             f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}{kv}{sink}, stages "
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
@@ -128,7 +130,8 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames,
         adapt_sink_threshold=cfg.adapt_sink_threshold, sink_ema=float(cfg.sink_ema),
         kv_attention_bias=float(cfg.kv_attention_bias),
-        frames_per_block=cfg.frames_per_block, first_chunk_latents=cfg.first_chunk_latents,
+        frames_per_block=cfg.frames_per_block, rolling_window=bool(cfg.get("rolling_window", False)),
+        first_chunk_latents=cfg.first_chunk_latents,
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),
         warp_denoising_step=bool(cfg.warp_denoising_step), context_pass=bool(cfg.context_pass),
         kv_recache=bool(cfg.kv_recache), kv_recache_global_sink=bool(cfg.kv_recache_global_sink),

@@ -34,7 +34,7 @@ def test_every_backbone_entry_composes_and_validates(name):
     p = pipeline_config(cfg).validate()
     assert cfg.backbone.name == name and cfg.backbone.checkpoint.path
     assert cfg.weights.kind == "dummy"
-    assert 1 <= len(p.step_list) <= 4 and p.chunk_frames == 4 * p.frames_per_block
+    assert 1 <= len(p.step_list) <= (5 if p.rolling_window else 4) and p.chunk_frames == 4 * p.frames_per_block
     real = compose_config("config", [f"backbone={name}", "weights=real"])
     assert real.weights.checkpoint == (os.environ.get("SDV2_CHECKPOINT") or real.backbone.checkpoint.path)
 
@@ -174,7 +174,7 @@ def _tiny_sd():
 
 
 @pytest.mark.parametrize("name", ["self_forcing", "causvid", "causal_forcing", "longlive", "krea_14b",
-                                  "reward_forcing"])
+                                  "reward_forcing", "rolling_forcing"])
 def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
     """weights=real with the entry's own rules (container keys, LoRA, sizes from the file): the DiT built equals
     the plain weights (plus the LoRA's product, for LongLive)."""
@@ -283,7 +283,8 @@ def test_every_recipe_streams_in_single_mode(recipe, t2v, monkeypatch):
     """Each recipe at the tiny size, stream batch on: whole chunks of its sizes come out, none lost or doubled."""
     cfg = compose_config("config", [f"backbone/recipe={recipe}", f"height={H}", f"width={W}", "warmup=false"])
     pc = pipeline_config(cfg)
-    ov = [f"backbone/recipe={recipe}", "num_kv_cache=12" if pc.num_kv_cache > 12 else f"num_kv_cache={pc.num_kv_cache}"]
+    small = pc.num_kv_cache > 12 and not pc.rolling_window   # the rolling window needs its 21-frame span
+    ov = [f"backbone/recipe={recipe}", "num_kv_cache=12" if small else f"num_kv_cache={pc.num_kv_cache}"]
     frames = pc.first_chunk_frames + pc.chunk_frames * 3
     if t2v:
         frames = 1 + 4 * pc.frames_per_block * 3     # about four blocks ("about num_frames": whole blocks are made)

@@ -40,6 +40,8 @@ class PipelineConfig:
     sink_ema: float = 0.0                     # > 0: an EMA sink (Reward Forcing): evicted frames folded into the sink
     kv_attention_bias: float = 1.0            # < 1: Krea's KV attention bias (past cache frames scaled by it in attention)
     frames_per_block: int = 1                 # latent frames per chunk (num_frame_per_block)
+    rolling_window: bool = False              # Rolling Forcing: len(steps) blocks denoised in one call, each at its
+                                              # own level, on one KV row of anchor + clean frames (rolling.py)
     noise: NoiseControllerConfig = field(default_factory=NoiseControllerConfig)
     t2v: bool = False                         # text-to-video: pure noise in, no input video
     position_refresh_frames: int = 50         # rebase positions at this latent frame (t_refresh; 0 = never)
@@ -62,7 +64,8 @@ class PipelineConfig:
             if steps is None:
                 continue
             steps = list(steps)
-            if not 1 <= len(steps) <= 4:
+            # the stream batch's rows are the reference's --step (1 to 4); the rolling window has no such limit
+            if not 1 <= len(steps) <= (len(steps) if self.rolling_window else 4):
                 raise ValueError(f"1 to 4 {what} are supported, got {steps}")
             if any(isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= 1000 for t in steps) \
                     or steps != sorted(steps, reverse=True):
@@ -109,8 +112,42 @@ class PipelineConfig:
                              f"{self.rope_positions} positions and chunks reach {grow} frames past the refresh point)")
         if rebuild:
             self._check_rebuild_fits()
+        if self.rolling_window:
+            self._check_rolling_window()
+            return self   # its cache is not StreamKVCache's ring: the dry run's positions do not apply
         self._dry_run()
         return self
+
+    def _check_rolling_window(self) -> None:
+        """The rolling window's own rules (rolling.py): blocks of one size, the first too; the anchor, the working
+        frames and the window within the attention span; one DiT on one GPU; none of the other KV mechanics."""
+        n, f = len(self.denoising_steps), self.frames_per_block
+        others = {k: v for k, v in (("first_chunk_steps", self.first_chunk_steps), ("sink_frames", self.sink_frames),
+                                    ("sink_ema", self.sink_ema), ("kv_recache", self.kv_recache),
+                                    ("kv_recompute_frames", self.kv_recompute_frames),
+                                    ("target_fps", self.target_fps)) if v}
+        if self.kv_attention_bias < 1:
+            others["kv_attention_bias"] = self.kv_attention_bias
+        if self.adapt_sink_threshold > -1:
+            others["adapt_sink_threshold"] = self.adapt_sink_threshold
+        if self.kv_cache_dtype != "model":
+            others["kv_cache_dtype"] = self.kv_cache_dtype
+        if self.mode == "pipe" or others:
+            raise ValueError(f"rolling_window=true (Rolling Forcing) runs in mode=single or single_wo (one KV row per "
+                             f"stream either way) without other KV mechanics; got mode={self.mode}"
+                             + "".join(f", {k}={v}" for k, v in others.items()))
+        if self.first_latent_frames != f:
+            raise ValueError(f"rolling_window=true: every block has frames_per_block={f} latent frames, the first too "
+                             f"(first_chunk_latents={self.first_chunk_latents})")
+        if self.num_kv_cache < n * f + 2 * f:
+            raise ValueError(f"rolling_window=true: num_kv_cache={self.num_kv_cache} (the attention span) must hold the "
+                             f"anchor, a window of {n} blocks of {f} latent frames and one block of clean frames "
+                             f"(>= {n * f + 2 * f})")
+        refresh = self.position_refresh_frames
+        if refresh and not self.num_kv_cache < refresh <= self.rope_positions - n * f:
+            raise ValueError(f"rolling_window=true: position_refresh_frames={refresh} must be 0 (never) or in "
+                             f"({self.num_kv_cache}, {self.rope_positions - n * f}]: a rebase moves the window back to "
+                             f"frame num_kv_cache and the window reaches {n * f} frames past it")
 
     def _check_ema_sink(self) -> None:
         """An EMA sink folds an evicted chunk into the sink frame by frame, as Reward Forcing does (blocks of 3, a
@@ -174,7 +211,7 @@ class PipelineConfig:
 
             from .schedule import FlowMatchSchedule
             steps = FlowMatchSchedule(self.timestep_shift).warp(torch.tensor(list(steps))).tolist()
-        return list(steps) + ([0] if self.t2v and not self.context_pass else [])
+        return list(steps) + ([0] if self.t2v and not (self.context_pass or self.rolling_window) else [])
 
     @property
     def step_list(self) -> list:

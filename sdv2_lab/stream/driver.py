@@ -31,6 +31,7 @@ import torch
 from ..cuda_streams import named_stream
 from ..units import FRAMES_PER_LATENT, PIXELS_PER_LATENT, to_unit
 from ..vae.registry import decode_streams, encode_streams, release
+from . import rolling
 from .config import PipelineConfig
 from .executor import Executor
 from .input_guard import InputGuard
@@ -131,7 +132,8 @@ class StreamDriver:
         self.latent_device = self.device if self.encodes else torch.device("meta")
         self.schedule = executor.schedule
         self.generator = generator              # the default noise source of streams opened without a seed
-        self.scheduler = Scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
+        scheduler = rolling.RollingScheduler if cfg.rolling_window else Scheduler   # Rolling Forcing's window rule
+        self.scheduler = scheduler(cfg.mode, cfg.step_list, executor.cache.spec, cfg.frames_per_block,
                                    cfg.position_refresh_frames, cfg.max_streams, cfg.t2v, executor.cache.num_rows,
                                    first_step_list=cfg.first_step_list if cfg.first_chunk_steps else None,
                                    first_latents=cfg.first_latent_frames, context_pass=cfg.context_pass)
@@ -548,7 +550,10 @@ class StreamDriver:
             for s, e in zip(job.streams, encoded):
                 if e.step is not None:
                     s.dev.t[0] = e.step  # the controller's timestep for slot 0 (kept for later chunks: the reference)
-            x0 = self._stream_batch(job, encoded) if job.stream_batch else self._all_steps(job, encoded)
+            if job.window is not None:   # Rolling Forcing's window (rolling.py)
+                x0 = rolling.denoise(self, job, encoded)
+            else:
+                x0 = self._stream_batch(job, encoded) if job.stream_batch else self._all_steps(job, encoded)
             for s, x, shown in zip(job.streams, x0, job.emit):
                 if shown and s.dev.clean is not None:   # kept for a KV rebuild
                     s.dev.clean.add(x)

@@ -36,6 +36,7 @@ import torch
 from ..backbones.kv_cache import StreamKVCache
 from ..graph_cache import Captured, CountsGraphs, GraphCache
 from ..registry import Registry
+from .rolling import run_window
 from .scheduler import DiTJob
 from .schedule import FlowMatchSchedule, stream_batch_step
 
@@ -110,6 +111,8 @@ class DiTExecutor:
     # ------------------------------------------------------------------ jobs
     @torch.no_grad()
     def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult:
+        if job.window is not None:   # Rolling Forcing's window (rolling.py)
+            return run_window(self, job, x, t)
         if job.stream_batch:
             return self.stream_batch(job, x, t, noise)
         return self.all_steps(job, x, t, noise)

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..backbones.kv_cache import StreamKVCache
+from . import rolling
 from .config import PipelineConfig
 from .driver import Encoded, Previous, StreamDriver, frames_of, wait
 from .executor import DiTExecutor, build_executor
@@ -51,10 +52,13 @@ class StreamPipeline:
             self.executor = executor
         else:
             rows = cfg.max_streams * (len(cfg.step_list) if MODES[cfg.mode].stream_batch else 1)
-            cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
-                                  cfg.adapt_sink_threshold, dtype=dtype, device=self.device,
-                                  kv_dtype=cfg.kv_cache_dtype, sink_ema=cfg.sink_ema,
-                                  key_bias=cfg.kv_attention_bias)
+            if cfg.rolling_window:   # one row per stream: the anchor and the clean ring
+                cache = rolling.new_cache(dit, cfg, cfg.max_streams, dtype, self.device)
+            else:
+                cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
+                                      cfg.adapt_sink_threshold, dtype=dtype, device=self.device,
+                                      kv_dtype=cfg.kv_cache_dtype, sink_ema=cfg.sink_ema,
+                                      key_bias=cfg.kv_attention_bias)
             self.executor = build_executor(executor or executor_name(cfg, self.device), dit, cache,
                                            schedule or FlowMatchSchedule(cfg.timestep_shift))
         self.driver = StreamDriver(self.executor, vae, text_encoder, cfg, dtype=dtype, generator=generator)

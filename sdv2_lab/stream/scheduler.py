@@ -109,6 +109,7 @@ class DiTJob:
     first: bool
     emit: list[bool]
     context: bool = False                    # one more pass at t = 0 over the x0 (pops[passes] is its flag)
+    window: Any = None                       # a rolling-window call (rolling.Window), run by rolling.py's parts
 
 
 class Scheduler:
