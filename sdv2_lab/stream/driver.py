@@ -122,6 +122,8 @@ class StreamDriver:
         cfg.validate()
         if cfg.kv_rebuild_note:
             log.info(cfg.kv_rebuild_note)
+        if cfg.memory_note:
+            log.info(cfg.memory_note)
         self.executor, self.vae, self.text_encoder, self.cfg = executor, vae, text_encoder, cfg
         self.device, self.dtype = executor.device, dtype
         # A ``pipe`` stage runs only its own part of a chunk's path (sdv2_lab/parallel): the first stage encodes,
@@ -310,7 +312,7 @@ class StreamDriver:
             x = self._reencode_oldest(s, x, frames)
         blocks = replay_blocks(x.shape[1], s.frames_per_block)
         with self.lanes.on("dit", [self._current_event()]):
-            self.executor.reset_rows(s.rows)
+            self.executor.reset_rows(s.rows, keep_memory=True)   # MemFlow's recache keeps its memory bank
             t = torch.zeros(1, 1, dtype=s.dev.t.dtype, device=self.device)
             for job, block in zip(self.scheduler.replay_jobs(s, blocks), x.to(self.dtype).split(blocks, dim=1)):
                 self.executor.run(job, block, t, None)
