@@ -185,6 +185,24 @@ def test_memflow_streams_video_to_video_through_the_front_door():
     assert pipe.driver.executor.cache.memory.recorded == [3]       # blocks 0, 3, 6 of 7
 
 
+def test_memflow_generates_text_to_video_through_the_front_door():
+    """T2V through start / generate / set_prompt / generate: finite frames of whole blocks, the recache ran on the
+    switch and the bank went on recording across it."""
+    pipe = build_pipeline(compose_config("config", TINY + ["t2v=true"]))
+    replays, run = [], pipe.driver.executor.run
+    pipe.driver.executor.run = lambda job, *a: (replays.append(job) if not job.chunks and not job.stream_batch
+                                                else None) or run(job, *a)
+    pipe.start("a red kite over the sea")
+    first = pipe.generate(9 + 12 * 4)
+    pipe.set_prompt("a city street at night")
+    second = pipe.generate(12 * 3)
+    for out in (first, second):
+        assert out.shape[1:] == (H, W, 3) and len(out) and torch.isfinite(out).all()
+    assert len(replays) == 4
+    memory = pipe.driver.executor.cache.memory
+    assert memory.recorded == [sum(1 for b in range(memory.contexts[0]) if b % 3 == 0)] and memory.contexts[0] >= 7
+
+
 def test_a_new_stream_starts_with_an_empty_bank():
     pipe, _ = traced(["t2v=true"])
     d, cache = pipe.driver, pipe.driver.executor.cache
