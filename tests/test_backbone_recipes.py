@@ -208,7 +208,7 @@ def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
     got = dit.state_dict()
     ref = load_backbone(dit_config(compose_config("config", ["backbone=tiny"])), "dummy", dtype=torch.float32, seed=5)
     for k, v in ref.state_dict().items():
-        if name in ("longlive", "memflow") and k == f"{name_q}.weight":   # W + alpha / r * B @ A, alpha 256 (the entry's)
+        if name in ("longlive", "memflow") and k == f"{name_q}.weight":   # W + alpha / r * B @ A, alpha 256
             want = v.double() + 256 / r * (b.double() @ a.double())
             torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-5, msg=k)
         else:

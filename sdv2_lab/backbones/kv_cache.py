@@ -106,7 +106,8 @@ class CacheSpec:
                              f"{self.memory_frames!r}")
         if isinstance(self.memory_interval, bool) or not isinstance(self.memory_interval, int) \
                 or self.memory_interval < 1:
-            raise ValueError(f"memory_record_interval must be a positive number of blocks, got {self.memory_interval!r}")
+            raise ValueError(f"memory_record_interval must be a positive number of blocks, got "
+                             f"{self.memory_interval!r}")
         if self.memory_frames and self.key_bias < 1:
             raise ValueError(f"memory_frames={self.memory_frames} (MemFlow's memory bank) and kv_attention_bias="
                              f"{self.key_bias} (Krea's) do not combine: the bias covers the window's keys only")
