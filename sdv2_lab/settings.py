@@ -119,6 +119,7 @@ def describe_paths(cfg: DictConfig) -> str:
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
     sink += f", KV attention bias {pc.kv_attention_bias}" if pc.kv_attention_bias < 1 else ""
     sink += f", rolling window of {len(pc.denoising_steps)} blocks" if pc.rolling_window else ""
+    sink += f", memory bank of {pc.memory} frames" if pc.memory else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
             f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}{kv}{sink}, stages "
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
@@ -130,6 +131,7 @@ def pipeline_config(cfg: DictConfig) -> PipelineConfig:
         num_kv_cache=cfg.num_kv_cache, kv_cache_dtype=str(cfg.kv_cache_dtype), sink_frames=cfg.sink_frames,
         adapt_sink_threshold=cfg.adapt_sink_threshold, sink_ema=float(cfg.sink_ema),
         kv_attention_bias=float(cfg.kv_attention_bias),
+        memory_frames=cfg.memory_frames, memory_record_interval=cfg.memory_record_interval,
         frames_per_block=cfg.frames_per_block, rolling_window=bool(cfg.get("rolling_window", False)),
         first_chunk_latents=cfg.first_chunk_latents,
         first_chunk_steps=_first_chunk_steps(cfg), timestep_shift=float(cfg.timestep_shift),

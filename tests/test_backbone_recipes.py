@@ -173,11 +173,11 @@ def _tiny_sd():
     return {k: v.clone() for k, v in load_backbone(cfg, "dummy", dtype=torch.float32, seed=5).state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["self_forcing", "causvid", "causal_forcing", "longlive", "krea_14b",
+@pytest.mark.parametrize("name", ["self_forcing", "causvid", "causal_forcing", "longlive", "memflow", "krea_14b",
                                   "reward_forcing", "rolling_forcing"])
 def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
     """weights=real with the entry's own rules (container keys, LoRA, sizes from the file): the DiT built equals
-    the plain weights (plus the LoRA's product, for LongLive)."""
+    the plain weights (plus the LoRA's product, for LongLive and MemFlow)."""
     from safetensors.torch import save_file
 
     from sdv2_lab.backbones.checkpoints import load_backbone
@@ -195,7 +195,7 @@ def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
         # EMA weights under an FSDP wrapper's names, preferred by these entries over the decoy 'generator'
         torch.save({"generator_ema": {f"model._fsdp_wrapped_module.{k}": v for k, v in sd.items()},
                     "generator": {k: v + 1 for k, v in wrapped.items()}}, path)
-    if name == "longlive":
+    if name in ("longlive", "memflow"):
         r, name_q = 4, "blocks.0.self_attn.q"
         a, b = torch.randn(r, 256) * 0.05, torch.randn(256, r) * 0.05
         torch.save({f"base_model.model.{name_q}.lora_A.weight": a, f"base_model.model.{name_q}.lora_B.weight": b},
@@ -208,7 +208,7 @@ def test_each_plugin_entry_loads_a_tiny_file_of_its_container(tmp_path, name):
     got = dit.state_dict()
     ref = load_backbone(dit_config(compose_config("config", ["backbone=tiny"])), "dummy", dtype=torch.float32, seed=5)
     for k, v in ref.state_dict().items():
-        if name == "longlive" and k == f"{name_q}.weight":   # LongLive: W + alpha / r * B @ A, alpha 256 (the entry's)
+        if name in ("longlive", "memflow") and k == f"{name_q}.weight":   # W + alpha / r * B @ A, alpha 256
             want = v.double() + 256 / r * (b.double() @ a.double())
             torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-5, msg=k)
         else:

@@ -5,7 +5,7 @@
 # LongLive's recache and Krea's recompute run) for BB_WO; single (the stream batch) for BB_SB.
 BUDGET=${BB_BUDGET:-570}
 step backbones_single_wo ${BB_WO_LIMIT:-300} python3 experiments/bench_pipeline.py --compile \
-  --configs "${BB_WO:-self_forcing,causvid,causal_forcing_pp_1step,longlive,reward_forcing,krea_14b,rolling_forcing}" --extra "mode=single_wo" \
+  --configs "${BB_WO:-self_forcing,causvid,causal_forcing_pp_1step,longlive,memflow,reward_forcing,krea_14b,rolling_forcing}" --extra "mode=single_wo" \
   --json "$OUT/backbones_single_wo.json"
 step backbones_single ${BB_SB_LIMIT:-160} python3 experiments/bench_pipeline.py --compile \
   --configs "${BB_SB:-wan_1_3b:1,self_forcing,reward_forcing}" --extra "mode=single" --json "$OUT/backbones_single.json"

@@ -46,6 +46,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .memory import MemoryBank, MemoryPlan
+
 
 # storage name -> (dtype of the stored bits, what they mean, largest magnitude); None: the model's dtype, unscaled.
 # fp8 is kept as its raw bytes (uint8): row fills, copies and gathers then work on every device.
@@ -87,6 +89,8 @@ class CacheSpec:
                                # weight on the sink, sink = a * sink + (1 - a) * evicted; 0 = off
     key_bias: float = 1.0      # < 1: Krea's KV attention bias: attention to the cache's past frames (neither its
                                # first frame nor the call's own tokens) is scaled by this (log(b) added to scores)
+    memory_frames: int = 0     # > 0: MemFlow's memory bank of this many latent frames beside the window (memory.py)
+    memory_interval: int = 1   # the bank records the first frame of every n-th block's context pass
 
     def __post_init__(self):
         if self.num_frames < 1 or self.frame_tokens < 1:
@@ -97,6 +101,16 @@ class CacheSpec:
             raise ValueError(f"sink_ema must be in [0, 1) (0 = off), got {self.sink_ema}")
         if not 0 < self.key_bias <= 1:
             raise ValueError(f"kv_attention_bias must be in (0, 1] (1 = off), got {self.key_bias}")
+        if isinstance(self.memory_frames, bool) or not isinstance(self.memory_frames, int) or self.memory_frames < 0:
+            raise ValueError(f"memory_frames must be 0 (off) or a positive number of latent frames, got "
+                             f"{self.memory_frames!r}")
+        if isinstance(self.memory_interval, bool) or not isinstance(self.memory_interval, int) \
+                or self.memory_interval < 1:
+            raise ValueError(f"memory_record_interval must be a positive number of blocks, got "
+                             f"{self.memory_interval!r}")
+        if self.memory_frames and self.key_bias < 1:
+            raise ValueError(f"memory_frames={self.memory_frames} (MemFlow's memory bank) and kv_attention_bias="
+                             f"{self.key_bias} (Krea's) do not combine: the bias covers the window's keys only")
         if self.sink_ema and (self.sink_frames < 1 or self.refresh_threshold > -1):
             raise ValueError(f"an EMA sink (sink_ema={self.sink_ema}) needs sink_frames >= 1 and no adaptive refresh "
                              f"(adapt_sink_threshold=-1), got sink_frames={self.sink_frames}, threshold "
@@ -140,6 +154,7 @@ class StepPlan:
     fresh_flag: Optional[torch.Tensor] = None   # [B] int64 on device, 1 = the row writes past its last call's end
                                            # (a new chunk, not another pass over the same one)
     new_rolling: list[Optional[int]] = field(default_factory=list)
+    memory: Optional[MemoryPlan] = None    # MemFlow's memory bank: what this call reads and records (memory.py)
 
     # The masks are made where they are used: every device fact of a plan is a view of its one buffer, so a
     # CUDA graph that captured a call reads the next call's plan from there (a mask made here would be baked in).
@@ -274,6 +289,8 @@ class StreamKVCache:
         # Host mirrors (deterministic in the positions), per row.
         self.global_end = [0] * rows
         self.local_end = [0] * rows
+        self.memory = MemoryBank(spec.memory_frames, spec.memory_interval, spec.frame_tokens, n_layers, rows,
+                                 spec.num_heads, spec.head_dim, self.dtype, self.device) if spec.memory_frames else None
         self.rolling: list[list[int]] = [[] for _ in range(rows)]
         # Cross-attention K/V per layer and row, computed once per prompt: [L, R, H, Ltxt, dh].
         self.cross_k: Optional[torch.Tensor] = None
@@ -316,8 +333,11 @@ class StreamKVCache:
             raise IndexError(f"layer {layer} is not held by this cache (layers {self.first_layer}..{self.end_layer - 1})")
         return i
 
-    def reset_rows(self, rows: Sequence[int]) -> None:
-        """Forget what these rows held (a new stream must not see an old one's keys); keeps the allocation."""
+    def reset_rows(self, rows: Sequence[int], keep_memory: bool = False) -> None:
+        """Forget what these rows held (a new stream must not see an old one's keys); keeps the allocation.
+        ``keep_memory``: the memory bank stays (a KV rebuild of the same stream, as MemFlow's recache keeps it)."""
+        if self.memory is not None and not keep_memory:
+            self.memory.reset_rows(rows)
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         for t in (self.k, self.v, self.queue, self.q_head, self.q_len, *self._scaled(), *self._positions()):
             t.index_fill_(1, idx, 0)
@@ -348,6 +368,7 @@ class StreamKVCache:
         self.k = self.v = empty
         self.queue = self.q_head = self.q_len = torch.empty(0, dtype=torch.long, device=self.device)
         self.k_scale = self.v_scale = None
+        self.memory = None
         self.pos = None if self.pos is None else torch.empty(0, dtype=torch.long, device=self.device)
         self.cross_k = self.cross_v = None
         self._static_plans.clear()
@@ -366,10 +387,15 @@ class StreamKVCache:
         for r in dst:
             self.global_end[r], self.local_end[r] = self.global_end[src], self.local_end[src]
             self.rolling[r] = list(self.rolling[src])
+        if self.memory is not None:
+            self.memory.copy_rows(src, dst)
 
     def expand_batch(self, batch_size: int) -> None:
         """Row 0 into rows 1..batch_size-1, growing the pool if it has fewer rows (a single-stream cache)."""
         if batch_size > self.num_rows:
+            if self.memory is not None:
+                raise ValueError("a KV cache with a memory bank (memory_frames > 0) holds its rows as made; "
+                                 "it runs in mode=single_wo, one row per stream")
             old = (self.k, self.v, self.queue, self.q_head, self.q_len, self.cross_k, self.cross_v,
                    self.global_end, self.local_end, self.rolling)
             old_scales = self._scaled() + self._positions()
@@ -449,13 +475,14 @@ class StreamKVCache:
 
     # ------------------------------------------------------------------ per-call protocol
     def plan(self, starts: Sequence[int], num_tokens: int, rows: Optional[Sequence[int]] = None,
-             pop: Optional[Sequence[bool]] = None, static: bool = False) -> StepPlan:
+             pop: Optional[Sequence[bool]] = None, static: bool = False, context: bool = False) -> StepPlan:
         """Decide, on the host, what this call does to each row. ``starts``: virtual start token per row;
         ``rows``: pool rows (default 0..B-1); ``pop``: whether an evicting row rotates its ring (default yes);
         ``static`` (for CUDA graphs): while the cache fills, attend over the whole cache with per-row lengths
         masking what is not written yet (one shape for every call), and keep the plan's device facts in one
         buffer per row set, rewritten by each call: a graph captured on one call reads the next call's plan
-        there (an earlier static plan of the same rows sees the new values)."""
+        there (an earlier static plan of the same rows sees the new values). ``context``: the call is a block's
+        context pass (its clean keys; the memory bank records from those)."""
         spec, m = self.spec, num_tokens
         rows = list(range(len(starts))) if rows is None else [int(r) for r in rows]
         pop = [True] * len(rows) if pop is None else [bool(p) for p in pop]
@@ -490,12 +517,14 @@ class StreamKVCache:
                 self._static_plans[tuple(rows)] = out
         out.copy_(packed, non_blocking=True)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        memory = None if self.memory is None else self.memory.plan(rows, context, new_local, max_len)
         return StepPlan(rows=rows, num_tokens=m, starts=[int(c) for c in starts], evict=evict, new_local_end=new_local,
                         max_len=max_len, row_range=(rows[0], rows[0] + len(rows)) if consecutive else None,
                         kv_lens=out[6] if any(x != max_len for x in new_local) else None,
                         refresh_check=spec.sink_frames > 0 and spec.refresh_threshold > -1 and m <= spec.frame_tokens,
                         row_index=out[0], start_frames=out[1], append_start=out[2], register_val=out[3],
-                        evict_flag=out[4], pop_flag=out[5], fresh_flag=out[7], new_rolling=new_rolling)
+                        evict_flag=out[4], pop_flag=out[5], fresh_flag=out[7], new_rolling=new_rolling,
+                        memory=memory)
 
     def update(self, layer: int, plan: StepPlan, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this layer's new (post-RoPE) keys and values; return the keys/values to attend over.
@@ -555,7 +584,14 @@ class StreamKVCache:
                 store.index_copy_(0, flat, q)
                 scale[li].view(-1, new.shape[1]).index_copy_(0, flat, s)
         bias = self._key_bias(start, m, plan.max_len) if spec.key_bias < 1 else None
-        return self._read(li, plan, "k", plan.max_len), self._read(li, plan, "v", plan.max_len), plan.kv_lens, bias
+        k, v = self._read(li, plan, "k", plan.max_len), self._read(li, plan, "v", plan.max_len)
+        if plan.memory is None:
+            return k, v, plan.kv_lens, bias
+        # MemFlow: the bank's frames beside the window (read first: this call's record is seen from the next block)
+        k, v, kv_lens = self.memory.attended(li, plan.memory, k, v, plan.kv_lens)
+        text_k = None if self.cross_k is None else self._rows(self.cross_k[li], plan)
+        self.memory.record(li, plan.memory, k_new, v_new, text_k)
+        return k, v, kv_lens, bias
 
     def _key_bias(self, start: torch.Tensor, m: int, length: int) -> torch.Tensor:
         """Krea's KV attention bias over the keys read [B, length]: log(b) on the cache's past frames, 0 on its
@@ -605,3 +641,5 @@ class StreamKVCache:
             self.local_end[r] = local
             if new is not None:
                 self.rolling[r].append(new)
+        if plan.memory is not None:
+            self.memory.commit(plan.memory)

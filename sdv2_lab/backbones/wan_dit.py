@@ -318,11 +318,12 @@ class CausalWanDiT(nn.Module):
         self.cfg.attention = name
 
     def cache_spec(self, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
-                   refresh_threshold: float = -1.0, sink_ema: float = 0.0, key_bias: float = 1.0) -> CacheSpec:
+                   refresh_threshold: float = -1.0, sink_ema: float = 0.0, key_bias: float = 1.0,
+                   memory_frames: int = 0, memory_interval: int = 1) -> CacheSpec:
         return CacheSpec(num_layers=self.cfg.num_layers, num_heads=self.cfg.num_heads, head_dim=self.cfg.head_dim,
                          frame_tokens=self.frame_tokens(height, width), num_frames=num_kv_frames,
                          sink_frames=sink_frames, refresh_threshold=refresh_threshold, sink_ema=sink_ema,
-                         key_bias=key_bias)
+                         key_bias=key_bias, memory_frames=memory_frames, memory_interval=memory_interval)
 
     def frame_tokens(self, height: int, width: int) -> int:
         """Tokens per latent frame for a pixel resolution (VAE stride 8, this model's patch)."""
@@ -333,16 +334,19 @@ class CausalWanDiT(nn.Module):
     def new_cache(self, rows: int, height: int, width: int, num_kv_frames: int, sink_frames: int = 0,
                   refresh_threshold: float = -1.0, dtype=None, device=None,
                   layers: Optional[tuple[int, int]] = None, kv_dtype: str = "model",
-                  sink_ema: float = 0.0, key_bias: float = 1.0) -> StreamKVCache:
+                  sink_ema: float = 0.0, key_bias: float = 1.0, memory_frames: int = 0,
+                  memory_interval: int = 1) -> StreamKVCache:
         """A KV cache of ``rows`` histories (a stream's stream-batch slots, or several streams' rows) for the
         layers ``layers`` (default all), stored as ``kv_dtype`` (``kv_cache.KV_DTYPES``); ``sink_ema`` > 0: an EMA
         sink (the cache moves evicted keys to the sink's positions with ``move_keys``); ``key_bias`` < 1: Krea's KV
-        attention bias (``CacheSpec.key_bias``)."""
+        attention bias (``CacheSpec.key_bias``); ``memory_frames`` > 0: MemFlow's memory bank recording every
+        ``memory_interval``-th block (``memory.py``)."""
         p = self.held_parameter()
         if key_bias < 1 and not self.attention_backend.takes_key_bias:
             raise ValueError(f"kv_attention_bias={key_bias} (Krea's KV attention bias) needs attention=sdpa or flex, "
                              f"not {self.attention_backend.name}")
-        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold, sink_ema, key_bias)
+        spec = self.cache_spec(height, width, num_kv_frames, sink_frames, refresh_threshold, sink_ema, key_bias,
+                               memory_frames, memory_interval)
         return StreamKVCache(spec, rows, dtype or p.dtype, device or p.device, layers, kv_dtype=kv_dtype,
                              move_keys=self.move_keys)
 
@@ -456,8 +460,8 @@ class CausalWanDiT(nn.Module):
                              f"was built for {cache.spec.frame_tokens} (check height/width against the VAE stride 8)")
 
     def plan(self, x: torch.Tensor, cache: StreamKVCache, starts: Sequence[int], rows: Optional[Sequence[int]] = None,
-             pop: Optional[Sequence[bool]] = None, static: bool = False):
-        """Check a call's inputs and make its cache plan (host work only)."""
+             pop: Optional[Sequence[bool]] = None, static: bool = False, context: bool = False):
+        """Check a call's inputs and make its cache plan (host work only); ``context``: a block's context pass."""
         self.check_latent(x, cache)
         if len(starts) != x.shape[0]:
             raise ValueError(f"latent batch {x.shape[0]} != {len(starts)} row positions")
@@ -466,7 +470,7 @@ class CausalWanDiT(nn.Module):
         if max(frames) + f > self.cfg.rope_max_positions:
             raise ValueError(f"temporal position {max(frames) + f} exceeds rope_max_positions "
                              f"{self.cfg.rope_max_positions}; rebase stream positions (the scheduler does)")
-        return cache.plan(starts, f * cache.spec.frame_tokens, rows, pop, static)
+        return cache.plan(starts, f * cache.spec.frame_tokens, rows, pop, static, context)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: StreamKVCache, starts: Sequence[int],
                 rows: Optional[Sequence[int]] = None, pop: Optional[Sequence[bool]] = None) -> torch.Tensor:

@@ -160,8 +160,8 @@ class PipeStage(DiTExecutor):
             ctx.copy_(wire)
         self.dit.set_context(self.cache, ctx, rows)
 
-    def reset_rows(self, rows: list[int]) -> None:
-        super().reset_rows(rows)
+    def reset_rows(self, rows: list[int], keep_memory: bool = False) -> None:
+        super().reset_rows(rows, keep_memory)
         for sid in [sid for sid, r in self._ring_rows.items() if set(r) & set(rows)]:
             self._drop_ring(sid)
 

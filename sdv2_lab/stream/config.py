@@ -39,6 +39,9 @@ class PipelineConfig:
     adapt_sink_threshold: float = 0.2         # -1 disables adaptive sink refresh
     sink_ema: float = 0.0                     # > 0: an EMA sink (Reward Forcing): evicted frames folded into the sink
     kv_attention_bias: float = 1.0            # < 1: Krea's KV attention bias (past cache frames scaled by it in attention)
+    memory_frames: int = 0                    # > 0: MemFlow's memory bank: this many past latent frames attended beside
+                                              # the window, the least relevant to the prompt replaced (memory.py)
+    memory_record_interval: int = 1           # the bank records the first latent frame of every n-th block
     frames_per_block: int = 1                 # latent frames per chunk (num_frame_per_block)
     rolling_window: bool = False              # Rolling Forcing: len(steps) blocks denoised in one call, each at its
                                               # own level, on one KV row of anchor + clean frames (rolling.py)
@@ -94,6 +97,7 @@ class PipelineConfig:
                 or not 0 < self.kv_attention_bias <= 1:
             raise ValueError(f"kv_attention_bias must be in (0, 1] (1 = off; Krea's recipe: 0.3), got "
                              f"{self.kv_attention_bias!r}")
+        self._check_memory()
         if not -1 <= self.adapt_sink_threshold <= 1:
             raise ValueError(f"adapt_sink_threshold must be in [-1, 1] (-1 = off), got {self.adapt_sink_threshold}")
         if not 0 < self.noise.noise_scale <= 1:
@@ -159,6 +163,34 @@ class PipelineConfig:
                              f"frames_per_block (got {self.sink_frames} and {self.frames_per_block}), "
                              f"adapt_sink_threshold=-1 (got {self.adapt_sink_threshold}), "
                              f"kv_cache_dtype=model (got {self.kv_cache_dtype}) and no target_fps (got {self.target_fps})")
+
+    def _check_memory(self) -> None:
+        """MemFlow's memory bank (``backbones/memory.py``): it records the clean keys of a block's context pass."""
+        m, n = self.memory_frames, self.memory_record_interval
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"memory_frames must be 0 (off) or a positive number of latent frames, got {m!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"memory_record_interval must be a positive number of blocks, got {n!r}")
+        if m and not self.context_pass:
+            raise ValueError(f"memory_frames={m} (MemFlow's memory bank) records the clean keys of each block's "
+                             f"context pass: it needs context_pass=true")
+        if m and self.kv_attention_bias < 1:
+            raise ValueError(f"memory_frames={m} (MemFlow's memory bank) and kv_attention_bias="
+                             f"{self.kv_attention_bias} (Krea's) do not combine: the bias covers the window's keys only")
+
+    @property
+    def memory(self) -> int:
+        """Frames of the memory bank that runs (0: none). It runs where a stream's one row holds its clean history
+        (mode single-wo), as the KV rebuild does; a stream batch has no clean keys to record."""
+        return self.memory_frames if self.mode == "single-wo" else 0
+
+    @property
+    def memory_note(self) -> Optional[str]:
+        """One line for the log when the recipe asks for a memory bank that this mode does not run."""
+        if not self.memory_frames or self.memory:
+            return None
+        return (f"memory_frames={self.memory_frames} (MemFlow's memory bank) runs in mode=single_wo; "
+                f"mode={self.mode} attends to the KV window only")
 
     def _check_kv_rebuild(self) -> bool:
         """The rebuild mechanics' own settings (kv_rebuild.py); whether one runs."""

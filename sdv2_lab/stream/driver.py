@@ -123,6 +123,8 @@ class StreamDriver:
         cfg.validate()
         if cfg.kv_rebuild_note:
             log.info(cfg.kv_rebuild_note)
+        if cfg.memory_note:
+            log.info(cfg.memory_note)
         self.executor, self.vae, self.text_encoder, self.cfg = executor, vae, text_encoder, cfg
         self.device, self.dtype = executor.device, dtype
         # A ``pipe`` stage runs only its own part of a chunk's path (sdv2_lab/parallel): the first stage encodes,
@@ -315,7 +317,7 @@ class StreamDriver:
         blocks = replay_blocks(x.shape[1], s.frames_per_block)
         with self.lanes.on("dit", [self._current_event()]):
             sink = self.executor.sink_kv(s.rows) if keep_sink else None
-            self.executor.reset_rows(s.rows)
+            self.executor.reset_rows(s.rows, keep_memory=True)   # MemFlow's recache keeps its memory bank
             t = torch.zeros(1, 1, dtype=s.dev.t.dtype, device=self.device)
             replayed = 0
             for job, block in zip(self.scheduler.replay_jobs(s, blocks), x.to(self.dtype).split(blocks, dim=1)):

@@ -62,7 +62,7 @@ class Executor(Protocol):
 
     def set_prompt(self, rows: list[int], embedding: Optional[torch.Tensor]) -> None: ...
 
-    def reset_rows(self, rows: list[int]) -> None: ...
+    def reset_rows(self, rows: list[int], keep_memory: bool = False) -> None: ...
 
     def sink_kv(self, rows: list[int]) -> list[torch.Tensor]: ...
 
@@ -92,8 +92,8 @@ class DiTExecutor:
     def set_prompt(self, rows: list[int], embedding: torch.Tensor) -> None:
         self.dit.set_prompt(self.cache, embedding, rows)
 
-    def reset_rows(self, rows: list[int]) -> None:
-        self.cache.reset_rows(rows)
+    def reset_rows(self, rows: list[int], keep_memory: bool = False) -> None:
+        self.cache.reset_rows(rows, keep_memory)
 
     def sink_kv(self, rows: list[int]) -> list[torch.Tensor]:
         return self.cache.sink_kv(rows)
@@ -125,7 +125,7 @@ class DiTExecutor:
             v = self._call(job, x, t[k][:, None].expand(-1, f), job.pops[k])
             x0, x = self.schedule.step(v, x, t[k], None if last else noise[k], None if last else t[k + 1])
         if job.context:   # the clean chunk into the KV cache: one pass at t = 0, its output unused
-            self._call(job, x0, torch.zeros_like(t[0])[:, None].expand(-1, f), job.pops[job.passes])
+            self._call(job, x0, torch.zeros_like(t[0])[:, None].expand(-1, f), job.pops[job.passes], context=True)
         return DiTResult(x0)
 
     def stream_batch(self, job: DiTJob, x, t, noise) -> DiTResult:
@@ -136,9 +136,10 @@ class DiTExecutor:
         """The sampler's stream-batch step over the job's rows (``schedule.stream_batch_step``)."""
         return stream_batch_step(self.schedule, v, x, t, noise, len(job.rows) // len(job.streams))
 
-    def _call(self, job: DiTJob, x, t, pops, plan=None) -> torch.Tensor:
-        """One eager DiT call over the job's rows (with ``plan`` when it is already made)."""
-        plan = plan or self.dit.plan(x, self.cache, job.starts, job.rows, pops)
+    def _call(self, job: DiTJob, x, t, pops, plan=None, context: bool = False) -> torch.Tensor:
+        """One eager DiT call over the job's rows (with ``plan`` when it is already made); ``context``: the
+        chunk's context pass (MemFlow's memory bank records from it)."""
+        plan = plan or self.dit.plan(x, self.cache, job.starts, job.rows, pops, context=context)
         v = self.dit.step(x, t, self.cache, plan)
         self.cache.commit(plan)
         return v

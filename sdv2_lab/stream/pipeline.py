@@ -58,7 +58,8 @@ class StreamPipeline:
                 cache = dit.new_cache(rows, cfg.height, cfg.width, cfg.num_kv_cache, cfg.sink_frames,
                                       cfg.adapt_sink_threshold, dtype=dtype, device=self.device,
                                       kv_dtype=cfg.kv_cache_dtype, sink_ema=cfg.sink_ema,
-                                      key_bias=cfg.kv_attention_bias)
+                                      key_bias=cfg.kv_attention_bias, memory_frames=cfg.memory,
+                                      memory_interval=cfg.memory_record_interval)
             self.executor = build_executor(executor or executor_name(cfg, self.device), dit, cache,
                                            schedule or FlowMatchSchedule(cfg.timestep_shift))
         self.driver = StreamDriver(self.executor, vae, text_encoder, cfg, dtype=dtype, generator=generator)

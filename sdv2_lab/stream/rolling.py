@@ -117,8 +117,8 @@ class RollingKVCache(StreamKVCache):
         self.written = [0] * rows
         self.offset = [0] * rows
 
-    def reset_rows(self, rows) -> None:
-        super().reset_rows(rows)
+    def reset_rows(self, rows, keep_memory: bool = False) -> None:
+        super().reset_rows(rows, keep_memory)
         for r in rows:
             self.written[r] = self.offset[r] = 0
 
