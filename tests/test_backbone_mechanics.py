@@ -228,27 +228,33 @@ def test_the_ema_sink_folds_each_evicted_chunk_into_the_sink():
     assert pos[0, :3].tolist() == [0, 1, 2]    # the sink stays at its positions
 
 
-@pytest.mark.parametrize("recipe", ["longlive", "krea", "reward_forcing"])
-def test_the_mechanics_stream_video_to_video_with_a_prompt_switch(recipe):
-    """V2V through the front door (push, set_prompt, flush) in single-wo with each mechanic on: every input frame
-    comes out, finite, and the rebuild ran where the recipe has one."""
+def stream_v2v_with_a_prompt_switch(pipe, chunks_before: int, chunks_after: int):
+    """V2V through the front door (push, set_prompt, flush): the first chunk and ``chunks_before`` chunks under one
+    prompt, ``chunks_after`` under another. Returns every output frame and the KV-rebuild replay jobs run."""
     from sdv2_lab.io.synthetic import synthetic_clip
-    pipe = build_pipeline(compose_config("config", [o for o in TINY if o not in ("t2v=true", "steps=1")] +
-                                         [f"backbone/recipe={recipe}", "steps=1"]))
-    replays = []
-    run = pipe.driver.executor.run
+    replays, run = [], pipe.driver.executor.run
     pipe.driver.executor.run = lambda job, *a: (replays.append(job) if not job.chunks and not job.stream_batch
                                                 else None) or run(job, *a)
     cfg = pipe.driver.cfg
-    frames = cfg.first_chunk_frames + cfg.chunk_frames * 5
+    frames = cfg.first_chunk_frames + cfg.chunk_frames * (chunks_before + chunks_after)
     clip = synthetic_clip(frames, H, W, velocity=(0.7, 2.3))[0]
     pipe.start("a red kite over the sea")
-    half = cfg.first_chunk_frames + cfg.chunk_frames * 3
+    half = cfg.first_chunk_frames + cfg.chunk_frames * chunks_before
     out = [pipe.push(clip[:, :half])]
     pipe.set_prompt("a city street at night")
     out += [pipe.push(clip[:, half:]), pipe.flush()]
     out = torch.cat([o for o in out if len(o)])
     assert out.shape == (frames, H, W, 3) and torch.isfinite(out).all()
+    return out, replays
+
+
+@pytest.mark.parametrize("recipe", ["longlive", "krea", "reward_forcing"])
+def test_the_mechanics_stream_video_to_video_with_a_prompt_switch(recipe):
+    """V2V through the front door (push, set_prompt, flush) in single-wo with each mechanic on: every input frame
+    comes out, finite, and the rebuild ran where the recipe has one."""
+    pipe = build_pipeline(compose_config("config", [o for o in TINY if o not in ("t2v=true", "steps=1")] +
+                                         [f"backbone/recipe={recipe}", "steps=1"]))
+    _, replays = stream_v2v_with_a_prompt_switch(pipe, 3, 2)
     want = {"longlive": 4, "krea": 5, "reward_forcing": 0}[recipe]   # the 12-frame window once; one per later chunk
     assert len(replays) == want
 

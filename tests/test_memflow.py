@@ -166,21 +166,9 @@ def test_memflow_streams_t2v_with_its_bank_and_keeps_it_through_the_recache():
 def test_memflow_streams_video_to_video_through_the_front_door():
     """V2V through push / set_prompt / flush: every input frame comes out, finite; the recache ran once (4 replay
     calls over the 12-frame window) and the bank recorded every 3rd block."""
-    from sdv2_lab.io.synthetic import synthetic_clip
+    from test_backbone_mechanics import stream_v2v_with_a_prompt_switch
     pipe = build_pipeline(compose_config("config", TINY))
-    replays, run = [], pipe.driver.executor.run
-    pipe.driver.executor.run = lambda job, *a: (replays.append(job) if not job.chunks and not job.stream_batch
-                                                else None) or run(job, *a)
-    cfg = pipe.driver.cfg
-    frames = cfg.first_chunk_frames + cfg.chunk_frames * 6
-    clip = synthetic_clip(frames, H, W, velocity=(0.7, 2.3))[0]
-    pipe.start("a red kite over the sea")
-    half = cfg.first_chunk_frames + cfg.chunk_frames * 4
-    out = [pipe.push(clip[:, :half])]
-    pipe.set_prompt("a city street at night")
-    out += [pipe.push(clip[:, half:]), pipe.flush()]
-    out = torch.cat([o for o in out if len(o)])
-    assert out.shape == (frames, H, W, 3) and torch.isfinite(out).all()
+    _, replays = stream_v2v_with_a_prompt_switch(pipe, 4, 2)
     assert len(replays) == 4
     assert pipe.driver.executor.cache.memory.recorded == [3]       # blocks 0, 3, 6 of 7
 

@@ -112,7 +112,7 @@ class DiTExecutor:
     @torch.no_grad()
     def run(self, job: DiTJob, x: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor]) -> DiTResult:
         if job.window is not None:   # Rolling Forcing's window (rolling.py)
-            return run_window(self, job, x, t)
+            return DiTResult(run_window(self, job, x, t))
         if job.stream_batch:
             return self.stream_batch(job, x, t, noise)
         return self.all_steps(job, x, t, noise)

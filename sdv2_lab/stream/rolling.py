@@ -204,11 +204,10 @@ def new_cache(dit, cfg, rows: int, dtype, device) -> RollingKVCache:
     return RollingKVCache(spec, rows, dtype, device, cfg.frames_per_block, dit.move_keys, cfg.kv_cache_dtype)
 
 
-def run_window(executor, job: DiTJob, x: torch.Tensor, t: torch.Tensor):
+def run_window(executor, job: DiTJob, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The executor's part of a window job: x [1, W, C, h, w] oldest block first, t [1, W] per-frame timesteps.
     One DiT call over the window, its x0; when the oldest block leaves, one pass at t = 0 over it alone writes it
-    into the clean ring. Returns ``DiTResult(x0 [1, W, ...])``."""
-    from .executor import DiTResult
+    into the clean ring. Returns the window's x0 [1, W, ...]."""
     dit, cache, w = executor.dit, executor.cache, job.window
     dit.check_latent(x, cache)
     end = w.start_frame + x.shape[1]
@@ -225,7 +224,7 @@ def run_window(executor, job: DiTJob, x: torch.Tensor, t: torch.Tensor):
         plan = cache.plan_rerun(row, w.start_frame, w.block)
         dit.step(block, torch.zeros_like(t[:, :w.block]), cache, plan)
         cache.commit(plan)
-    return DiTResult(x0)
+    return x0
 
 
 def denoise(driver, job: DiTJob, encoded) -> list[torch.Tensor]:
