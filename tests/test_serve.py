@@ -201,9 +201,16 @@ def test_protocol_and_settings_errors():
     s = ServeSettings.from_config(cfg.serve)
     assert (s.host, s.port, s.input_fps) == ("127.0.0.1", 7860, 16)       # loopback, the reference's port
     c = engine_config(cfg, s)
-    assert (c.streams, c.steps) == (s.max_streams, s.max_steps) and cfg.steps == 2
+    assert s.max_steps is None and (c.streams, c.steps) == (s.max_streams, 4) and cfg.steps == 2   # null: 4 here
     with pytest.raises(ValueError, match="within 1..serve.max_steps=1"):
         engine_config(cfg, ServeSettings(max_steps=1))
+    with pytest.raises(ValueError, match=r"serve.max_steps=5 but this backbone's recipe allows 1..4 steps"):
+        engine_config(cfg, ServeSettings(max_steps=5))      # a stream batch holds one slot per step, 4 at most
+    with pytest.raises(ValueError, match="serve.max_steps must be null"):
+        ServeSettings(max_steps=0).validate()
+    rolling = compose_config("serve", ["backbone=rolling_forcing"])
+    assert rolling.steps == 5 and engine_config(rolling, s).steps == 5     # the rolling window: one block per step
+    assert engine_config(compose_config("serve", ["backbone=self_forcing"]), s).steps == 4
 
 
 # ---------------------------------------------------------------------------------------------- one client
@@ -418,6 +425,25 @@ def test_controls_noise_steps_taehv_pause_stop(engine):
         c.error("not_started")
         c.start()                                        # the same socket can start again
         c.close()
+
+
+def test_serve_starts_on_the_rolling_window_with_its_five_steps():
+    """Rolling Forcing's recipe has 5 steps (one block of the window per step): the server offers 1..5 (the
+    stream batch's cap of 4 is not its), a client streams at 5, and 6 is refused."""
+    cfg = compose_config("serve", OVERRIDES + ["backbone=rolling_forcing"])
+    eng = Engine(cfg, ServeSettings.from_config(cfg.serve))
+    with serve_in_thread(eng, settings()) as base:
+        c = Client(base)
+        assert (c.hello["model"], c.hello["default_steps"], c.hello["max_steps"]) == ("rolling_forcing", 5, 5)
+        s = c.start(steps=5)
+        assert len(eng.driver.scheduler.streams[s["stream"]].steps) == 5
+        for part in chunks(first=eng.first_chunk, size=eng.chunk, count=6):
+            feed_chunk(c, s["session"], part)
+        c.wait_frames(eng.first_chunk + eng.chunk, timeout=120)   # each block leaves the window 4 blocks later
+        c.send({"type": "steps", "value": 6})
+        assert "from 1 to 5" in c.error("bad_value")["message"]
+        c.close()
+    eng.shutdown()
 
 
 def test_mjpeg_output(engine):

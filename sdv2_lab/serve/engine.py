@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..build import build_pipeline, build_vae
 from ..configs import CONF_DIR
+from ..settings import pipeline_config
 from ..stream.driver import wait
 from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream
@@ -52,18 +53,28 @@ class TickResult:
     streams_stepped: int = 0
 
 
+def max_steps_of(cfg: DictConfig, settings: ServeSettings) -> int:
+    """The largest ``steps`` a client may ask for: ``serve.max_steps``, or (null) the recipe's own steps and at
+    least 4 where its step list has them. A stream batch holds one slot per step (at most 4); the rolling window
+    (Rolling Forcing) one block per step, up to its step list's length."""
+    table = len(cfg.denoising_step_list)
+    bound = table if pipeline_config(cfg).rolling_window else min(4, table)
+    steps = int(cfg.steps)
+    wanted = settings.max_steps if settings.max_steps is not None else max(steps, min(4, bound))
+    if not 1 <= wanted <= bound:
+        raise ValueError(f"serve.max_steps={wanted} but this backbone's recipe allows 1..{bound} steps "
+                         f"(denoising_step_list has {table} entries"
+                         f"{'' if pipeline_config(cfg).rolling_window else '; a stream batch takes at most 4'})")
+    if not 1 <= steps <= wanted:
+        raise ValueError(f"steps={steps} (a new stream's default) must be within 1..serve.max_steps={wanted}")
+    return wanted
+
+
 def engine_config(cfg: DictConfig, settings: ServeSettings) -> DictConfig:
     """The pipeline's config: ``max_streams`` streams, and enough denoising steps for any client's ``steps``
     (a stream opened with k steps uses the first k; ``steps`` stays the default of a new stream)."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-    steps = int(cfg.steps)
-    if not 1 <= steps <= settings.max_steps:
-        raise ValueError(f"steps={steps} (a new stream's default) must be within 1..serve.max_steps="
-                         f"{settings.max_steps}")
-    if len(cfg.denoising_step_list) < settings.max_steps:
-        raise ValueError(f"serve.max_steps={settings.max_steps} but denoising_step_list has only "
-                         f"{len(cfg.denoising_step_list)} entries")
-    c.steps = settings.max_steps
+    c.steps = max_steps_of(cfg, settings)
     c.streams = settings.max_streams
     c.t2v = False
     return c
@@ -73,6 +84,7 @@ class Engine:
     def __init__(self, cfg: DictConfig, settings: ServeSettings):
         self.cfg, self.settings = cfg, settings
         self.default_steps, self.default_noise = int(cfg.steps), float(cfg.noise_scale)
+        self.max_steps = max_steps_of(cfg, settings)
         self.pipe = build_pipeline(engine_config(cfg, settings))
         self.driver = self.pipe.driver
         self.height, self.width = self.pipe.cfg.height, self.pipe.cfg.width
@@ -103,7 +115,7 @@ class Engine:
                 "height": self.height, "width": self.width, "first_chunk_frames": self.first_chunk,
                 "chunk_frames": self.chunk,
                 "weights": "dummy" if self.weights_are_dummy else "real", "weights_dummy": self.weights_are_dummy,
-                "default_steps": self.default_steps, "max_steps": self.settings.max_steps,
+                "default_steps": self.default_steps, "max_steps": self.max_steps,
                 "default_noise_scale": self.default_noise, "taehv_vae": self.settings.taehv_vae,
                 "taehv_default": c.vae.name == "taehv"}
 

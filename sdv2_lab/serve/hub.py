@@ -174,7 +174,7 @@ class Hub:
                 raise ProtocolError("bad_state", "the stream is already started: send {\"type\": \"stop\"} first")
             opts = start_options(msg, default_prompt=self.settings.default_prompt,
                                  default_steps=self.engine.default_steps, default_noise=self.engine.default_noise,
-                                 max_steps=self.settings.max_steps)
+                                 max_steps=self.engine.max_steps)
             if self.streams_free <= 0:
                 self.totals["busy_replies"] += 1
                 s.spawn(s.send_json(self._busy_reply(f"all {self.settings.max_streams} streams are in use")))
@@ -190,7 +190,7 @@ class Hub:
         elif kind == "noise_scale":
             value = noise_scale_of(msg.get("value"))
         elif kind == "steps":
-            value = steps_of(msg.get("value"), self.settings.max_steps)
+            value = steps_of(msg.get("value"), self.engine.max_steps)
         elif kind == "taehv":
             value = bool_of(msg.get("on"), "on")
         else:                                       # pause, resume, stop

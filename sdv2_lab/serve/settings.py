@@ -14,7 +14,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 7860
     max_streams: int = 4
-    max_steps: int = 4
+    max_steps: Optional[int] = None   # None: the recipe's steps, at least 4 where its step list has them
     max_connections: int = 32
     input_fps: float = 16.0
     inbox_frames: int = 12
@@ -60,8 +60,10 @@ class ServeSettings:
             raise ValueError(f"serve.batch_wait_ms must be 0..1000, got {self.batch_wait_ms!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"serve.port must be 0..65535 (0 = any free port), got {self.port!r}")
-        if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= 4:
-            raise ValueError(f"serve.max_steps must be 1..4, got {self.max_steps!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"serve.max_steps must be null (the recipe's) or a positive integer, got "
+                             f"{self.max_steps!r}")
         if not isinstance(self.jpeg_quality, int) or not 1 <= self.jpeg_quality <= 95:
             raise ValueError(f"serve.jpeg_quality must be 1..95, got {self.jpeg_quality!r}")
         if self.warmup not in ("auto", True, False):
