@@ -256,8 +256,10 @@ class StreamDiffusionV2Pipeline:
         if mode not in ("single", "single-wo"):
             raise ValueError(f"StreamDiffusionV2Pipeline runs 'single' or 'single-wo', not {mode!r} "
                              f"(pipe mode: run_video_to_video(mode='pipe', ...) or ./run_v2v.sh pipe)")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 4):
-            raise ValueError(f"step must be an integer from 1 to 4, got {step!r} (None: the model's recipe)")
+        # the bound is the recipe's (a stream batch: 1 to 4; Rolling Forcing's window: its 5), checked with the config
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+            raise ValueError(f"step must be a positive integer (1 to 4 for StreamDiffusionV2), got {step!r} "
+                             f"(None: the model's recipe)")
         self._seed_args = dict(checkpoint_folder=checkpoint_folder, mode=mode, config_path=config_path,
                                device=device, noise_scale=noise_scale, height=height, width=width, fps=fps, step=step,
                                seed=seed, model_type=model_type, model=model, wan_folder=wan_folder, taehv=taehv,

@@ -220,3 +220,18 @@ def test_the_api_says_what_runs_and_shows_progress(tmp_path):
     assert "DiT eager" in lines[0] and "DUMMY weights" in lines[0] and "checkpoint_folder=" in lines[0]
     assert lines[1].startswith("sdv2_lab: enable_acceleration: VAE wan -> taehv")
     assert "restyled frames" in res.stderr and "9/9" in res.stderr             # the progress bar
+
+
+@pytest.mark.parametrize("model, mode", [("rolling_forcing", "single"), ("memflow", "single-wo")])
+def test_the_seed_loop_streams_the_plugin_backbones(model, mode):
+    """The seed's loop on a backbone with its own mechanics (the 5-block rolling window; the memory bank) gives
+    the engine's frames, every frame of the clip."""
+    with StreamDiffusionV2Pipeline(None, height=H, width=W, device="cpu", model=model, mode=mode) as pipe:
+        assert pipe.num_steps == (5 if model == "rolling_forcing" else 4)
+        video = synthetic_clip(pipe.first_chunk_size + pipe.chunk_size * 6, H, W)[0]
+        torch.manual_seed(3)
+        staged = seed_loop(pipe, video)
+        torch.manual_seed(3)
+        engine, _ = stream_clip(pipe.pipeline, video, "a dog walks on the grass")
+        assert staged.shape == (video.shape[1], H, W, 3)
+        np.testing.assert_array_equal(staged, engine.numpy())

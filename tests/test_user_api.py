@@ -123,7 +123,9 @@ def test_overrides_are_applied_last(in_root):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(height=0), r"height and width must be positive multiples of 16.*0x48"),
     (dict(height=30), r"multiples of 16.*nearest valid: 32x48"),
-    (dict(step=7), r"step must be an integer from 1 to 4, got 7"),
+    (dict(step=7), r"steps=7: expected an integer from 1 to 4"),
+    (dict(step=0), r"step must be a positive integer"),
+    (dict(step=6, model="rolling_forcing"), r"steps=6: expected an integer from 1 to 5"),
     (dict(overrides=["position_refresh_frames=5000"]), r"position_refresh_frames=5000"),
     (dict(overrides=["num_kv_cache=2"]), r"num_kv_cache=2"),
 ])
