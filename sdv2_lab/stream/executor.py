@@ -5,7 +5,8 @@
     result = executor.run(job, x, t, noise)         # one job: velocity -> x0 and re-noising included
 
 * ``eager``: plain calls.
-* ``cuda_graph``: a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
+* ``cuda_graph``: each pass of a later all-steps chunk (mode single-wo) is replayed from a graph of the DiT call;
+  a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
   velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised in-flight
   stays in the graph's input buffer, so the next call only writes each stream's new chunk into its row 0. Shapes
   are static (while the cache fills, attention spans the whole cache with the unwritten part masked): one graph
@@ -146,9 +147,10 @@ class DiTExecutor:
 
 
 class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
-    """Steady-state stream-batch jobs replayed from CUDA graphs (one per row set and shape, a few kept)."""
+    """Steady-state jobs replayed from CUDA graphs (one per row set and shape, a few kept): a stream batch's whole
+    step, an all-steps chunk's DiT passes."""
     name = "cuda_graph"
-    max_graphs = 4
+    max_graphs = 6
 
     def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None,
                  emulate: bool = False):
@@ -178,6 +180,38 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
         g.graph.replay()
         self.cache.commit(plan)
         return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the in-flight latents are reused
+
+    def _call(self, job: DiTJob, x, t, pops, plan=None, context: bool = False) -> torch.Tensor:
+        """One pass of an all-steps job (mode single-wo, the plugin backbones' own loops): a later chunk's passes
+        replay one graph of the DiT call (every pass of a chunk has its shape, the context pass too); a stream's
+        first chunk, MemFlow's memory bank (host-side bookkeeping per pass) and the stream batch's own eager
+        first calls (``plan`` given) run eager. Returns the velocity (a static buffer, overwritten by the next
+        replay: the caller consumes it first)."""
+        if plan is not None or job.first or self.cache.memory is not None or \
+                (x.device.type != "cuda" and not self.emulate):
+            return super()._call(job, x, t, pops, plan, context)
+        plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, static=True, context=context)
+        key = ("pass", tuple(job.rows), tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None)
+        g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
+        if g is None:   # the key's first call: eager
+            return super()._call(job, x, t, pops, plan, context)
+        g.x.copy_(x)
+        g.t.copy_(t)
+        g.graph.replay()
+        self.cache.commit(plan)
+        return g.out
+
+    def _capture_pass(self, x, t, plan):
+        g = _Graph(x=x.clone(), t=t.clone(), noise=None)
+        g.out = torch.empty_like(x)
+
+        def call():
+            g.out.copy_(self.dit.step(g.x, g.t, self.cache, plan))
+
+        g.graph = Captured(call, self.emulate)
+        if not self.emulate:
+            log.info("captured a CUDA graph of the DiT pass for rows %s, input %s", plan.rows, tuple(x.shape))
+        return g
 
     def _capture(self, job, x, t, noise, plan):
         g = _Graph(x=x.clone(), t=t.clone(), noise=noise.clone())
