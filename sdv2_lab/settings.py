@@ -118,7 +118,7 @@ def describe_paths(cfg: DictConfig) -> str:
     kv += " (its oldest frame re-encoded from pixels)" if pc.kv_rebuild and pc.kv_recompute_reencode else ""
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
     sink += f", KV attention bias {pc.kv_attention_bias}" if pc.kv_attention_bias < 1 else ""
-    sink += f", rolling window of {len(pc.denoising_steps)} blocks (eager)" if pc.rolling_window else ""
+    sink += f", rolling window of {len(pc.denoising_steps)} blocks" if pc.rolling_window else ""
     sink += f", memory bank of {pc.memory} frames (eager)" if pc.memory else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
             f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}{kv}{sink}, stages "

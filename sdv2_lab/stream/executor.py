@@ -137,6 +137,11 @@ class DiTExecutor:
         """The sampler's stream-batch step over the job's rows (``schedule.stream_batch_step``)."""
         return stream_batch_step(self.schedule, v, x, t, noise, len(job.rows) // len(job.streams))
 
+    def window_step(self, x, t, plan, steady: bool = False) -> torch.Tensor:
+        """One DiT call of Rolling Forcing's window (``rolling.run_window``) for a made plan; the velocity.
+        ``steady``: the call's shapes repeat from call to call (a graph executor may replay it)."""
+        return self.dit.step(x, t, self.cache, plan)
+
     def _call(self, job: DiTJob, x, t, pops, plan=None, context: bool = False) -> torch.Tensor:
         """One eager DiT call over the job's rows (with ``plan`` when it is already made); ``context``: the
         chunk's context pass (MemFlow's memory bank records from it)."""
@@ -201,8 +206,32 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
         self.cache.commit(plan)
         return g.out
 
+    # the rolling window's plan tensors that change from call to call (rolling.RollingPlan); a replay reads them
+    # from the captured plan's, so they are copied there first
+    WINDOW_PLAN = ("row_index", "start_frames", "read_index", "write_index", "anchor_shift")
+
+    def window_step(self, x, t, plan, steady: bool = False) -> torch.Tensor:
+        """Rolling Forcing's window call and its leaving block's t = 0 pass, each replayed from a graph in steady
+        state (``steady``: the window holds all its blocks and the clean ring is full, so the shapes repeat; the
+        warm-up stream captures them). The growing windows, a rebase and the flush run eager."""
+        if not steady or plan.rebase is not None or plan.writes_anchor or \
+                (x.device.type != "cuda" and not self.emulate):
+            return super().window_step(x, t, plan)
+        shapes = tuple(None if getattr(plan, k) is None else tuple(getattr(plan, k).shape) for k in self.WINDOW_PLAN)
+        key = ("window", tuple(plan.rows), tuple(x.shape), x.dtype, shapes)
+        g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
+        if g is None:
+            return super().window_step(x, t, plan)
+        for k in self.WINDOW_PLAN:
+            if getattr(plan, k) is not None:
+                getattr(g.plan, k).copy_(getattr(plan, k))
+        g.x.copy_(x)
+        g.t.copy_(t)
+        g.graph.replay()
+        return g.out
+
     def _capture_pass(self, x, t, plan):
-        g = _Graph(x=x.clone(), t=t.clone(), noise=None)
+        g = _Graph(x=x.clone(), t=t.clone(), noise=None, plan=plan)
         g.out = torch.empty_like(x)
 
         def call():
@@ -236,6 +265,7 @@ class _Graph:
     noise: torch.Tensor
     out: torch.Tensor = None
     graph: "Captured" = None
+    plan: Any = None               # the captured plan (the rolling window copies each call's tensors into it)
 
 
 EXECUTORS: Registry[Callable[..., DiTExecutor]] = Registry("executor")
