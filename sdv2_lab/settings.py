@@ -119,7 +119,7 @@ def describe_paths(cfg: DictConfig) -> str:
     sink = f", EMA sink ({pc.sink_ema})" if pc.sink_ema else ""
     sink += f", KV attention bias {pc.kv_attention_bias}" if pc.kv_attention_bias < 1 else ""
     sink += f", rolling window of {len(pc.denoising_steps)} blocks" if pc.rolling_window else ""
-    sink += f", memory bank of {pc.memory} frames (eager)" if pc.memory else ""
+    sink += f", memory bank of {pc.memory} frames" if pc.memory else ""
     return (f"DiT {'CUDA graph' if p['cuda_graph'] else 'eager'}"
             f"{', compiled elementwise kernels' if p['compile_kernels'] else ''}{kv}{sink}, stages "
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")

@@ -365,13 +365,13 @@ def test_backends_without_a_key_bias_refuse_it_in_one_line():
             fn(q, q, q, None, key_bias=torch.zeros(1, 2))
 
 
-@pytest.mark.parametrize("recipe", ["sdv2", "self_forcing", "longlive", "krea", "reward_forcing"])
+@pytest.mark.parametrize("recipe", ["sdv2", "self_forcing", "longlive", "krea", "reward_forcing", "memflow"])
 def test_graphed_passes_equal_eager_in_single_wo(recipe):
     """The CUDA-graph executor replays each pass of a later all-steps chunk (emulated on CPU: a replay re-runs the
     captured call with the objects of its capture, so a per-pass fact a real graph would bake in is stale here
     too): a V2V stream with a prompt switch, past the cache's fill and through its eviction, equals the eager
     executor within 1e-5, with each recipe's mechanics on (sink refresh, context pass, global sink and KV recache,
-    key bias and per-block recompute, EMA sink)."""
+    key bias and per-block recompute, EMA sink, the memory bank)."""
     from sdv2_lab.stream.executor import CUDAGraphExecutor
     overrides = [o for o in TINY if o not in ("t2v=true", "steps=1")] + [f"backbone/recipe={recipe}", "steps=2"]
     outs, graphs = {}, None
@@ -383,6 +383,8 @@ def test_graphed_passes_equal_eager_in_single_wo(recipe):
             ex = CUDAGraphExecutor(pipe.dit, pipe.executor.cache, pipe.executor.schedule, emulate=True)
             pipe.executor = pipe.driver.executor = ex
         chunks = max(6, cfg.num_kv_cache // cfg.frames_per_block + 3)    # fills the cache, then evicts
+        if cfg.memory:
+            chunks = max(chunks, 3 * cfg.memory_frames * cfg.memory_record_interval)   # the full bank replaces
         outs[name], _ = stream_v2v_with_a_prompt_switch(pipe, chunks - 2, 2)
         graphs = pipe.driver.executor
     assert graphs.captures >= 1 and graphs.replays > graphs.captures   # the passes did replay

@@ -186,20 +186,29 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
         self.cache.commit(plan)
         return DiTResult(g.out.clone(), g.x)   # out is overwritten by the next replay; the in-flight latents are reused
 
+    # MemFlow's memory-bank plan tensors (backbones/memory.MemoryPlan), made afresh by each call: a replay reads
+    # the captured plan's, so they are copied there first; the bank's host facts (frames held, who records) are
+    # in the graph's key
+    MEMORY_PLAN = ("row_index", "gather", "kv_lens", "record_index", "record_rows", "record_slot", "record_full")
+
     def _call(self, job: DiTJob, x, t, pops, plan=None, context: bool = False) -> torch.Tensor:
         """One pass of an all-steps job (mode single-wo, the plugin backbones' own loops): a later chunk's passes
         replay one graph of the DiT call (every pass of a chunk has its shape, the context pass too); a stream's
-        first chunk, MemFlow's memory bank (host-side bookkeeping per pass) and the stream batch's own eager
-        first calls (``plan`` given) run eager. Returns the velocity (a static buffer, overwritten by the next
-        replay: the caller consumes it first)."""
-        if plan is not None or job.first or self.cache.memory is not None or \
-                (x.device.type != "cuda" and not self.emulate):
+        first chunk and the stream batch's own eager first calls (``plan`` given) run eager. Returns the velocity
+        (a static buffer, overwritten by the next replay: the caller consumes it first)."""
+        if plan is not None or job.first or (x.device.type != "cuda" and not self.emulate):
             return super()._call(job, x, t, pops, plan, context)
         plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, static=True, context=context)
-        key = ("pass", tuple(job.rows), tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None)
+        mem = plan.memory
+        bank = None if mem is None else (tuple(mem.held), tuple(mem.record), tuple(mem.full), mem.gather is None)
+        key = ("pass", tuple(job.rows), tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None, bank)
         g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
         if g is None:   # the key's first call: eager
             return super()._call(job, x, t, pops, plan, context)
+        if mem is not None:
+            for name in self.MEMORY_PLAN:
+                if getattr(mem, name) is not None:
+                    getattr(g.plan.memory, name).copy_(getattr(mem, name))
         g.x.copy_(x)
         g.t.copy_(t)
         g.graph.replay()
