@@ -18,7 +18,8 @@ import torch
 
 from bench_dit import bench_one
 from sdv2_lab.build import backbone_config, build_pipeline, compose_config
-from sdv2_lab.settings import compile_kernels
+from sdv2_lab.flops import mfu, peak_bf16_tflops
+from sdv2_lab.settings import compile_kernels, frame_flops
 from sdv2_lab.io.synthetic import synthetic_clip
 from sdv2_lab.stream.clips import stream_clips
 import bench_dit
@@ -26,6 +27,10 @@ import bench_dit
 
 def fmt(v, spec=".1f"):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def pct(v):
+    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def main():
@@ -50,8 +55,8 @@ def main():
     cuda = a.device.startswith("cuda")
     rows = []
     print("| model | steps | VAE | streams | overlap | e2e FPS / stream | total e2e FPS | steady FPS / stream | "
-          "TTFF s (compute) | latency p50/p95 ms | enc / DiT / dec FPS | DiT alone FPS | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TTFF s (compute) | latency p50/p95 ms | enc / DiT / dec FPS | DiT alone FPS | peak GiB | MFU / DiT MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     overlaps = {"on": [True], "off": [False], "both": [False, True]}[a.overlap]
     for item in a.configs.split(","):
         backbone, _, asked = item.partition(":")
@@ -91,6 +96,13 @@ def main():
                            peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                            weights="dummy", gpu=torch.cuda.get_device_name() if cuda else "cpu",
                            torch=torch.__version__, per_stream=per, total=tot)
+                # MFU: the recipe's analytic FLOPs per frame (its forwards per latent frame, attended frames)
+                flops = frame_flops(cfg)
+                peak = peak_bf16_tflops(row["gpu"])[0] if cuda else None
+                row.update(flops.as_dict(), forwards_per_latent_frame=pc.forwards_per_latent_frame,
+                           attended_frames=pc.attended_frames,
+                           mfu=mfu(flops, tot["steady_fps"], peak * 1e12) if peak and tot.get("steady_fps") else None,
+                           dit_mfu=mfu(flops.dit, tot["dit_fps"], peak * 1e12) if peak and tot.get("dit_fps") else None)
                 del pipe, clips, r
                 if cuda:
                     torch.cuda.empty_cache()
@@ -107,7 +119,8 @@ def main():
                       f"{fmt(row['steady_fps_per_stream'])} | {fmt(row['ttff_s'], '.3f')} "
                       f"({fmt(row['ttff_compute_s'], '.3f')}) | {fmt(row['latency_p50_ms'], '.0f')}/"
                       f"{fmt(row['latency_p95_ms'], '.0f')} | {fmt(row['encode_fps'])} / {fmt(row['dit_fps'])} / "
-                      f"{fmt(row['decode_fps'])} | {fmt(row.get('dit_alone_fps'))} | {fmt(row['peak_gib'], '.1f')} |",
+                      f"{fmt(row['decode_fps'])} | {fmt(row.get('dit_alone_fps'))} | {fmt(row['peak_gib'], '.1f')} | "
+                      f"{pct(row['mfu'])} / {pct(row['dit_mfu'])} |",
                       flush=True)
                 if a.json:  # written after every row: a crash keeps what was measured
                     json.dump(rows, open(a.json, "w"), indent=1, default=str)

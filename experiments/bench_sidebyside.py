@@ -29,10 +29,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from sdv2_lab.build import backbone_config, build_pipeline, compose_config
-from sdv2_lab.flops import flops_per_output_frame, mfu, peak_bf16_tflops
+from sdv2_lab.build import build_pipeline, compose_config
+from sdv2_lab.flops import mfu, peak_bf16_tflops
+from sdv2_lab.settings import frame_flops
 from sdv2_lab.io.synthetic import synthetic_clip
 from sdv2_lab.stream.clips import stream_clips
 
@@ -78,8 +78,7 @@ def ours(c: dict, frames: int) -> dict:
     finally:
         pipe.close()   # models, KV cache, graphs and their pools given back before the next configuration (a
                        # failed one too)
-    flops = flops_per_output_frame(backbone_config(cfg), c["height"], c["width"], c["steps"], cfg.num_kv_cache,
-                                   vae=OmegaConf.to_container(cfg.vae, resolve=True))
+    flops = frame_flops(cfg)
     tflops = peak_bf16_tflops(torch.cuda.get_device_name(), None)[0] if cuda else None
     return dict(ours_e2e_fps=s.get("e2e_fps"), ours_steady_fps=s.get("steady_fps"), ours_encode_fps=s.get("encode_fps"),
                 ours_dit_fps=s.get("dit_fps"), ours_decode_fps=s.get("decode_fps"), ttff_s=s.get("ttff_s"),

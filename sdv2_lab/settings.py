@@ -125,6 +125,16 @@ def describe_paths(cfg: DictConfig) -> str:
             f"{'overlapped on CUDA streams' if p['overlap'] else 'in turn'}, VAE {vae}")
 
 
+def frame_flops(cfg: DictConfig, *, vae: bool = True):
+    """The analytic FLOPs per output video frame of this configuration (``flops.FrameFlops``): its backbone at its
+    resolution, with the recipe's forwards per latent frame and attended frames (``PipelineConfig``), and its VAE
+    (``vae=False``: DiT only). What every MFU figure divides by."""
+    from .flops import flops_per_output_frame
+    pc = pipeline_config(cfg)
+    return flops_per_output_frame(backbone_config(cfg), cfg.height, cfg.width, pc.forwards_per_latent_frame,
+                                  pc.attended_frames, vae=OmegaConf.to_container(cfg.vae, resolve=True) if vae else None)
+
+
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:
     return PipelineConfig(
         height=cfg.height, width=cfg.width, mode=cfg.mode.name, denoising_steps=denoising_steps(cfg),

@@ -211,3 +211,46 @@ def test_dit_formula_equals_model_in_steady_state():
     assert counted.pop("aten.bmm") == parts.self_attention + parts.cross_attention
     assert sum(counted.values()) == parts.linear + F.dit_uncounted_flops_per_latent_frame(cfg, tok)
     assert F.dit_uncounted_flops_per_latent_frame(WAN_1_3B, 1560) < 1e-4 * F.dit_flops_per_latent_frame(WAN_1_3B, 1560, 9360)
+
+
+@pytest.mark.parametrize("recipe, mode", [("self_forcing", "single_wo"), ("rolling_forcing", "single_wo"),
+                                          ("memflow", "single_wo"), ("sdv2", "single"), ("sdv2", "single_wo")])
+def test_the_recipes_flops_equal_what_the_engine_runs(recipe, mode):
+    """``settings.frame_flops`` (what every MFU divides by) counts the recipe's forwards and attended frames:
+    the context pass, the rolling window's calls and t = 0 pass, the memory bank. Torch's FLOP counter over the
+    DiT calls of steady chunks (the cache full) at the tiny size equals it, plus §4's uncounted parts, exactly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from sdv2_lab.build import build_pipeline, compose_config
+    from sdv2_lab.io.synthetic import synthetic_clip
+    from sdv2_lab.settings import backbone_config, frame_flops, pipeline_config
+    h, w = 32, 48
+    cfg = compose_config("config", ["backbone=tiny", f"backbone/recipe={recipe}", f"mode={mode}", f"height={h}",
+                                    f"width={w}", "warmup=false", "steps=2" if recipe == "sdv2" else "t2v=false"])
+    pipe, pc = build_pipeline(cfg), pipeline_config(cfg)
+    counted, step = [], pipe.dit.step
+
+    def counting(*a):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+            out = step(*a)
+        counted.append(c.get_total_flops())
+        return out
+    pipe.dit.step = counting
+    chunks = pc.num_kv_cache // pc.frames_per_block + len(pc.denoising_steps) + 6
+    clip = synthetic_clip(pc.first_chunk_frames + pc.chunk_frames * chunks, h, w)[0]
+    pipe.start("a red kite")
+    pipe.push(clip[:, :pc.first_chunk_frames])
+    per_chunk = []
+    for k in range(chunks):
+        counted.clear()
+        a = pc.first_chunk_frames + k * pc.chunk_frames
+        pipe.push(clip[:, a:a + pc.chunk_frames])
+        per_chunk.append(sum(counted))
+    tok = F.tokens_per_frame(h, w)
+    bcfg = backbone_config(cfg)
+    per_latent = frame_flops(cfg, vae=False).dit * 4 + \
+        pc.forwards_per_latent_frame * F.dit_uncounted_flops_per_latent_frame(bcfg, tok)
+    assert pc.forwards_per_latent_frame == {("self_forcing", "single_wo"): 5, ("rolling_forcing", "single_wo"): 6,
+                                            ("memflow", "single_wo"): 5, ("sdv2", "single"): 2,
+                                            ("sdv2", "single_wo"): 2}[recipe, mode]
+    assert pc.attended_frames == pc.num_kv_cache + (3 if recipe == "memflow" else 0)
+    assert per_chunk[-1] == per_chunk[-2] == pytest.approx(pc.frames_per_block * per_latent, rel=1e-12)

@@ -32,10 +32,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..build import build_pipeline
-from ..settings import backbone_config, compile_kernels, switch
+from ..settings import compile_kernels, frame_flops, switch
 from ..metrics import build_metrics
 from .datasets import VideoItem
-from ..flops import flops_per_output_frame, mfu, peak_bf16_tflops
+from ..flops import mfu, peak_bf16_tflops
 from .results import ResultsWriter, read_jsonl, run_metadata, write_atomic
 from ..stream.clips import stream_clips
 from ..units import to_unit
@@ -157,8 +157,7 @@ class StreamingEvalModule(pl.LightningModule):
 
     def _mfu(self, stats: dict) -> dict:
         cfg = self.cfg
-        flops = flops_per_output_frame(backbone_config(cfg), cfg.height, cfg.width, int(cfg.steps),
-                                       int(cfg.num_kv_cache), vae=OmegaConf.to_container(cfg.vae, resolve=True))
+        flops = frame_flops(cfg)
         out = flops.as_dict()
         device = self.pipe.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -185,6 +185,27 @@ class PipelineConfig:
         return self.memory_frames if self.mode == "single-wo" else 0
 
     @property
+    def forwards_per_latent_frame(self) -> float:
+        """DiT forwards each output latent frame takes in steady state (the FLOP model's step count): one per
+        timestep (T2V's extra t = 0 included); the context pass at t = 0 in mode single-wo; Rolling Forcing: one
+        window call per level, then its leaving block's t = 0 pass; Krea's recompute replays its context frames
+        before every block."""
+        if self.rolling_window:
+            return len(self.denoising_steps) + 1
+        n = len(self.step_list)
+        if self.mode == "single-wo":
+            n += int(self.context_pass)
+            if self.kv_rebuild and "recompute" in self.kv_rebuild:
+                n += self.kv_recompute_frames / self.frames_per_block
+        return n
+
+    @property
+    def attended_frames(self) -> int:
+        """Latent frames a steady call attends to: the KV cache's span (the call's own frames and the sink in it)
+        and the memory bank's frames beside it."""
+        return self.num_kv_cache + self.memory
+
+    @property
     def memory_note(self) -> Optional[str]:
         """One line for the log when the recipe asks for a memory bank that this mode does not run."""
         if not self.memory_frames or self.memory:
