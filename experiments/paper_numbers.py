@@ -91,3 +91,13 @@ REFERENCE_WHEEL_480P = {
     ("1.3B", 4): (10.51, 12.37),
     ("14B", 2): (7.36, 8.84),
 }
+
+# ---- the peers table of anchors.md (§2, "what each project claims"): the plugin backbones' own published speed,
+# each on its own GPU, clip length and VAE (not this harness's steady state).
+PLUGIN_PAPER_FPS_SOURCE = "anchors.md §2 peers table (each project's own claim)"
+PLUGIN_PAPER_FPS = {
+    "causvid": (9.4, "1 GPU"),
+    "self_forcing": (17.0, "H100"),
+    "longlive": (20.7, "H100"),
+    "krea_14b": (11.0, "B200"),
+}
