@@ -161,7 +161,9 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
                  emulate: bool = False):
         super().__init__(dit, cache, schedule)
         self.emulate = emulate
-        self.graphs: GraphCache[_Graph] = GraphCache(self.max_graphs)
+        # a cache whose graphs hold their row (the rolling window's) keeps that many per row, for every stream
+        per_row = getattr(cache, "graphs_per_row", 0)
+        self.graphs: GraphCache[_Graph] = GraphCache(max(self.max_graphs, per_row * cache.num_rows + 2))
 
     def release(self) -> None:
         self.graphs.clear()     # the graphs' static buffers and private memory pools

@@ -103,6 +103,7 @@ class RollingKVCache(StreamKVCache):
     """Per row: the anchor (the stream's first clean block, its keys at the position they were written) and a
     ring of the latest ``ring`` clean frames (frame counter c in slot c mod ring), post-RoPE keys. Host mirrors:
     clean frames written per row and the rebase offset (a frame's position = its counter - offset)."""
+    graphs_per_row = 2   # a call indexes its row on the host: the window's graph and the t = 0 pass's, per stream
 
     def __init__(self, spec: CacheSpec, rows: int, dtype, device, anchor_frames: int, move_keys, kv_dtype="model"):
         if kv_dtype != "model" or move_keys is None:
