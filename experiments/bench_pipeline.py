@@ -55,8 +55,9 @@ def main():
     cuda = a.device.startswith("cuda")
     rows = []
     print("| model | steps | VAE | streams | overlap | e2e FPS / stream | total e2e FPS | steady FPS / stream | "
-          "TTFF s (compute) | latency p50/p95 ms | enc / DiT / dec FPS | DiT alone FPS | peak GiB | MFU / DiT MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "TTFF s (compute) | latency p50/p95 ms | enc / DiT / dec FPS | DiT alone FPS | peak GiB | MFU / DiT MFU | "
+          "FLOP ceiling FPS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     overlaps = {"on": [True], "off": [False], "both": [False, True]}[a.overlap]
     for item in a.configs.split(","):
         backbone, _, asked = item.partition(":")
@@ -101,6 +102,7 @@ def main():
                 peak = peak_bf16_tflops(row["gpu"])[0] if cuda else None
                 row.update(flops.as_dict(), forwards_per_latent_frame=pc.forwards_per_latent_frame,
                            attended_frames=pc.attended_frames,
+                           ceiling_fps=peak * 1e12 / flops.total if peak else None,   # at 100 % MFU
                            mfu=mfu(flops, tot["steady_fps"], peak * 1e12) if peak and tot.get("steady_fps") else None,
                            dit_mfu=mfu(flops.dit, tot["dit_fps"], peak * 1e12) if peak and tot.get("dit_fps") else None)
                 del pipe, clips, r
@@ -120,7 +122,7 @@ def main():
                       f"({fmt(row['ttff_compute_s'], '.3f')}) | {fmt(row['latency_p50_ms'], '.0f')}/"
                       f"{fmt(row['latency_p95_ms'], '.0f')} | {fmt(row['encode_fps'])} / {fmt(row['dit_fps'])} / "
                       f"{fmt(row['decode_fps'])} | {fmt(row.get('dit_alone_fps'))} | {fmt(row['peak_gib'], '.1f')} | "
-                      f"{pct(row['mfu'])} / {pct(row['dit_mfu'])} |",
+                      f"{pct(row['mfu'])} / {pct(row['dit_mfu'])} | {fmt(row['ceiling_fps'])} |",
                       flush=True)
                 if a.json:  # written after every row: a crash keeps what was measured
                     json.dump(rows, open(a.json, "w"), indent=1, default=str)
