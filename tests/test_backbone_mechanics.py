@@ -389,3 +389,25 @@ def test_graphed_passes_equal_eager_in_single_wo(recipe):
         graphs = pipe.driver.executor
     assert graphs.captures >= 1 and graphs.replays > graphs.captures   # the passes did replay
     torch.testing.assert_close(outs["emulated"], outs["eager"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["single_wo", "single"])
+def test_a_first_chunk_after_the_warm_up_replays_its_graphs(mode):
+    """TTFF: the warm-up stream captures the first chunk's passes too, so a user's first chunk replays them (no
+    eager call, no capture in the first user-visible chunk), in a model's own loop and in the stream batch."""
+    from sdv2_lab.stream.executor import CUDAGraphExecutor
+    recipe = "self_forcing" if mode == "single_wo" else "sdv2"
+    pipe = build_pipeline(compose_config("config", ["backbone=tiny", f"backbone/recipe={recipe}", f"mode={mode}",
+                                                    f"height={H}", f"width={W}", "warmup=false"]))
+    ex = CUDAGraphExecutor(pipe.dit, pipe.executor.cache, pipe.executor.schedule, emulate=True)
+    pipe.executor = pipe.driver.executor = ex
+    pipe.warm_up()
+    captures, replays, eager = ex.captures, ex.replays, []
+    step = pipe.dit.step
+    ex._capture_pass = lambda *a: pytest.fail("a capture in the user's first chunk")
+    pipe.dit.step = lambda *a: eager.append(1) or step(*a)      # a replay of an emulated graph calls it too
+    cfg = pipe.driver.cfg
+    pipe.start("a red kite")
+    pipe.push(torch.rand(3, cfg.first_chunk_frames, H, W) * 2 - 1)
+    passes = len(cfg.first_step_list) + int(cfg.context_pass)
+    assert ex.captures == captures and ex.replays == replays + passes and len(eager) == passes

@@ -5,7 +5,7 @@
     result = executor.run(job, x, t, noise)         # one job: velocity -> x0 and re-noising included
 
 * ``eager``: plain calls.
-* ``cuda_graph``: each pass of a later all-steps chunk (mode single-wo) is replayed from a graph of the DiT call;
+* ``cuda_graph``: each pass of an all-steps chunk (mode single-wo; every first chunk) is replayed from a graph of the DiT call;
   a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
   velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised in-flight
   stays in the graph's input buffer, so the next call only writes each stream's new chunk into its row 0. Shapes
@@ -194,11 +194,12 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
     MEMORY_PLAN = ("row_index", "gather", "kv_lens", "record_index", "record_rows", "record_slot", "record_full")
 
     def _call(self, job: DiTJob, x, t, pops, plan=None, context: bool = False) -> torch.Tensor:
-        """One pass of an all-steps job (mode single-wo, the plugin backbones' own loops): a later chunk's passes
-        replay one graph of the DiT call (every pass of a chunk has its shape, the context pass too); a stream's
-        first chunk and the stream batch's own eager first calls (``plan`` given) run eager. Returns the velocity
-        (a static buffer, overwritten by the next replay: the caller consumes it first)."""
-        if plan is not None or job.first or (x.device.type != "cuda" and not self.emulate):
+        """One pass of an all-steps job (mode single-wo, the plugin backbones' own loops, and every stream's first
+        chunk): the passes replay one graph of the DiT call per row set and shape (every pass of a chunk has its
+        shape, the context pass too), so a first chunk after the warm-up replays what the warm-up captured; the
+        stream batch's own eager first calls (``plan`` given) run eager. Returns the velocity (a static buffer,
+        overwritten by the next replay: the caller consumes it first)."""
+        if plan is not None or (x.device.type != "cuda" and not self.emulate):
             return super()._call(job, x, t, pops, plan, context)
         plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, static=True, context=context)
         mem = plan.memory
