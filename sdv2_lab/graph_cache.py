@@ -70,6 +70,15 @@ class GraphCache(Generic[G]):
         self.replays += 1
         return g
 
+    def captured(self, key: Hashable) -> Optional[G]:
+        """The graph for ``key`` if one was captured (counted as a replay), else None: nothing is captured or marked,
+        so a caller that must not capture now (a user's first chunk) runs eager instead."""
+        g = self.graphs.get(key)
+        if g is not None:
+            self.graphs.move_to_end(key)
+            self.replays += 1
+        return g
+
     def forget(self, drop: Callable[[Hashable], bool]) -> None:
         """Drop the graphs (and the first-call marks) of the keys ``drop`` names."""
         for key in [k for k in self.graphs if drop(k)]:

@@ -411,3 +411,19 @@ def test_a_first_chunk_after_the_warm_up_replays_its_graphs(mode):
     pipe.push(torch.rand(3, cfg.first_chunk_frames, H, W) * 2 - 1)
     passes = len(cfg.first_step_list) + int(cfg.context_pass)
     assert ex.captures == captures and ex.replays == replays + passes and len(eager) == passes
+
+
+def test_eight_streams_first_chunks_after_the_warm_up_replay_without_a_capture():
+    """With more streams than the executor's usual 6 graphs, the warm-up's first-chunk graphs (one per stream's
+    first row) are all kept, so no user's first chunk recaptures one."""
+    from sdv2_lab.stream.executor import CUDAGraphExecutor
+    pipe = build_pipeline(compose_config("config", ["backbone=tiny", "mode=single", "streams=8", "steps=1",
+                                                    f"height={H}", f"width={W}", "warmup=false"]))
+    ex = CUDAGraphExecutor(pipe.dit, pipe.executor.cache, pipe.executor.schedule, emulate=True)
+    pipe.executor = pipe.driver.executor = ex
+    pipe.warm_up()
+    captures, d = ex.captures, pipe.driver
+    streams = [d.open(f"prompt {i}", seed=i) for i in range(8)]
+    for s in streams:
+        d.push(s, torch.rand(3, d.cfg.first_chunk_frames, H, W) * 2 - 1)
+    assert ex.captures == captures

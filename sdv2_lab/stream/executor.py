@@ -79,6 +79,7 @@ class Executor(Protocol):
 class DiTExecutor:
     """Eager execution of DiT jobs on one device (an ``Executor``)."""
     name = "eager"
+    warming = False   # the pipeline's warm-up is running (the graph executor captures first chunks only then)
 
     def __init__(self, dit, cache: StreamKVCache, schedule: Optional[FlowMatchSchedule] = None):
         self.dit, self.cache = dit, cache
@@ -161,9 +162,11 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
                  emulate: bool = False):
         super().__init__(dit, cache, schedule)
         self.emulate = emulate
-        # a cache whose graphs hold their row (the rolling window's) keeps that many per row, for every stream
-        per_row = getattr(cache, "graphs_per_row", 0)
-        self.graphs: GraphCache[_Graph] = GraphCache(max(self.max_graphs, per_row * cache.num_rows + 2))
+        # room for a graph per row (each stream's first chunk runs on its own first row; the warm-up captures them,
+        # so an evicted one would be recaptured inside a user's first chunk), or the cache's own count per row (the
+        # rolling window's two), beside the steady graphs
+        per_row = getattr(cache, "graphs_per_row", 1)
+        self.graphs: GraphCache[_Graph] = GraphCache(max(self.max_graphs, per_row * cache.num_rows + 4))
 
     def release(self) -> None:
         self.graphs.clear()     # the graphs' static buffers and private memory pools
@@ -197,16 +200,20 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
         """One pass of an all-steps job (mode single-wo, the plugin backbones' own loops, and every stream's first
         chunk): the passes replay one graph of the DiT call per row set and shape (every pass of a chunk has its
         shape, the context pass too), so a first chunk after the warm-up replays what the warm-up captured; the
-        stream batch's own eager first calls (``plan`` given) run eager. Returns the velocity (a static buffer,
-        overwritten by the next replay: the caller consumes it first)."""
+        stream batch's own eager first calls (``plan`` given) run eager. A first chunk captures only during the
+        warm-up (``warming``): afterwards it replays or runs eager, so that no user's first chunk pays a capture.
+        Returns the velocity (a static buffer, overwritten by the next replay: the caller consumes it first)."""
         if plan is not None or (x.device.type != "cuda" and not self.emulate):
             return super()._call(job, x, t, pops, plan, context)
         plan = self.dit.plan(x, self.cache, job.starts, job.rows, pops, static=True, context=context)
         mem = plan.memory
         bank = None if mem is None else (tuple(mem.held), tuple(mem.record), tuple(mem.full), mem.gather is None)
         key = ("pass", tuple(job.rows), tuple(x.shape), x.dtype, plan.refresh_check, plan.kv_lens is None, bank)
-        g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
-        if g is None:   # the key's first call: eager
+        if job.first and not self.warming:   # a user's first chunk replays what the warm-up captured, or runs eager
+            g = self.graphs.captured(key)
+        else:
+            g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
+        if g is None:   # the key's first call (or a first chunk the warm-up did not see): eager
             return super()._call(job, x, t, pops, plan, context)
         if mem is not None:
             for name in self.MEMORY_PLAN:

@@ -94,15 +94,23 @@ class StreamPipeline:
         frames = self.cfg.first_chunk_frames + self.cfg.chunk_frames * (self.cfg.num_kv_cache + self.num_steps + 3)
         clip = synthetic_clip(frames, self.cfg.height, self.cfg.width, seed=12345)[0].to(self.device)
         n = self.cfg.max_streams
-        if self.cfg.t2v:
-            for i in range(n):
-                s = self.driver.open("warm-up", seed=12345 + i)
-                try:
-                    self.driver.generate(s, frames)
-                finally:
-                    self.driver.close(s)
-        else:
-            stream_clips(self, [clip] * n, ["warm-up"] * n, seeds=[12345 + i for i in range(n)])
+        executor = self.driver.executor
+        executor.warming = True   # first chunks capture their graphs only now (CUDAGraphExecutor)
+        try:
+            # then first chunks alone once more: a first chunk of one pass is a key's first (eager) call in the
+            # round before, so its graph is captured in this one, not in a user's first chunk
+            for length in (frames, self.cfg.first_chunk_frames):
+                if self.cfg.t2v:
+                    for i in range(n):
+                        s = self.driver.open("warm-up", seed=12345 + i)
+                        try:
+                            self.driver.generate(s, length)
+                        finally:
+                            self.driver.close(s)
+                else:
+                    stream_clips(self, [clip[:, :length]] * n, ["warm-up"] * n, seeds=[12345 + i for i in range(n)])
+        finally:
+            executor.warming = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmup_s = time.perf_counter() - t0
