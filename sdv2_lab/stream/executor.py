@@ -284,7 +284,7 @@ class _Graph:
     noise: torch.Tensor
     out: torch.Tensor = None
     graph: "Captured" = None
-    plan: Any = None               # the captured plan (the rolling window copies each call's tensors into it)
+    plan: Any = None               # the captured plan: the rolling window and the memory bank copy each call's tensors into it
 
 
 EXECUTORS: Registry[Callable[..., DiTExecutor]] = Registry("executor")
