@@ -131,8 +131,9 @@ def frame_flops(cfg: DictConfig, *, vae: bool = True):
     (``vae=False``: DiT only). What every MFU figure divides by."""
     from .flops import flops_per_output_frame
     pc = pipeline_config(cfg)
+    spec = OmegaConf.to_container(cfg.vae, resolve=True) if vae else None
     return flops_per_output_frame(backbone_config(cfg), cfg.height, cfg.width, pc.forwards_per_latent_frame,
-                                  pc.attended_frames, vae=OmegaConf.to_container(cfg.vae, resolve=True) if vae else None)
+                                  pc.attended_frames, vae=spec)
 
 
 def pipeline_config(cfg: DictConfig) -> PipelineConfig:

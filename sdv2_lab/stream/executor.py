@@ -5,8 +5,8 @@
     result = executor.run(job, x, t, noise)         # one job: velocity -> x0 and re-noising included
 
 * ``eager``: plain calls.
-* ``cuda_graph``: each pass of an all-steps chunk (mode single-wo; every first chunk) is replayed from a graph of the DiT call;
-  a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
+* ``cuda_graph``: each pass of an all-steps chunk (mode single-wo; every first chunk) is replayed from a graph
+  of the DiT call; a stream-batch job is replayed from a CUDA graph that holds the whole step: the DiT,
   velocity -> x0, re-noising and the slot shift. Its inputs and outputs live in static buffers; the re-noised in-flight
   stays in the graph's input buffer, so the next call only writes each stream's new chunk into its row 0. Shapes
   are static (while the cache fills, attention spans the whole cache with the unwritten part masked): one graph
@@ -284,7 +284,7 @@ class _Graph:
     noise: torch.Tensor
     out: torch.Tensor = None
     graph: "Captured" = None
-    plan: Any = None               # the captured plan: the rolling window and the memory bank copy each call's tensors into it
+    plan: Any = None               # the captured plan: the rolling window and the bank copy each call's tensors in
 
 
 EXECUTORS: Registry[Callable[..., DiTExecutor]] = Registry("executor")
