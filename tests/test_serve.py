@@ -430,7 +430,8 @@ def test_controls_noise_steps_taehv_pause_stop(engine):
 def test_serve_starts_on_the_rolling_window_with_its_five_steps():
     """Rolling Forcing's recipe has 5 steps (one block of the window per step): the server offers 1..5 (the
     stream batch's cap of 4 is not its), a client streams at 5, and 6 is refused."""
-    cfg = compose_config("serve", OVERRIDES + ["backbone=rolling_forcing"])
+    cfg = compose_config("serve", OVERRIDES + ["backbone=rolling_forcing", "backbone.dim=256", "backbone.ffn_dim=512",
+                                               "backbone.num_heads=2", "backbone.num_layers=2"])
     eng = Engine(cfg, ServeSettings.from_config(cfg.serve))
     with serve_in_thread(eng, settings()) as base:
         c = Client(base)

@@ -226,7 +226,9 @@ def test_the_api_says_what_runs_and_shows_progress(tmp_path):
 def test_the_seed_loop_streams_the_plugin_backbones(model, mode):
     """The seed's loop on a backbone with its own mechanics (the 5-block rolling window; the memory bank) gives
     the engine's frames, every frame of the clip."""
-    with StreamDiffusionV2Pipeline(None, height=H, width=W, device="cpu", model=model, mode=mode) as pipe:
+    tiny = ["backbone.dim=256", "backbone.ffn_dim=512", "backbone.num_heads=2", "backbone.num_layers=2"]
+    with StreamDiffusionV2Pipeline(None, height=H, width=W, device="cpu", model=model, mode=mode,
+                                   overrides=tiny) as pipe:
         assert pipe.num_steps == (5 if model == "rolling_forcing" else 4)
         video = synthetic_clip(pipe.first_chunk_size + pipe.chunk_size * 6, H, W)[0]
         torch.manual_seed(3)
