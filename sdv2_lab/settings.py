@@ -49,9 +49,15 @@ def backbone_config(cfg: DictConfig) -> WanDiTConfig:
     return config_class(attention=cfg.attention.name, **data)
 
 
+def most_steps(cfg: DictConfig) -> int:
+    """The most denoising steps this recipe runs: its step list's length, and at most 4 in a stream batch (one
+    KV row per step: the reference's --step); Rolling Forcing's window takes its whole list."""
+    table = len(cfg.denoising_step_list)
+    return table if cfg.get("rolling_window") else min(4, table)
+
+
 def denoising_steps(cfg: DictConfig) -> list[int]:
-    n, table = cfg.steps, list(cfg.denoising_step_list)
-    most = len(table) if cfg.get("rolling_window") else min(4, len(table))   # 4: the stream batch's --step
+    n, table, most = cfg.steps, list(cfg.denoising_step_list), most_steps(cfg)
     if not isinstance(n, int) or not 1 <= n <= most:
         raise ValueError(f"steps={n!r}: expected an integer from 1 to {most}")
     return table[:n]

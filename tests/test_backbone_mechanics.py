@@ -22,21 +22,30 @@ S = tokens_per_latent_frame(H, W)
 TINY = ["backbone=tiny", f"height={H}", f"width={W}", "warmup=false", "mode=single_wo", "t2v=true", "steps=1"]
 
 
-def traced_stream(overrides, chunks: int, switch_at=None):
-    """T2V chunks of one stream (noise draws zero), the prompt switched before chunk ``switch_at``; every DiT call
-    as (input, timesteps, starts, velocity), the calls' index where each chunk began, and each chunk's x0 as the
-    engine emitted it."""
-    pipe = build_pipeline(compose_config("config", TINY + overrides))
+def traced_pipeline(overrides, record):
+    """A pipeline of ``overrides`` whose noise draws are zero and whose every DiT call appends ``record(x, t, plan,
+    velocity)`` to the returned list."""
+    pipe = build_pipeline(compose_config("config", overrides))
     d = pipe.driver
     d._randn = lambda s, shape: torch.zeros(shape, dtype=d.dtype)
     calls, step = [], pipe.dit.step
 
     def traced(x, t, cache, plan):
         out = step(x, t, cache, plan)
-        calls.append((x.clone(), t.clone(), list(plan.starts), out.clone()))
+        calls.append(record(x, t, plan, out))
         return out
 
     pipe.dit.step = traced
+    return pipe, calls
+
+
+def traced_stream(overrides, chunks: int, switch_at=None):
+    """T2V chunks of one stream (noise draws zero), the prompt switched before chunk ``switch_at``; every DiT call
+    as (input, timesteps, starts, velocity), the calls' index where each chunk began, and each chunk's x0 as the
+    engine emitted it."""
+    pipe, calls = traced_pipeline(TINY + overrides,
+                                  lambda x, t, plan, out: (x.clone(), t.clone(), list(plan.starts), out.clone()))
+    d = pipe.driver
     emitted, denoise = [], d.denoise
 
     def kept(job, encoded):

@@ -18,6 +18,7 @@ from sdv2_lab.backbones.memory import memory_saliency
 from sdv2_lab.build import build_pipeline, compose_config
 from sdv2_lab.settings import dit_config, dit_load_options, pipeline_config
 from sdv2_lab.units import tokens_per_latent_frame
+from test_backbone_mechanics import traced_pipeline
 
 H, W = 32, 48
 S = tokens_per_latent_frame(H, W)
@@ -115,18 +116,8 @@ def test_the_saliency_is_scopes_score_of_each_frame():
 
 # ---------------------------------------------------------------------------------------------- the stream
 def traced(overrides, base=TINY):
-    pipe = build_pipeline(compose_config("config", base + overrides))
-    d = pipe.driver
-    d._randn = lambda s, shape: torch.zeros(shape, dtype=d.dtype)
-    calls, step = [], pipe.dit.step
-
-    def run(x, t, cache, plan):
-        out = step(x, t, cache, plan)
-        calls.append(out.clone())
-        return out
-
-    pipe.dit.step = run
-    return pipe, calls
+    """A pipeline (noise draws zero) and the velocity of every DiT call it makes."""
+    return traced_pipeline(base + overrides, lambda x, t, plan, out: out.clone())
 
 
 def t2v_blocks(overrides, blocks: int, switch_at=None):

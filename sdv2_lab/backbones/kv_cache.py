@@ -589,8 +589,9 @@ class StreamKVCache:
             return k, v, plan.kv_lens, bias
         # MemFlow: the bank's frames beside the window (read first: this call's record is seen from the next block)
         k, v, kv_lens = self.memory.attended(li, plan.memory, k, v, plan.kv_lens)
-        text_k = None if self.cross_k is None else self._rows(self.cross_k[li], plan)
-        self.memory.record(li, plan.memory, k_new, v_new, text_k)
+        # the prompt's text keys only where a full bank scores its frames (a recording call, once full)
+        scores = any(plan.memory.full) and self.cross_k is not None
+        self.memory.record(li, plan.memory, k_new, v_new, self._rows(self.cross_k[li], plan) if scores else None)
         return k, v, kv_lens, bias
 
     def _key_bias(self, start: torch.Tensor, m: int, length: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..build import build_pipeline, build_vae
 from ..configs import CONF_DIR
-from ..settings import pipeline_config
+from ..settings import most_steps
 from ..stream.driver import wait
 from ..stream.input_guard import InputError
 from ..stream.scheduler import Stream
@@ -55,16 +55,14 @@ class TickResult:
 
 def max_steps_of(cfg: DictConfig, settings: ServeSettings) -> int:
     """The largest ``steps`` a client may ask for: ``serve.max_steps``, or (null) the recipe's own steps and at
-    least 4 where its step list has them. A stream batch holds one slot per step (at most 4); the rolling window
-    (Rolling Forcing) one block per step, up to its step list's length."""
-    table = len(cfg.denoising_step_list)
-    bound = table if pipeline_config(cfg).rolling_window else min(4, table)
-    steps = int(cfg.steps)
+    least 4 where its step list has them, within what the recipe runs (``settings.most_steps``: a stream batch
+    holds one slot per step, at most 4; the rolling window one block per step, its whole list)."""
+    bound, steps = most_steps(cfg), int(cfg.steps)
     wanted = settings.max_steps if settings.max_steps is not None else max(steps, min(4, bound))
     if not 1 <= wanted <= bound:
         raise ValueError(f"serve.max_steps={wanted} but this backbone's recipe allows 1..{bound} steps "
-                         f"(denoising_step_list has {table} entries"
-                         f"{'' if pipeline_config(cfg).rolling_window else '; a stream batch takes at most 4'})")
+                         f"(denoising_step_list has {len(cfg.denoising_step_list)} entries"
+                         f"{'' if cfg.get('rolling_window') else '; a stream batch takes at most 4'})")
     if not 1 <= steps <= wanted:
         raise ValueError(f"steps={steps} (a new stream's default) must be within 1..serve.max_steps={wanted}")
     return wanted
@@ -84,8 +82,9 @@ class Engine:
     def __init__(self, cfg: DictConfig, settings: ServeSettings):
         self.cfg, self.settings = cfg, settings
         self.default_steps, self.default_noise = int(cfg.steps), float(cfg.noise_scale)
-        self.max_steps = max_steps_of(cfg, settings)
-        self.pipe = build_pipeline(engine_config(cfg, settings))
+        run = engine_config(cfg, settings)
+        self.max_steps = int(run.steps)   # the pipeline holds this many steps: a client's stream takes the first k
+        self.pipe = build_pipeline(run)
         self.driver = self.pipe.driver
         self.height, self.width = self.pipe.cfg.height, self.pipe.cfg.width
         self.first_chunk, self.chunk = self.pipe.cfg.first_chunk_frames, self.pipe.cfg.chunk_frames

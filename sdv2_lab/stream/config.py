@@ -195,7 +195,7 @@ class PipelineConfig:
         n = len(self.step_list)
         if self.mode == "single-wo":
             n += int(self.context_pass)
-            if self.kv_rebuild and "recompute" in self.kv_rebuild:
+            if self.kv_rebuild and self.kv_recompute_frames:   # Krea's recompute (the driver's own test)
                 n += self.kv_recompute_frames / self.frames_per_block
         return n
 

@@ -215,15 +215,9 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
             g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
         if g is None:   # the key's first call (or a first chunk the warm-up did not see): eager
             return super()._call(job, x, t, pops, plan, context)
-        if mem is not None:
-            for name in self.MEMORY_PLAN:
-                if getattr(mem, name) is not None:
-                    getattr(g.plan.memory, name).copy_(getattr(mem, name))
-        g.x.copy_(x)
-        g.t.copy_(t)
-        g.graph.replay()
+        v = self._replay_pass(g, x, t, mem, g.plan.memory if mem is not None else None, self.MEMORY_PLAN)
         self.cache.commit(plan)
-        return g.out
+        return v
 
     # the rolling window's plan tensors that change from call to call (rolling.RollingPlan); a replay reads them
     # from the captured plan's, so they are copied there first
@@ -241,9 +235,15 @@ class CUDAGraphExecutor(CountsGraphs, DiTExecutor):
         g = self.graphs.get(key, lambda: self._capture_pass(x, t, plan))
         if g is None:
             return super().window_step(x, t, plan)
-        for k in self.WINDOW_PLAN:
-            if getattr(plan, k) is not None:
-                getattr(g.plan, k).copy_(getattr(plan, k))
+        return self._replay_pass(g, x, t, plan, g.plan, self.WINDOW_PLAN)
+
+    @staticmethod
+    def _replay_pass(g: "_Graph", x, t, fresh, captured, names) -> torch.Tensor:
+        """Replay a pass's graph on ``x``, ``t``: first the per-call plan tensors ``names`` of this call's plan
+        ``fresh`` copied into the captured plan ``captured`` (which the graph reads). The velocity: ``g.out``."""
+        for name in names if fresh is not None else ():
+            if getattr(fresh, name) is not None:
+                getattr(captured, name).copy_(getattr(fresh, name))
         g.x.copy_(x)
         g.t.copy_(t)
         g.graph.replay()
